@@ -1,0 +1,37 @@
+"""Model configuration, derived from tensor shapes alone."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    n_embd: int
+    head_size: int
+    vocab_size: int
+    dim_ffn: int
+    decay_lora: int
+    aaa_lora: int
+    mv_lora: int
+    gate_lora: int
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = cls.__dataclass_fields__
+        missing = [k for k in fields if k not in d]
+        if missing:
+            raise ValueError(f"model config lacks {missing}")
+        return cls(**{k: int(d[k]) for k in fields})
+
+    def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of one recurrent state: att_x + ffn_x (fp32) and the fp32 WKV matrices."""
+        per_layer = 2 * self.n_embd * 4 + self.n_head * self.head_size * self.head_size * 4
+        return batch * self.n_layer * per_layer
