@@ -1,0 +1,229 @@
+"""The embedded Python API: `edge_rwkv.load(path)` returns a Model with forward / generate / chat."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import ModelConfig
+from .errors import EdgeRWKVError, InputError, StateError
+from .generate import Generation, decode_one, prefill
+from .model import RWKV7, build_model
+from .sampling import SamplingParams
+from .state import State
+from .tokenizer import default_tokenizer
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+# Tensors no quantization policy touches: a fingerprint from them survives conversion and quantization.
+_FINGERPRINT_TENSORS = ("blocks.0.att.r_k", "blocks.0.att.w0", "blocks.0.att.k_k", "ln_out.weight", "ln_out.bias")
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise InputError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+
+
+def parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available (use device='cpu')")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    return dev
+
+
+def model_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str:
+    """Identity of the trained weights, independent of file format, precision and quantization."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in _FINGERPRINT_TENSORS:
+        h.update(tensors[name].detach().float().reshape(-1).to(torch.float16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pick_wkv(device: torch.device):
+    """The fastest WKV implementation this device supports (kernels on CUDA, torch reference elsewhere)."""
+    from .wkv import wkv7_reference
+
+    if device.type == "cuda":
+        try:
+            from .cuda_kernels import cuda_available, wkv7
+        except ImportError:
+            return wkv7_reference, "torch reference (Numba-CUDA kernels not importable)"
+        if cuda_available():
+            return wkv7, "numba-cuda"
+        return wkv7_reference, "torch reference (Numba-CUDA unavailable)"
+    return wkv7_reference, "torch reference"
+
+
+class Model:
+    """A loaded RWKV-7 model with its tokenizer."""
+
+    def __init__(self, net: RWKV7, checkpoint: Checkpoint, fingerprint: str, wkv_backend: str):
+        self.net = net
+        self.config = checkpoint.config
+        self.path = checkpoint.path
+        self.metadata = checkpoint.metadata
+        self.fingerprint = fingerprint
+        self.wkv_backend = wkv_backend
+        self.tokenizer = default_tokenizer()
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    # ---------------------------------------------------------------- state
+    def new_state(self, batch: int = 1) -> State:
+        if not isinstance(batch, int) or batch < 1:
+            raise InputError(f"batch must be a positive integer, got {batch!r}")
+        c = self.config
+        return State.zeros(c.n_layer, batch, c.n_embd, c.n_head, c.head_size, self.device, self.fingerprint)
+
+    def load_state(self, path) -> State:
+        return State.load(path, device=self.device, expect_fingerprint=self.fingerprint)
+
+    def check_state(self, state: State, batch: int | None = None) -> None:
+        if not isinstance(state, State):
+            raise InputError(f"state must be an edge_rwkv.State, got {type(state).__name__}")
+        if state.fingerprint and state.fingerprint != self.fingerprint:
+            raise StateError("state belongs to another model (fingerprint mismatch)")
+        c = self.config
+        want = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "head_size": c.head_size}
+        got = state.dims()
+        if any(got[k] != v for k, v in want.items()):
+            raise StateError(f"state dimensions {got} do not fit this model {want}")
+        if batch is not None and state.batch != batch:
+            raise InputError(f"state has batch {state.batch} but tokens have batch {batch}")
+
+    # ---------------------------------------------------------------- forward
+    def as_token_tensor(self, tokens) -> tuple[torch.Tensor, bool]:
+        """(LongTensor [B,T] on the model's device, whether the input was unbatched)."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise InputError(f"token tensor must hold integers, got {tokens.dtype}")
+            t = tokens.long()
+        else:
+            if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+                raise InputError("tokens must be a list of ints or a LongTensor (use model.tokenizer.encode for text)")
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in tokens):
+                raise InputError("tokens must all be ints")
+            t = torch.tensor(list(tokens), dtype=torch.long)
+        if t.dim() not in (1, 2):
+            raise InputError(f"tokens must have shape [T] or [B,T], got {list(t.shape)}")
+        if t.numel() == 0:
+            raise InputError("tokens must not be empty")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        unbatched = t.dim() == 1
+        return (t[None] if unbatched else t).to(self.device), unbatched
+
+    @torch.inference_mode()
+    def forward(self, tokens, state: State | None = None):
+        """tokens list[int] / [T] / [B,T] → (logits [T,V] or [B,T,V] fp32, new state). `state` is not modified."""
+        ids, unbatched = self.as_token_tensor(tokens)
+        if state is None:
+            state = self.new_state(ids.shape[0])
+        self.check_state(state, ids.shape[0])
+        logits, new = self.net.forward(ids, state.to(self.device))
+        new.tokens = state.tokens + ids.shape[1]
+        return (logits[0] if unbatched else logits), new
+
+    # ---------------------------------------------------------------- generation
+    def sampling(self, **kw) -> SamplingParams:
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "stop" in kw and isinstance(kw["stop"], str):
+            kw["stop"] = (kw["stop"],)
+        return SamplingParams(**kw)
+
+    def stream(self, prompt: str | Sequence[int], state: State | None = None, **sampling) -> Generation:
+        """Iterate over text pieces as they decode; afterwards `.state` holds the continued state."""
+        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise InputError("prompt is empty")
+        self.as_token_tensor(tokens)  # validates the ids
+        state = self.new_state() if state is None else state.clone().to(self.device)
+        self.check_state(state, 1)
+        gen = Generation(self.net, self.tokenizer, tokens, state, self.sampling(**sampling))
+        return _InferenceIter(gen)
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 1.0,
+                 state: State | None = None, return_state: bool = False, **sampling):
+        """Complete `prompt`; greedy when temperature=0. The given state is continued, not modified."""
+        gen = self.stream(prompt, state=state, max_tokens=max_tokens, temperature=temperature, **sampling)
+        text = "".join(gen)
+        return (text, gen.state) if return_state else text
+
+    def chat(self, system: str | None = None, **sampling) -> "Chat":
+        from .chat import Chat
+
+        return Chat(self, system=system, **sampling)
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "wkv": self.wkv_backend, "fingerprint": self.fingerprint,
+                "state_bytes": c.state_bytes()}
+
+
+class _InferenceIter:
+    """Runs a Generation under torch.inference_mode and forwards its result attributes."""
+
+    def __init__(self, gen: Generation):
+        self._gen = gen
+
+    def __iter__(self) -> Iterator[str]:
+        it = iter(self._gen)
+        while True:
+            with torch.inference_mode():
+                try:
+                    piece = next(it)
+                except StopIteration:
+                    return
+            yield piece
+
+    def __getattr__(self, name):
+        return getattr(self._gen, name)
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
+         progress: bool = False) -> Model:
+    """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
+    dev = parse_device(device)
+    ckpt = load_checkpoint(path, progress=progress)
+    if dtype is None:
+        dtype = ckpt.metadata.get("dtype") if dev.type == "cuda" else "float32"
+        dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
+    dt = parse_dtype(dtype)
+    fingerprint = model_fingerprint(ckpt.config, ckpt.tensors)
+    wkv, backend = pick_wkv(dev)
+    make_linear = None
+    if ckpt.quant.get("tensors"):
+        from .quant.linear import linear_factory
+
+        make_linear = linear_factory(ckpt.tensors, ckpt.quant["tensors"], dt, dev)
+    with torch.inference_mode():
+        net = build_model(ckpt.config, ckpt.tensors, dt, dev, make_linear=make_linear, wkv=wkv)
+    return Model(net, ckpt, fingerprint, backend)
+
+
+__all__ = ["Model", "load", "EdgeRWKVError", "decode_one", "prefill"]

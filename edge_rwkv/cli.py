@@ -1,0 +1,335 @@
+"""`edge-rwkv` command line. Bad input ends with a one-line error and a non-zero exit code."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import EdgeRWKVError
+
+# Commands living beside their subsystem; each module has `register(subparsers)`.
+EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serve.cli", "edge_rwkv.bench")
+
+
+# --------------------------------------------------------------------------- shared arguments
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on cpu, the artifact's on cuda)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens=200, temperature=1.0, top_p=0.85) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=top_p)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--penalty-decay", type=float, default=0.996)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_kwargs(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                penalty_decay=a.penalty_decay, seed=a.seed, stop=tuple(a.stop or ()))
+
+
+def load_model(a):
+    from .api import load
+
+    return load(a.model, device=a.device, dtype=a.dtype, progress=True)
+
+
+# --------------------------------------------------------------------------- info
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(a) -> int:
+    from .checkpoint import load_checkpoint, sniff_format
+
+    fmt = sniff_format(a.model)
+    ckpt = load_checkpoint(a.model, progress=True)
+    cfg = ckpt.config
+    n_params = parameter_count(cfg)
+    stored = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
+    kind = "edge-rwkv artifact" if ckpt.metadata else {"safetensors": "safetensors (official names)"}.get(fmt, "official torch checkpoint")
+    info = {
+        "file": str(a.model), "format": kind, "file_bytes": os.path.getsize(a.model), "stored_tensor_bytes": stored,
+        "config": cfg.to_dict(), "n_head": cfg.n_head, "parameters": n_params,
+        "bytes_fp32": n_params * 4, "bytes_fp16": n_params * 2,
+        "state_bytes_per_sequence": cfg.state_bytes(1),
+    }
+    if ckpt.metadata:
+        info["dtype"] = ckpt.metadata.get("dtype")
+        info["source_sha256"] = ckpt.metadata.get("source_sha256")
+        q = ckpt.metadata.get("quant") or {}
+        info["quant_policy"] = q.get("policy")
+        info["quantized_tensors"] = {k: v.get("format") if isinstance(v, dict) else v for k, v in (q.get("tensors") or {}).items()}
+        if "default_model" in ckpt.metadata:
+            info["default_model"] = ckpt.metadata["default_model"]
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"file            {info['file']}  ({human_bytes(info['file_bytes'])}, {kind})")
+    print(f"architecture    RWKV-7 x070: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads × {cfg.head_size}, "
+          f"ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}")
+    print(f"LoRA ranks      decay {cfg.decay_lora}, a {cfg.aaa_lora}, v {cfg.mv_lora}, gate {cfg.gate_lora}")
+    print(f"parameters      {n_params:,}  (fp32 {human_bytes(n_params * 4)}, fp16 {human_bytes(n_params * 2)}, "
+          f"int8 ≈{human_bytes(n_params * 1.03)}, int4 ≈{human_bytes(n_params * 0.53)})")
+    print(f"stored          {human_bytes(stored)}" + (f" ({stored / (n_params * 2):.2f}× fp16)" if n_params else ""))
+    print(f"state           {human_bytes(cfg.state_bytes(1))} per sequence, whatever the context length")
+    if ckpt.metadata:
+        print(f"dtype           {info['dtype']}")
+        qt = info["quantized_tensors"]
+        if qt:
+            counts: dict[str, int] = {}
+            for f in qt.values():
+                counts[str(f)] = counts.get(str(f), 0) + 1
+            print("quantized       " + ", ".join(f"{n} × {f}" for f, n in sorted(counts.items())))
+            if a.tensors:
+                for k, f in qt.items():
+                    print(f"  {k:40s} {f}")
+    return 0
+
+
+def parameter_count(cfg) -> int:
+    """Logical parameters (layer-0 v0/v1/v2 excluded: unused), whatever the storage format."""
+    import math
+
+    from .checkpoint import expected_shapes
+
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+
+
+# --------------------------------------------------------------------------- convert / init
+
+def cmd_convert(a) -> int:
+    import torch
+
+    from .api import parse_dtype
+    from .artifact import make_metadata, write_artifact
+    from .checkpoint import load_checkpoint
+    from .fileio import sha256_file
+
+    src, dst = Path(a.model), Path(a.output)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise EdgeRWKVError("output would overwrite the input; choose another path")
+    ckpt = load_checkpoint(src, progress=True)
+    if ckpt.metadata.get("quant", {}).get("tensors"):
+        raise EdgeRWKVError(f"{src}: already a quantized artifact; convert reads unquantized checkpoints")
+    dtype = _target_dtype(a.dtype, ckpt)
+    tensors = {k: v.to(dtype) for k, v in ckpt.tensors.items()}
+    meta = make_metadata(ckpt.config, str(dtype).replace("torch.", ""), sha256_file(src))
+    write_artifact(dst, tensors, meta)
+    print(f"wrote {dst} ({human_bytes(dst.stat().st_size)}, {str(dtype).replace('torch.', '')})")
+    return 0
+
+
+def _target_dtype(name, ckpt):
+    import torch
+
+    from .api import parse_dtype
+
+    if name in (None, "keep"):
+        dtypes = {t.dtype for t in ckpt.tensors.values() if t.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float16
+    return parse_dtype(name)
+
+
+def cmd_init(a) -> int:
+    from .api import parse_dtype
+    from .artifact import make_metadata, write_artifact
+    from .checkpoint import derive_config
+    from .synthetic import random_checkpoint
+
+    if a.layers < 1 or a.embd < 1 or a.head_size < 1 or a.vocab < 1:
+        raise EdgeRWKVError("--layers, --embd, --head-size and --vocab must be positive")
+    if a.embd % a.head_size:
+        raise EdgeRWKVError(f"--embd {a.embd} must be a multiple of --head-size {a.head_size}")
+    dtype = parse_dtype(a.dtype)
+    sd = random_checkpoint(a.layers, a.embd, a.head_size, a.vocab, seed=a.seed, dtype=dtype)
+    meta = make_metadata(derive_config(sd), str(dtype).replace("torch.", ""))
+    meta["random_init"] = {"seed": a.seed}
+    write_artifact(a.output, sd, meta)
+    print(f"wrote random (untrained) model {a.output}: {a.layers} layers, width {a.embd}")
+    return 0
+
+
+# --------------------------------------------------------------------------- generate / chat
+
+def cmd_generate(a) -> int:
+    from .api import load
+
+    m = load_model(a)
+    state = m.load_state(a.state_in) if a.state_in else None
+    gen = m.stream(a.prompt, state=state, **sampling_kwargs(a))
+    out = sys.stdout
+    for piece in gen:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if a.state_out:
+        gen.state.save(a.state_out)
+        print(f"[state saved to {a.state_out}: {gen.state.tokens} tokens in {human_bytes(gen.state.nbytes)}]", file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = "commands: /save PATH  /load PATH  /reset  /quit"
+
+
+def cmd_chat(a) -> int:
+    m = load_model(a)
+    chat = m.chat(system=a.system, **sampling_kwargs(a))
+    if a.state_in:
+        chat.load(a.state_in)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"edge-rwkv chat — {CHAT_HELP}", file=sys.stderr)
+    while True:
+        if interactive:
+            print("User: ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not chat_command(chat, line):
+                break
+            continue
+        print("Assistant: ", end="", flush=True)
+        for piece in chat.send(line):
+            print(piece, end="", flush=True)
+        print("\n", flush=True)
+    return 0
+
+
+def chat_command(chat, line: str) -> bool:
+    """Run a /command; False means quit. Errors are reported and the chat goes on."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+        elif cmd in ("/save", "/load"):
+            if not arg:
+                print(f"[{cmd} needs a file path]", file=sys.stderr)
+            elif cmd == "/save":
+                chat.save(arg)
+                print(f"[saved {human_bytes(chat.state.nbytes)} state to {arg}]", file=sys.stderr)
+            else:
+                chat.load(arg)
+                print(f"[loaded state from {arg}]", file=sys.stderr)
+        else:
+            print(f"[unknown command {cmd}; {CHAT_HELP}]", file=sys.stderr)
+    except EdgeRWKVError as e:
+        print(f"[error: {e}]", file=sys.stderr)
+    return True
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="edge-rwkv", description="Quantized edge inference for RWKV-7 language models.")
+    p.add_argument("--version", action="version", version=f"edge-rwkv {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="describe a model file", description="Show config, sizes, precision and state size of a model file.")
+    add_model_arg(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--tensors", action="store_true", help="list per-tensor quantization formats")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("convert", help="convert a checkpoint to an edge-rwkv artifact (safetensors)",
+                       description="Read an official .pth (without unpickling code) or safetensors checkpoint, validate it, "
+                                   "and write an edge-rwkv artifact that devices and the daemon load without pickle.")
+    add_model_arg(s)
+    s.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    s.add_argument("--dtype", default="keep", help="keep (default), float16, bfloat16 or float32")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("init", help="write a random (untrained) model in the official layout",
+                       description="Make a random RWKV-7 model, e.g. to try the runtime without a download.")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--layers", type=int, default=2)
+    s.add_argument("--embd", type=int, default=128)
+    s.add_argument("--head-size", type=int, default=64)
+    s.add_argument("--vocab", type=int, default=65536)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float32")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("generate", help="complete a prompt, streaming the text", description="Complete a prompt, streaming tokens to stdout.")
+    add_model_arg(s)
+    s.add_argument("prompt")
+    add_runtime_args(s)
+    add_sampling_args(s)
+    s.add_argument("--state-in", help="continue from a saved state file")
+    s.add_argument("--state-out", help="save the final state here")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat (reads lines from stdin)", description=f"Interactive chat. {CHAT_HELP}")
+    add_model_arg(s)
+    add_runtime_args(s)
+    add_sampling_args(s, max_tokens=500, temperature=1.0, top_p=0.3)
+    s.add_argument("--system", default=None, help="system prompt for the first turn")
+    s.add_argument("--state-in", help="resume a conversation from a saved state file")
+    s.set_defaults(func=cmd_chat)
+
+    for mod in EXTRA_COMMANDS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):  # the subsystem itself is absent; anything else is a bug
+                continue
+            raise
+        module.register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgeRWKVError as e:
+        if args.debug:
+            raise
+        print(f"edge-rwkv: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"edge-rwkv: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Generation split as prefill → decode_one → sample, streaming text that is always valid UTF-8."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .sampling import Sampler, SamplingParams
+from .state import State
+from .tokenizer import END_OF_TEXT
+
+PREFILL_CHUNK = 256  # tokens per forward while reading a prompt: bounds activation memory
+
+
+def prefill(net, tokens: list[int], state: State, chunk: int = PREFILL_CHUNK):
+    """Consume tokens; return the last token's logits [V] and the new state."""
+    logits = None
+    for start in range(0, len(tokens), chunk):
+        ids = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=net.device)
+        logits, state = net.forward(ids, state, all_logits=False)
+        state.tokens += ids.shape[1]
+    return logits[0], state
+
+
+def decode_one(net, token: int, state: State):
+    ids = torch.tensor([[token]], dtype=torch.long, device=net.device)
+    logits, state = net.forward(ids, state, all_logits=False)
+    state.tokens += 1
+    return logits[0], state
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+class Generation:
+    """An iterator of text pieces. After it ends: `.state`, `.tokens`, `.finish_reason`, `.text`."""
+
+    def __init__(self, net, tokenizer, prompt_tokens: list[int], state: State, params: SamplingParams,
+                 logits: torch.Tensor | None = None):
+        self.net, self.tok, self.params = net, tokenizer, params
+        self.prompt_tokens = prompt_tokens
+        self.state = state
+        self._logits = logits
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._run():
+            self.pieces.append(piece)
+            yield piece
+
+    def run(self) -> str:
+        for _ in self:
+            pass
+        return self.text
+
+    def _run(self) -> Iterator[str]:
+        p = self.params
+        if self._logits is None:
+            if not self.prompt_tokens:
+                raise ValueError("generation needs a prompt or the logits of a previous step")
+            self._logits, self.state = prefill(self.net, self.prompt_tokens, self.state)
+        sampler = Sampler(p)
+        decoder = self.tok.stream_decoder()
+        pending = ""
+        matched_stop = False
+        self.finish_reason = "length"
+        for _ in range(p.max_tokens):
+            token = sampler.sample(self._logits)
+            if token == END_OF_TEXT:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(token)
+            self._logits, self.state = decode_one(self.net, token, self.state)
+            pending += decoder.feed(token)
+            hit = min((i for i in (pending.find(s) for s in p.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit:
+                    yield pending[:hit]
+                matched_stop = True
+                self.finish_reason = "stop"
+                break
+            keep = held_back(pending, p.stop)
+            if len(pending) > keep:
+                yield pending[:len(pending) - keep]
+                pending = pending[len(pending) - keep:]
+        if not matched_stop:
+            tail = pending + decoder.flush()
+            if tail:
+                yield tail

@@ -1,0 +1,194 @@
+"""RWKV-7 (x070) in torch: the reference math and the CPU path. Pure: no file I/O, no globals.
+
+Weights arrive under official names (checkpoint.py is the only place that knows other spellings).
+Matrices run through `Linear` objects so that quantized formats swap in without touching the math.
+Precision: matrices in the model dtype; norms, gates, decay, residual stream and state in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .state import State
+from .wkv import wkv7_reference
+
+LN_EPS = 1e-5
+GROUP_NORM_EPS = 64e-5
+
+
+class Linear(Protocol):
+    """y = x @ Wᵀ for a stored W [out, in]; returns x's dtype."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+@dataclass
+class Layer:
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    mix: torch.Tensor  # [6, C] fp32: x_r, x_w, x_k, x_v, x_a, x_g
+    w0: torch.Tensor
+    a0: torch.Tensor
+    v0: torch.Tensor | None
+    k_k: torch.Tensor
+    k_a: torch.Tensor
+    r_k: torch.Tensor  # [H, N]
+    w1: torch.Tensor
+    w2: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v1: torch.Tensor | None
+    v2: torch.Tensor | None
+    g1: torch.Tensor
+    g2: torch.Tensor
+    ln_x: tuple[torch.Tensor, torch.Tensor]
+    receptance: Linear
+    key: Linear
+    value: Linear
+    output: Linear
+    ffn_mix: torch.Tensor  # [C]
+    ffn_key: Linear
+    ffn_value: Linear
+
+
+WKVFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class RWKV7:
+    """The network. `forward` maps tokens [B,T] and a State to fp32 logits and the next State."""
+
+    def __init__(self, cfg: ModelConfig, emb: torch.Tensor, layers: list[Layer], ln_out, head: Linear,
+                 dtype: torch.dtype, wkv: WKVFn = wkv7_reference):
+        self.cfg, self.emb, self.layers, self.ln_out, self.head = cfg, emb, layers, ln_out, head
+        self.dtype = dtype
+        self.wkv = wkv
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.device
+
+    def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = True):
+        """tokens [B,T] int64 → logits [B,T,V] (or [B,V] for the last token) fp32, new State."""
+        x = self.emb[tokens].float()
+        att_x, wkv_s, ffn_x = [], [], []
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            h = layer_norm(x, layer.ln1)
+            dx, ax, s, v_first = self.time_mix(layer, h, state.att_x[i], state.wkv[i], v_first, i == 0)
+            x = x + dx
+            h = layer_norm(x, layer.ln2)
+            dx, fx = channel_mix(layer, h, state.ffn_x[i], self.dtype)
+            x = x + dx
+            att_x.append(ax), wkv_s.append(s), ffn_x.append(fx)
+        if not all_logits:
+            x = x[:, -1]
+        logits = self.head(layer_norm(x, self.ln_out).to(self.dtype)).float()
+        new_state = State(torch.stack(att_x), torch.stack(wkv_s), torch.stack(ffn_x), state.fingerprint)
+        return logits, new_state
+
+    def time_mix(self, L: Layer, x, prev_x, S, v_first, first_layer: bool):
+        B, T, C = x.shape
+        H, N = self.cfg.n_head, self.cfg.head_size
+        shifted = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
+        xx = shifted - x
+        xr, xw, xk, xv, xa, xg = (x + xx * L.mix[j] for j in range(6))
+        dt = self.dtype
+        r = L.receptance(xr.to(dt)).float()
+        k = L.key(xk.to(dt)).float()
+        v = L.value(xv.to(dt)).float()
+        w = L.w0 + lora(xw, L.w1, L.w2, torch.tanh)
+        a = torch.sigmoid(L.a0 + lora(xa, L.a1, L.a2))
+        g = lora(xg, L.g1, L.g2, torch.sigmoid, outer=None)
+        kk = F.normalize((k * L.k_k).view(B, T, H, N), dim=-1).view(B, T, C)
+        k = k * (1 + (a - 1) * L.k_a)
+        if first_layer:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(L.v0 + lora(xv, L.v1, L.v2))
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        y, S = self.wkv(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a), S)
+        y = F.group_norm(y.reshape(B * T, C), H, L.ln_x[0], L.ln_x[1], eps=GROUP_NORM_EPS).view(B, T, C)
+        bonus = (heads(r) * heads(k) * L.r_k).sum(-1, keepdim=True) * heads(v)
+        y = y + bonus.reshape(B, T, C)
+        out = L.output((y * g).to(dt)).float()
+        return out, x[:, -1], S, v_first
+
+
+def lora(x, w1, w2, inner=None, outer=None):
+    h = x.to(w1.dtype) @ w1
+    if inner is not None:
+        h = inner(h)
+    return (h @ w2).float()
+
+
+def layer_norm(x, wb):
+    return F.layer_norm(x.float(), (x.shape[-1],), wb[0], wb[1], eps=LN_EPS)
+
+
+def channel_mix(L: Layer, x, prev_x, dtype):
+    shifted = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
+    xk = x + (shifted - x) * L.ffn_mix
+    k = torch.relu(L.ffn_key(xk.to(dtype))) ** 2
+    return L.ffn_value(k).float(), x[:, -1]
+
+
+# --------------------------------------------------------------------------- building from tensors
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device,
+                make_linear: Callable[[str], Linear] | None = None, wkv: WKVFn = wkv7_reference) -> RWKV7:
+    """Assemble the network from official-name tensors. `make_linear(name)` may return quantized linears."""
+    def vec(name):
+        return tensors[name].reshape(-1).to(device=device, dtype=torch.float32)
+
+    def mat(name):
+        return tensors[name].to(device=device, dtype=dtype)
+
+    def dense(name):
+        return DenseLinear(mat(name))
+
+    linear = make_linear or dense
+    ln0 = (vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"))
+    # ln0 applies to the embedding only, so fold it in once (as the reference implementation does).
+    emb = layer_norm(tensors["emb.weight"].to(device), ln0).to(dtype)
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        a = p + "att."
+        has_v = i > 0
+        layers.append(Layer(
+            ln1=(vec(p + "ln1.weight"), vec(p + "ln1.bias")),
+            ln2=(vec(p + "ln2.weight"), vec(p + "ln2.bias")),
+            mix=torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]),
+            w0=vec(a + "w0"), a0=vec(a + "a0"), v0=vec(a + "v0") if has_v else None,
+            k_k=vec(a + "k_k"), k_a=vec(a + "k_a"),
+            r_k=tensors[a + "r_k"].to(device=device, dtype=torch.float32),
+            w1=mat(a + "w1"), w2=mat(a + "w2"), a1=mat(a + "a1"), a2=mat(a + "a2"),
+            v1=mat(a + "v1") if has_v else None, v2=mat(a + "v2") if has_v else None,
+            g1=mat(a + "g1"), g2=mat(a + "g2"),
+            ln_x=(vec(a + "ln_x.weight"), vec(a + "ln_x.bias")),
+            receptance=linear(a + "receptance.weight"), key=linear(a + "key.weight"),
+            value=linear(a + "value.weight"), output=linear(a + "output.weight"),
+            ffn_mix=vec(p + "ffn.x_k"),
+            ffn_key=linear(p + "ffn.key.weight"), ffn_value=linear(p + "ffn.value.weight"),
+        ))
+    return RWKV7(cfg, emb, layers, (vec("ln_out.weight"), vec("ln_out.bias")), linear("head.weight"), dtype, wkv)
