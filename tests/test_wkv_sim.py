@@ -1,0 +1,130 @@
+"""WKV-7 Numba kernels under the Numba CUDA simulator (CPU CI).
+
+numba reads NUMBA_ENABLE_CUDASIM when it is first imported, so the checks run once in a child
+process started with it set (`python tests/test_wkv_sim.py` runs them directly) and each test below
+asserts one of the results it reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _checks():
+    """Run in the simulator child. Returns {name: [ok, detail]}."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from _wkv_inputs import make_inputs, ref64, rel_err
+
+    from edge_rwkv.cuda_kernels import WKV7Function, wkv7, wkv7_decode, wkv7_prefill
+    from edge_rwkv.cuda_kernels._runtime import simulator
+
+    assert simulator()
+    res = {}
+
+    def record(name, err, tol):
+        res[name] = [bool(err <= tol), f"rel err {err:.3g} (tol {tol:g})"]
+
+    # decode
+    for dtype, N, B, H in [(torch.float64, 8, 1, 2), (torch.float64, 4, 2, 3), (torch.float32, 8, 2, 1)]:
+        xs = make_inputs(B, 1, H, N, dtype, seed=N + B)
+        yr, sr = ref64(*xs)
+        state = xs[6].clone()
+        out = torch.full((B, 1, H, N), float("nan"), dtype=state.dtype)
+        y = wkv7_decode(*xs[:6], state, out=out)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        record(f"decode_{dtype}_N{N}_B{B}_H{H}", max(rel_err(y, yr), rel_err(state, sr)), tol)
+
+    # prefill: T in {1,5,17}, B in {1,2}, chunk lengths leaving remainders
+    for T in (1, 5, 17):
+        for B in (1, 2):
+            for L in (4, 16):
+                xs = make_inputs(B, T, 2, 8, torch.float64, seed=T * 10 + B + L)
+                yr, sr = ref64(*xs)
+                s0 = xs[6].clone()
+                y, s = wkv7_prefill(*xs, chunk_len=L)
+                ok_state = torch.equal(s0, xs[6])
+                err = max(rel_err(y, yr), rel_err(s, sr)) if ok_state else float("inf")
+                record(f"prefill_f64_T{T}_B{B}_L{L}", err, 1e-12)
+    xs = make_inputs(2, 9, 1, 4, torch.float32, seed=3)
+    yr, sr = ref64(*xs)
+    y, s = wkv7_prefill(*xs, chunk_len=4)
+    record("prefill_f32_N4", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
+
+    # strong decays over many chunks stay finite and exact
+    xs = make_inputs(1, 40, 1, 4, torch.float64, seed=5, decay_bias=12.0)
+    yr, sr = ref64(*xs)
+    y, s = wkv7_prefill(*xs, chunk_len=16)
+    record("prefill_strong_decay", max(rel_err(y, yr), rel_err(s, sr)), 1e-12)
+
+    # prefill == step-by-step decode
+    xs = make_inputs(1, 7, 2, 8, torch.float64, seed=11)
+    y, s = wkv7_prefill(*xs, chunk_len=4)
+    state = xs[6].clone()
+    ys = [wkv7_decode(*[x[:, t] for x in xs[:6]], state) for t in range(7)]
+    record("prefill_equals_decode", max(rel_err(torch.stack(ys, 1), y), rel_err(state, s)), 1e-12)
+
+    # backward vs autograd through the float64 reference
+    for T, L in ((5, 4), (17, 4)):
+        xs = [x.requires_grad_(True) for x in make_inputs(2, T, 2, 4, torch.float64, seed=T)]
+        y, s = WKV7Function.apply(*xs, L)
+        gy, gs = torch.randn_like(y), torch.randn_like(s)
+        g1 = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)
+        yr, sr = ref64(*xs)
+        g2 = torch.autograd.grad((yr * gy).sum() + (sr * gs).sum(), xs)
+        record(f"backward_T{T}_L{L}", max(rel_err(p, q) for p, q in zip(g1, g2)), 1e-12)
+
+    # float64 gradcheck of the autograd Function on a tiny shape
+    xs = [x.requires_grad_(True) for x in make_inputs(1, 3, 1, 4, torch.float64, seed=2)]
+    try:
+        ok = torch.autograd.gradcheck(lambda *t: WKV7Function.apply(*t, 2), xs, fast_mode=True)
+        res["gradcheck_f64"] = [bool(ok), "gradcheck fast_mode"]
+    except Exception as exc:  # noqa: BLE001
+        res["gradcheck_f64"] = [False, repr(exc)[:400]]
+
+    # the public op takes the kernel path on simulator tensors
+    xs = make_inputs(1, 6, 1, 4, torch.float64, seed=4)
+    yr, sr = ref64(*xs)
+    y, s = wkv7(*xs)
+    record("wkv7_public", max(rel_err(y, yr), rel_err(s, sr)), 1e-12)
+    return res
+
+
+@pytest.fixture(scope="module")
+def sim_results():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIMRESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"simulator run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("SIMRESULTS "):])
+
+
+NAMES = (
+    [f"decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
+    + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
+    + ["prefill_f32_N4", "prefill_strong_decay", "prefill_equals_decode", "backward_T5_L4",
+       "backward_T17_L4", "gradcheck_f64", "wkv7_public"]
+)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sim(sim_results, name):
+    ok, detail = sim_results[name]
+    assert ok, f"{name}: {detail}"
+
+
+if __name__ == "__main__":
+    results = _checks()
+    for k, (ok, detail) in results.items():
+        print(("PASS " if ok else "FAIL ") + k + ": " + detail)
+    print("SIMRESULTS " + json.dumps(results))
