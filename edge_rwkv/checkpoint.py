@@ -230,14 +230,18 @@ def derive_config(tensors: dict[str, torch.Tensor], path: str = "<memory>", shap
     vocab, C = _pair(get("emb.weight"), "emb.weight", path)
     H, N = _pair(get("blocks.0.att.r_k"), "blocks.0.att.r_k", path)
     F, _ = _pair(get("blocks.0.ffn.key.weight"), "blocks.0.ffn.key.weight", path)
-    ranks = [_pair(get(f"blocks.0.att.{a}"), f"blocks.0.att.{a}", path)[1] for a, _ in ATT_LORA]
-    mv = ranks[2]
+    # Layer 0 may lack v0/v1/v2 (unused there), so the value-residual rank comes from layer 1 when it exists.
+    ranks = {a: _pair(get(f"blocks.0.att.{a}"), f"blocks.0.att.{a}", path)[1] for a in ("w1", "a1", "g1")}
     if n_layer > 1:
         mv = _pair(get("blocks.1.att.v1"), "blocks.1.att.v1", path)[1]
+    elif "blocks.0.att.v1" in shapes:
+        mv = _pair(shapes["blocks.0.att.v1"], "blocks.0.att.v1", path)[1]
+    else:
+        mv = 0  # a one-layer model without the (unused) layer-0 value LoRA
     if H * N != C:
         raise CheckpointError(f"{path}: r_k shape {H}x{N} does not match embedding width {C}")
     return ModelConfig(n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab, dim_ffn=F,
-                       decay_lora=ranks[0], aaa_lora=ranks[1], mv_lora=mv, gate_lora=ranks[3])
+                       decay_lora=ranks["w1"], aaa_lora=ranks["a1"], mv_lora=mv, gate_lora=ranks["g1"])
 
 
 def _pair(shape, name, path):
