@@ -1,0 +1,166 @@
+"""Train a small RWKV-7 from scratch: how the embedded default model is made (reproducible).
+
+Corpus: the docstrings of the Python standard library of the interpreter running this script
+(Python Software Foundation License 2.0), extracted with `ast`, files in sorted order; the last 5 %
+of files form the held-out set. The corpus digest and Python version go into the artifact metadata.
+
+    python -m edge_rwkv.training -o default-fp16.safetensors --device cuda --minutes 4
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .artifact import make_metadata, write_artifact
+from .checkpoint import derive_config
+from .model import build_model
+from .state import State
+from .synthetic import random_checkpoint
+from .tokenizer import default_tokenizer
+
+
+def stdlib_docstrings(root: Path) -> list[tuple[str, str]]:
+    """(relative path, docstrings joined by blank lines) for every parsable stdlib module."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if any(part in rel for part in ("site-packages", "test", "idlelib", "lib2to3", "__phello__")):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        docs = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    docs.append(doc.strip())
+        if docs:
+            out.append((rel, "\n\n".join(docs)))
+    return out
+
+
+def build_corpus(root: Path | None = None, heldout_fraction: float = 0.05):
+    root = root or Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_docstrings(root)
+    n_held = max(1, int(len(files) * heldout_fraction))
+    train = "\n\n".join(t for _, t in files[:-n_held])
+    held = "\n\n".join(t for _, t in files[-n_held:])
+    info = {"source": "Python standard library docstrings", "license": "PSF-2.0",
+            "python": sys.version.split()[0], "files": len(files), "heldout_files": n_held,
+            "sha256": hashlib.sha256((train + "\0" + held).encode()).hexdigest()}
+    return train, held, info
+
+
+def trainable(sd: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device).float().requires_grad_(True) for k, v in sd.items()}
+
+
+def sequence_loss(params, cfg, tokens: torch.Tensor, wkv) -> torch.Tensor:
+    """Mean next-token cross-entropy of tokens [B, T+1] from a fresh state."""
+    net = build_model(cfg, params, torch.float32, tokens.device, wkv=wkv)
+    B = tokens.shape[0]
+    state = State.zeros(cfg.n_layer, B, cfg.n_embd, cfg.n_head, cfg.head_size, tokens.device)
+    logits, _ = net.forward(tokens[:, :-1], state)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def heldout_perplexity(params, cfg, ids: torch.Tensor, ctx: int, wkv, batch: int = 16) -> float:
+    n = (len(ids) - 1) // ctx
+    windows = torch.stack([ids[i * ctx:(i + 1) * ctx + 1] for i in range(n)])
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        chunk = windows[i:i + batch]
+        total += float(sequence_loss(params, cfg, chunk, wkv)) * chunk.numel()
+        count += chunk.numel()
+    return math.exp(total / count)
+
+
+def pick_training_wkv(device: torch.device):
+    if device.type == "cuda":
+        from .cuda_kernels import wkv7
+
+        return wkv7, "numba-cuda autograd kernel"
+    from .wkv import wkv7_reference
+
+    return wkv7_reference, "torch reference"
+
+
+def train(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tok = default_tokenizer()
+    train_text, held_text, corpus = build_corpus()
+    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
+    held_ids = torch.tensor(tok.encode(held_text), dtype=torch.long)
+    print(f"corpus: {corpus['files']} files, {len(train_ids):,} train / {len(held_ids):,} held-out tokens", flush=True)
+
+    sd = random_checkpoint(args.layers, args.embd, args.head_size, 65536, seed=args.seed)
+    sd["emb.weight"] *= 0.1
+    sd["head.weight"] *= 0.1
+    cfg = derive_config(sd)
+    params = trainable(sd, device)
+    wkv, backend = pick_training_wkv(device)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    start, step, losses = time.time(), 0, []
+    budget = args.minutes * 60
+    while time.time() - start < budget and step < args.max_steps:
+        frac = min(1.0, (time.time() - start) / budget)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * (min(1.0, (step + 1) / 50)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        starts = torch.randint(0, len(train_ids) - args.ctx - 1, (args.batch,), generator=g)
+        batch = torch.stack([train_ids[s:s + args.ctx + 1] for s in starts]).to(device)
+        loss = sequence_loss(params, cfg, batch, wkv)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step:5d}  loss {sum(losses[-50:]) / 50:.3f}  {time.time() - start:.0f}s", flush=True)
+    ppl = heldout_perplexity(params, cfg, held_ids[: args.eval_tokens].to(device), args.ctx, wkv)
+    result = {"steps": step, "tokens_seen": step * args.batch * args.ctx, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+              "heldout_ppl": ppl, "heldout_tokens": min(len(held_ids), args.eval_tokens), "ctx": args.ctx,
+              "wkv": backend, "corpus": corpus, "seconds": time.time() - start, "seed": args.seed}
+    print(json.dumps(result, indent=1), flush=True)
+    final = {k: v.detach().to(torch.float16).cpu() for k, v in params.items()}
+    meta = make_metadata(cfg, "float16")
+    meta["training"] = result
+    write_artifact(args.output, final, meta)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--head-size", type=int, default=32)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--minutes", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=100000)
+    p.add_argument("--eval-tokens", type=int, default=200000)
+    p.add_argument("--seed", type=int, default=0)
+    train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
