@@ -1,0 +1,178 @@
+"""Batched decoding: sequences join and leave fixed slots between steps; one forward per step.
+
+    eng = BatchEngine(model, max_slots=8)
+    a = eng.join(model.tokenizer.encode("Hello"), SamplingParams(temperature=0))
+    b = eng.join(prompt_b, params_b, state=saved_state)      # continue a saved conversation
+    while ...:
+        for slot, token in eng.step().items(): ...            # every active slot's next token
+    state_a = eng.leave(a)                                    # the slot's state (batch 1); the slot is free
+
+The engine holds one batched State of `max_slots` rows (a static shape, slot i = row i) and one
+logits row per slot. A slot first reads its prompt (chunked prefill, one chunk per step so long
+prompts do not stall the others), then decodes: each step samples every ready slot's next token
+from its logits with the slot's own Sampler, and all sampled tokens go through ONE
+`net.forward(ids [B,1], state)` call. A sampled end-of-text token ends the slot's sequence without
+being read (as in `generate.Generation`). With greedy sampling a slot produces the same tokens as the
+sequence run alone.
+
+This is the eager engine: it gathers the rows of the slots that decode this step, runs them, and
+scatters the new state back. A graph-replay engine keeps the same interface (static `max_slots`,
+slot indices, `state` / `logits` buffers updated in place) and runs all rows every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .generate import PREFILL_CHUNK
+from .sampling import Sampler, SamplingParams
+from .state import State
+from .tokenizer import END_OF_TEXT
+
+
+@dataclass
+class Slot:
+    sampler: Sampler
+    pending: list[int] = field(default_factory=list)  # tokens still to read before the next sample
+    ready: bool = False  # logits row holds the distribution of the next token
+    ended: bool = False  # end-of-text was sampled: nothing more until tokens are fed
+    tokens: int = 0  # tokens the slot's state has read
+
+
+class BatchEngine:
+    def __init__(self, model, max_slots: int, prefill_chunk: int = PREFILL_CHUNK):
+        if not isinstance(max_slots, int) or max_slots < 1:
+            raise InputError(f"max_slots must be a positive integer, got {max_slots!r}")
+        self.model = model
+        self.net = model.net
+        self.max_slots = max_slots
+        self.prefill_chunk = prefill_chunk
+        self.vocab_size = model.config.vocab_size
+        self.state: State = model.new_state(max_slots)  # row i = slot i
+        self.logits = torch.zeros(max_slots, self.vocab_size, dtype=torch.float32, device=self.net.device)
+        self.slots: list[Slot | None] = [None] * max_slots
+        self.forward_calls = 0  # batched decode forwards (for tests and stats)
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
+
+    @property
+    def free(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def join(self, tokens: list[int], params: SamplingParams | None = None, state: State | None = None,
+             sampler: Sampler | None = None) -> int:
+        """Take a free slot; its state starts as `state` (or zeros) and will read `tokens` first."""
+        if not tokens:
+            raise InputError("a sequence needs at least one token to start from")
+        self._check_tokens(tokens)
+        try:
+            i = self.slots.index(None)
+        except ValueError:
+            raise InputError(f"all {self.max_slots} slots are busy") from None
+        if state is not None:
+            self.model.check_state(state, 1)
+            self._write_row(i, state.to(self.net.device))
+            start = state.tokens
+        else:
+            self._zero_row(i)
+            start = 0
+        self.slots[i] = Slot(sampler or Sampler(params or SamplingParams()), list(tokens), tokens=start)
+        return i
+
+    def feed(self, slot: int, tokens: list[int]) -> None:
+        """Queue more tokens for a slot to read (e.g. the end of a turn); they are read on the next steps."""
+        s = self._slot(slot)
+        self._check_tokens(tokens)
+        s.pending.extend(tokens)
+        s.ready = False
+        s.ended = False
+
+    def leave(self, slot: int) -> State:
+        """Free the slot and return its state (batch 1, on the engine's device)."""
+        s = self._slot(slot)
+        st = self.state.select(slot)
+        st.tokens = s.tokens
+        self.slots[slot] = None
+        return st
+
+    def busy(self, slot: int) -> bool:
+        """Whether the slot still has tokens to read (its next step is a prefill, not a sample)."""
+        return bool(self._slot(slot).pending)
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self) -> dict[int, int]:
+        """Advance every active slot by one step; return {slot: sampled token} for the slots that sampled."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.pending:
+                self._prefill_chunk(i, s)
+        out: dict[int, int] = {}
+        rows, ids = [], []
+        for i, s in enumerate(self.slots):
+            if s is None or not s.ready or s.ended or s.pending:
+                continue
+            token = s.sampler.sample(self.logits[i])
+            out[i] = token
+            if token == END_OF_TEXT:
+                s.ended, s.ready = True, False
+                continue
+            rows.append(i)
+            ids.append(token)
+        if rows:
+            self._decode(rows, ids)
+        return out
+
+    def _decode(self, rows: list[int], ids: list[int]) -> None:
+        dev = self.net.device
+        tok = torch.tensor(ids, dtype=torch.long, device=dev)[:, None]
+        if rows == list(range(self.max_slots)):
+            logits, new = self.net.forward(tok, self.state, all_logits=False)
+            self.state.att_x.copy_(new.att_x), self.state.wkv.copy_(new.wkv), self.state.ffn_x.copy_(new.ffn_x)
+            self.logits.copy_(logits)
+        else:
+            idx = torch.tensor(rows, dtype=torch.long, device=dev)
+            sub = State(self.state.att_x.index_select(1, idx), self.state.wkv.index_select(1, idx),
+                        self.state.ffn_x.index_select(1, idx), self.state.fingerprint)
+            logits, new = self.net.forward(tok, sub, all_logits=False)
+            self.state.att_x.index_copy_(1, idx, new.att_x)
+            self.state.wkv.index_copy_(1, idx, new.wkv)
+            self.state.ffn_x.index_copy_(1, idx, new.ffn_x)
+            self.logits.index_copy_(0, idx, logits)
+        self.forward_calls += 1
+        for i in rows:
+            self.slots[i].tokens += 1
+
+    def _prefill_chunk(self, i: int, s: Slot) -> None:
+        chunk, s.pending = s.pending[:self.prefill_chunk], s.pending[self.prefill_chunk:]
+        row = self.state.select(i)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.net.device)
+        logits, new = self.net.forward(ids, row, all_logits=False)
+        self._write_row(i, new)
+        self.logits[i].copy_(logits[0])
+        s.tokens += len(chunk)
+        s.ready = not s.pending
+        s.ended = False
+
+    # ------------------------------------------------------------------ helpers
+    def _slot(self, slot: int) -> Slot:
+        if not isinstance(slot, int) or not 0 <= slot < self.max_slots or self.slots[slot] is None:
+            raise InputError(f"slot {slot!r} is not active")
+        return self.slots[slot]
+
+    def _check_tokens(self, tokens) -> None:
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in tokens):
+            raise InputError(f"token ids must be ints in [0, {self.vocab_size})")
+
+    def _write_row(self, i: int, st: State) -> None:
+        self.state.att_x[:, i].copy_(st.att_x[:, 0])
+        self.state.wkv[:, i].copy_(st.wkv[:, 0])
+        self.state.ffn_x[:, i].copy_(st.ffn_x[:, 0])
+
+    def _zero_row(self, i: int) -> None:
+        self.state.att_x[:, i].zero_(), self.state.wkv[:, i].zero_(), self.state.ffn_x[:, i].zero_()
+        self.logits[i].zero_()
