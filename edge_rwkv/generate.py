@@ -17,16 +17,56 @@ def prefill(net, tokens: list[int], state: State, chunk: int = PREFILL_CHUNK):
     logits = None
     for start in range(0, len(tokens), chunk):
         ids = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=net.device)
+        consumed = state.tokens + ids.shape[1]
         logits, state = net.forward(ids, state, all_logits=False)
-        state.tokens += ids.shape[1]
+        state.tokens = consumed  # net.forward returns a fresh State that does not carry the count
     return logits[0], state
 
 
 def decode_one(net, token: int, state: State):
     ids = torch.tensor([[token]], dtype=torch.long, device=net.device)
+    consumed = state.tokens + 1
     logits, state = net.forward(ids, state, all_logits=False)
-    state.tokens += 1
+    state.tokens = consumed
     return logits[0], state
+
+
+class EagerDecoder:
+    """One token at a time through the network's ordinary forward."""
+
+    def __init__(self, net):
+        self.net = net
+        self.state: State | None = None
+
+    def start(self, state: State) -> None:
+        self.state = state
+
+    def step(self, token: int) -> torch.Tensor:
+        logits, self.state = decode_one(self.net, token, self.state)
+        return logits
+
+    def final_state(self) -> State:
+        return self.state
+
+
+class GraphDecoder:
+    """One token at a time by replaying a captured CUDA graph (see cuda_graph.GraphStep)."""
+
+    def __init__(self, graph_step):
+        self.g = graph_step
+        self._ids = torch.zeros(1, dtype=torch.long, device=graph_step.tokens.device)
+
+    def start(self, state: State) -> None:
+        self.g.load_state(state)
+
+    def step(self, token: int) -> torch.Tensor:
+        self._ids.fill_(token)
+        return self.g.step(self._ids)[0]
+
+    def final_state(self) -> State:
+        st = self.g.state.clone()
+        st.fingerprint = self.fingerprint
+        return st
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -44,11 +84,11 @@ class Generation:
     """An iterator of text pieces. After it ends: `.state`, `.tokens`, `.finish_reason`, `.text`."""
 
     def __init__(self, net, tokenizer, prompt_tokens: list[int], state: State, params: SamplingParams,
-                 logits: torch.Tensor | None = None):
+                 decoder=None):
         self.net, self.tok, self.params = net, tokenizer, params
+        self.decoder = decoder or EagerDecoder(net)
         self.prompt_tokens = prompt_tokens
         self.state = state
-        self._logits = logits
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.pieces: list[str] = []
@@ -69,22 +109,20 @@ class Generation:
 
     def _run(self) -> Iterator[str]:
         p = self.params
-        if self._logits is None:
-            if not self.prompt_tokens:
-                raise ValueError("generation needs a prompt or the logits of a previous step")
-            self._logits, self.state = prefill(self.net, self.prompt_tokens, self.state)
+        logits, state = prefill(self.net, self.prompt_tokens, self.state)
+        self.decoder.start(state)
         sampler = Sampler(p)
         decoder = self.tok.stream_decoder()
         pending = ""
         matched_stop = False
         self.finish_reason = "length"
         for _ in range(p.max_tokens):
-            token = sampler.sample(self._logits)
+            token = sampler.sample(logits)
             if token == END_OF_TEXT:
                 self.finish_reason = "stop"
                 break
             self.tokens.append(token)
-            self._logits, self.state = decode_one(self.net, token, self.state)
+            logits = self.decoder.step(token)
             pending += decoder.feed(token)
             hit = min((i for i in (pending.find(s) for s in p.stop) if i >= 0), default=-1)
             if hit >= 0:
@@ -97,6 +135,8 @@ class Generation:
             if len(pending) > keep:
                 yield pending[:len(pending) - keep]
                 pending = pending[len(pending) - keep:]
+        self.state = self.decoder.final_state()
+        self.state.tokens = state.tokens + len(self.tokens)
         if not matched_stop:
             tail = pending + decoder.flush()
             if tail:
