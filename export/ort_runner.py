@@ -1,0 +1,67 @@
+"""Run exported graphs with onnxruntime, fed and read back as edge_rwkv.State objects."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_rwkv.errors import InputError
+from edge_rwkv.state import State
+
+from .state_io import state_feeds, state_from_outputs
+
+
+class OrtGraph:
+    """One exported graph (fixed batch B and tokens per call T) in an onnxruntime session."""
+
+    def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, sess_options=opts, providers=list(providers))
+        tok = next(i for i in self.session.get_inputs() if i.name == "tokens")
+        self.batch, self.tokens = int(tok.shape[0]), int(tok.shape[1])
+        self.n_layer = sum(1 for i in self.session.get_inputs() if i.name.startswith("wkv."))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def step(self, tokens, state: State) -> tuple[torch.Tensor, State]:
+        """tokens [B, T] → (last-token logits [B, V] fp32, next State). `state` is not modified."""
+        ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape != (self.batch, self.tokens):
+            raise InputError(f"{Path(self.path).name} takes tokens of shape [{self.batch}, {self.tokens}], got {list(ids.shape)}")
+        if state.batch != self.batch or state.n_layer != self.n_layer:
+            raise InputError(f"state has batch {state.batch} / {state.n_layer} layers; the graph wants {self.batch} / {self.n_layer}")
+        feeds = {k: v.cpu().numpy() for k, v in state_feeds(state).items()}
+        feeds["tokens"] = ids
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        new = state_from_outputs(outs, self.n_layer, state)
+        new.tokens = state.tokens + self.tokens
+        return torch.from_numpy(outs["logits"]), new
+
+
+class OrtModel:
+    """decode.onnx + prefill.onnx of an export folder: whole sequences in chunks, the rest step by step."""
+
+    def __init__(self, folder: str | Path, **kw):
+        folder = Path(folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        self.decode = OrtGraph(folder / manifest["graphs"]["decode"]["file"], **kw)
+        self.prefill = OrtGraph(folder / manifest["graphs"]["prefill"]["file"], **kw) if "prefill" in manifest["graphs"] else None
+
+    def forward(self, tokens, state: State) -> tuple[torch.Tensor, State]:
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        t, logits = 0, None
+        while t < ids.shape[1]:
+            g = self.prefill if self.prefill and ids.shape[1] - t >= self.prefill.tokens else self.decode
+            logits, state = g.step(ids[:, t:t + g.tokens], state)
+            t += g.tokens
+        return logits, state
