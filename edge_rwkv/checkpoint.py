@@ -122,7 +122,10 @@ def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first line is boilerplate that suggests weights_only=False (i.e. running the code);
+        # the line naming the refused global is the one that says what is in the file.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
         raise CheckpointError(
             f"{path}: refused to unpickle — the file holds objects or code beyond plain tensors ({first})"
         ) from None
