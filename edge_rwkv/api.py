@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -81,6 +82,8 @@ class Model:
         self.fingerprint = fingerprint
         self.wkv_backend = wkv_backend
         self.tokenizer = default_tokenizer()
+        self._graph = None  # captured decode step (CUDA), built on first use; one generation at a time
+        self._graph_error: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -163,8 +166,26 @@ class Model:
         self.as_token_tensor(tokens)  # validates the ids
         state = self.new_state() if state is None else state.clone().to(self.device)
         self.check_state(state, 1)
-        gen = Generation(self.net, self.tokenizer, tokens, state, self.sampling(**sampling))
+        gen = Generation(self.net, self.tokenizer, tokens, state, self.sampling(**sampling), self._decoder())
         return _InferenceIter(gen)
+
+    def _decoder(self):
+        """CUDA-graph replay on a GPU (captured once, reused); eager elsewhere or where capture fails."""
+        if self.device.type != "cuda" or self._graph_error:
+            return None
+        from .cuda_graph import GraphStep
+        from .generate import GraphDecoder
+
+        if self._graph is None:
+            try:
+                self._graph = GraphStep(self.net, batch=1)
+            except Exception as e:  # capture is impossible on some drivers/backends: say so once, run eager
+                self._graph_error = f"CUDA-graph capture failed, decoding eagerly: {type(e).__name__}: {e}"
+                warnings.warn(self._graph_error, RuntimeWarning, stacklevel=3)
+                return None
+        dec = GraphDecoder(self._graph)
+        dec.fingerprint = self.fingerprint
+        return dec
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 1.0,
                  state: State | None = None, return_state: bool = False, **sampling):
@@ -181,7 +202,8 @@ class Model:
     def describe(self) -> dict:
         c = self.config
         return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
-                "device": str(self.device), "wkv": self.wkv_backend, "fingerprint": self.fingerprint,
+                "device": str(self.device), "wkv": self.wkv_backend,
+                "decode": "eager" if self.device.type != "cuda" else (self._graph_error or "cuda-graph"), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}
 
 
