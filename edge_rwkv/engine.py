@@ -38,6 +38,7 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # tokens still to read before the next sample
     ready: bool = False  # logits row holds the distribution of the next token
     ended: bool = False  # end-of-text was sampled: nothing more until tokens are fed
+    hold: bool = False  # after reading `pending`, wait (do not sample) until the caller leaves or feeds
     tokens: int = 0  # tokens the slot's state has read
 
 
@@ -84,13 +85,17 @@ class BatchEngine:
         self.slots[i] = Slot(sampler or Sampler(params or SamplingParams()), list(tokens), tokens=start)
         return i
 
-    def feed(self, slot: int, tokens: list[int]) -> None:
-        """Queue more tokens for a slot to read (e.g. the end of a turn); they are read on the next steps."""
+    def feed(self, slot: int, tokens: list[int], sample_after: bool = True) -> None:
+        """Queue more tokens for a slot to read (e.g. the end of a turn); they are read on the next steps.
+
+        With sample_after=False the slot then holds: it samples nothing more (its state stays exactly
+        "everything read so far") until it leaves or is fed again."""
         s = self._slot(slot)
         self._check_tokens(tokens)
         s.pending.extend(tokens)
         s.ready = False
         s.ended = False
+        s.hold = not sample_after
 
     def leave(self, slot: int) -> State:
         """Free the slot and return its state (batch 1, on the engine's device)."""
@@ -155,7 +160,7 @@ class BatchEngine:
         self._write_row(i, new)
         self.logits[i].copy_(logits[0])
         s.tokens += len(chunk)
-        s.ready = not s.pending
+        s.ready = not s.pending and not s.hold
         s.ended = False
 
     # ------------------------------------------------------------------ helpers

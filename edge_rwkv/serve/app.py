@@ -1,0 +1,408 @@
+"""The daemon's HTTP application: OpenAI-compatible endpoints, durable sessions, the web chat page.
+
+    POST /v1/chat/completions   (stream or not; extra body field "session": continue that session)
+    POST /v1/completions        (raw text or token-id prompt)
+    GET  /v1/models             GET /health
+    POST /v1/sessions           GET /v1/sessions   GET|DELETE /v1/sessions/{id}   POST /v1/sessions/{id}/fork
+    GET  /                      the web chat page
+
+Safe defaults: loopback bind, Host-header check against DNS rebinding while bound to loopback,
+optional bearer API key (not needed for /health and the page), CORS only for named origins, a cap
+on request bodies, and an OpenAI-style 4xx error body for every bad request.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import TURN_END, clean_message, user_turn
+from ..errors import InputError
+from ..sampling import SamplingParams
+from . import protocol as P
+from .protocol import APIError
+from .scheduler import Job, Overloaded, Scheduler
+from .sessions import SessionStore
+
+log = logging.getLogger("edge_rwkv.serve")
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass
+class ServeConfig:
+    data_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_slots: int = 4
+    queue: int = 16
+    cors_origins: list[str] = field(default_factory=list)
+    max_tokens_limit: int = 2048
+    max_prompt_tokens: int = 8192
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 256
+    default_top_p: float = 0.85
+    hot_sessions: int = 64
+    model_name: str | None = None
+    allowed_hosts: list[str] = field(default_factory=list)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: Host check, API key, body-size cap (before any route code runs)."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+        self.check_host = is_loopback(cfg.host)
+        self.allowed = LOOPBACK_NAMES | {h.lower() for h in cfg.allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        err = self._check(scope, headers)
+        if err is not None:
+            return await err(scope, receive, send)
+        cap = self.cfg.max_body_bytes
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > cap:
+                    raise APIError(413, f"request body is larger than {cap} bytes", code="body_too_large")
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+    def _check(self, scope, headers):
+        if self.check_host and host_name(headers.get("host", "")) not in self.allowed:
+            return _json_error(403, P.error_body("Host header not allowed (this server only answers to localhost)",
+                                                 "permission_error", None, "invalid_host"))
+        path = scope.get("path", "")
+        if self.cfg.api_key and path.startswith("/v1/") and scope.get("method") != "OPTIONS":
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.cfg.api_key.encode()):
+                return _json_error(401, P.error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                                     "authentication_error", None, "invalid_api_key"),
+                                   {"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return _json_error(400, P.error_body("invalid Content-Length", code="invalid_request"))
+            if int(length) > self.cfg.max_body_bytes:
+                return _json_error(413, P.error_body(f"request body is larger than {self.cfg.max_body_bytes} bytes",
+                                                     code="body_too_large"))
+        return None
+
+
+def create_app(model, cfg: ServeConfig) -> FastAPI:
+    store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions)
+    sched = Scheduler(model, cfg.max_slots, cfg.queue)
+    model_name = cfg.model_name or Path(str(model.path)).stem
+    busy: dict[str, object] = {}  # session id → the request continuing it
+    vocab = model.config.vocab_size
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        sched.start()
+        yield
+        sched.stop()
+
+    app = FastAPI(title="edge-rwkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.sessions = sched, store
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return _json_error(e.status, e.body(), e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        msg = "no such endpoint" if e.status_code == 404 else str(e.detail)
+        return _json_error(e.status_code, P.error_body(msg, kind, None, None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return _json_error(400, P.error_body("invalid request", code="invalid_request"))
+
+    @app.exception_handler(InputError)
+    async def _input_error(request, e):
+        return _json_error(400, P.error_body(str(e), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        log.exception("internal error")
+        return _json_error(500, P.error_body("internal server error", "server_error", None, None))
+
+    async def read_json(request: Request) -> dict:
+        return P.parse_json(await request.body())
+
+    async def run(fn, *a):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
+
+    # ------------------------------------------------------------------ basic
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "sessions_dir": str(store.dir), **sched.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "edge-rwkv", "fingerprint": model.fingerprint}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"), headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    # ------------------------------------------------------------------ sessions
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request):
+        body = await read_json(request) if (await request.body()).strip() else {}
+        sid = body.get("id")
+        if sid is not None:
+            P.check_session_id(sid, "id")
+        system, title = body.get("system"), body.get("title")
+        for k, v in (("system", system), ("title", title)):
+            if v is not None and not isinstance(v, str):
+                raise P.bad(f"'{k}' must be a string", k, "invalid_type")
+        return store.public(await run(store.create, sid, system, title))
+
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        return {"object": "list", "data": await run(store.list)}
+
+    @app.get("/v1/sessions/{sid}")
+    async def get_session(sid: str):
+        P.check_session_id(sid, "session_id")
+        meta = store.public(await run(store.get, sid))
+        meta["busy"] = sid in busy
+        return meta
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str):
+        P.check_session_id(sid, "session_id")
+        if sid in busy:
+            raise APIError(409, f"session '{sid}' has a reply in progress", param="session", code="session_busy")
+        await run(store.delete, sid)
+        return {"id": sid, "object": "session", "deleted": True}
+
+    @app.post("/v1/sessions/{sid}/fork", status_code=201)
+    async def fork_session(sid: str, request: Request):
+        P.check_session_id(sid, "session_id")
+        body = await read_json(request) if (await request.body()).strip() else {}
+        new = body.get("id")
+        if new is not None:
+            P.check_session_id(new, "id")
+        title = body.get("title")
+        if title is not None and not isinstance(title, str):
+            raise P.bad("'title' must be a string", "title", "invalid_type")
+        return store.public(await run(store.fork, sid, new, title))
+
+    # ------------------------------------------------------------------ generation
+    def make_job(tokens, sampling, state=None, close_turn=False, chat=False) -> Job:
+        if len(tokens) > cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(tokens)} tokens; this server accepts at most "
+                                f"{cfg.max_prompt_tokens}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        if not tokens:
+            raise P.bad("the prompt is empty", "prompt")
+        try:
+            params = SamplingParams(**sampling)
+        except InputError as e:
+            raise P.bad(str(e)) from None
+        job = Job(tokens, params, model.tokenizer, asyncio.get_running_loop(), state=state,
+                  close_turn=close_turn, strip_leading=chat)
+        try:
+            sched.submit(job)
+        except Overloaded:
+            raise APIError(429, "the server is busy (all slots and the queue are full); retry shortly",
+                           "rate_limit_error", None, "server_overloaded", {"Retry-After": "1"}) from None
+        return job
+
+    async def wait_done(job: Job, request: Request) -> None:
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), 0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise asyncio.CancelledError()
+                continue
+            if kind == "done":
+                return
+            if kind == "error":
+                raise APIError(500, payload, "server_error", None, "generation_failed")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse_chat(await read_json(request), cfg)
+        sid = req.session
+        state, close_turn = None, False
+        if sid is not None:
+            if sid in busy:
+                raise APIError(409, f"session '{sid}' already has a reply in progress", param="session",
+                               code="session_busy")
+            token = object()
+            busy[sid] = token
+        try:
+            if sid is not None:
+                meta = await run(store.get, sid)
+                state = await run(store.load_state, sid)
+                message = req.messages[-1]["content"]
+                system = None
+                if state is None:
+                    system = meta.get("system") or next((m["content"] for m in req.messages
+                                                         if m["role"] == "system"), None)
+                prompt = user_turn(message, system)
+                close_turn = True
+            else:
+                prompt = P.render_messages(req.messages)
+            sampling = dict(req.sampling, stop=tuple(req.sampling["stop"]) + (TURN_END,))
+            job = make_job(model.tokenizer.encode(prompt), sampling, state, close_turn, chat=True)
+        except BaseException:
+            if sid is not None:
+                busy.pop(sid, None)
+            raise
+        rid = P.new_id("chatcmpl")
+        created = int(time.time())
+
+        def transcript():
+            return [{"role": "user", "content": clean_message(req.messages[-1]["content"])},
+                    {"role": "assistant", "content": job.text}]
+
+        def release():
+            if sid is not None and busy.get(sid) is token:
+                busy.pop(sid, None)
+
+        if not req.stream:
+            try:
+                await wait_done(job, request)
+                if sid is not None:
+                    await asyncio.shield(_commit(sid, job, transcript()))
+            finally:
+                job.cancel()
+                release()
+            return P.chat_response(rid, req.model or model_name, job.text, job.finish_reason,
+                                   P.usage(job.prompt_tokens, len(job.generated)), sid)
+
+        name = req.model or model_name
+
+        async def events():
+            commit = None
+            try:
+                yield P.sse(P.chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, session=sid))
+                while True:
+                    kind, payload = await job.events.get()
+                    if kind == "text":
+                        yield P.sse(P.chat_chunk(rid, created, name, {"content": payload}, session=sid))
+                    elif kind == "error":
+                        yield P.sse(P.error_body(payload, "server_error", None, "generation_failed"))
+                        break
+                    else:
+                        if sid is not None:
+                            commit = asyncio.ensure_future(_commit(sid, job, transcript()))
+                            await asyncio.shield(commit)
+                        yield P.sse(P.chat_chunk(rid, created, name, {}, job.finish_reason, session=sid))
+                        if req.include_usage:
+                            yield P.sse(P.chat_chunk(rid, created, name, None, None,
+                                                     P.usage(job.prompt_tokens, len(job.generated)), session=sid))
+                        break
+                yield P.SSE_DONE
+            finally:
+                job.cancel()
+                if commit is not None and not commit.done():
+                    commit.add_done_callback(lambda _: release())
+                else:
+                    release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _commit(sid: str, job: Job, messages: list[dict]) -> None:
+        await run(store.commit_turn, sid, job.final_state, messages)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse_completion(await read_json(request), cfg, vocab)
+        tokens = model.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        job = make_job(tokens, req.sampling)
+        rid = P.new_id("cmpl")
+        created = int(time.time())
+        name = req.model or model_name
+        if not req.stream:
+            try:
+                await wait_done(job, request)
+            finally:
+                job.cancel()
+            return P.completion_response(rid, name, job.text, job.finish_reason,
+                                         P.usage(job.prompt_tokens, len(job.generated)))
+
+        async def events():
+            try:
+                while True:
+                    kind, payload = await job.events.get()
+                    if kind == "text":
+                        yield P.sse(P.completion_chunk(rid, created, name, payload))
+                    elif kind == "error":
+                        yield P.sse(P.error_body(payload, "server_error", None, "generation_failed"))
+                        break
+                    else:
+                        yield P.sse(P.completion_chunk(rid, created, name, "", job.finish_reason))
+                        if req.include_usage:
+                            yield P.sse(P.completion_chunk(rid, created, name, None, None,
+                                                           P.usage(job.prompt_tokens, len(job.generated))))
+                        break
+                yield P.SSE_DONE
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    wrapped = Guard(app, cfg)
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        wrapped = CORSMiddleware(wrapped, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                                 allow_headers=["authorization", "content-type", "x-api-key"])
+    wrapped.fastapi = app  # type: ignore[attr-defined]
+    return wrapped

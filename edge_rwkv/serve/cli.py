@@ -1,0 +1,104 @@
+"""`edge-rwkv serve` (the offline assistant daemon) and `edge-rwkv plan` (what fits on a device)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import EdgeRWKVError
+
+
+def default_data_dir() -> str:
+    base = os.path.expanduser("~/.local/share")
+    return os.path.join(base, "edge-rwkv")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="run the offline assistant daemon (OpenAI-compatible HTTP + web chat)",
+                       description="Serve a model over OpenAI-compatible HTTP on 127.0.0.1 with durable chat "
+                                   "sessions (each conversation is a state file under --data-dir) and a web chat "
+                                   "page at /.")
+    s.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (also read from the file given as @PATH)")
+    s.add_argument("--max-slots", type=int, default=4, help="sequences decoded together (batch size)")
+    s.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; more get 429")
+    s.add_argument("--cors-origin", action="append", default=None,
+                   help="allow browser requests from this origin (repeatable; default: none)")
+    s.add_argument("--allowed-host", action="append", default=None,
+                   help="extra Host-header name accepted while bound to loopback (repeatable)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    s.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt (new tokens per request)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    s.add_argument("--default-max-tokens", type=int, default=256)
+    s.add_argument("--hot-sessions", type=int, default=64, help="session states kept in memory")
+    s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="which precision of a model fits a device, and its bandwidth-bound speed",
+                       description="For each precision (fp16, int8, int4): memory needed (weights + state + "
+                                   "runtime overhead) against the device's memory, and the decode speed bound "
+                                   "set by memory bandwidth.")
+    p.add_argument("model", help="model file (only its shapes are read)")
+    p.add_argument("--device", default="orin-nano-8gb", help="device profile (see --list)")
+    p.add_argument("--slots", type=int, default=1, help="concurrent sequences (state memory per slot)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+
+def _read_key(value: str | None) -> str | None:
+    if value and value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            value = f.read().strip()
+    if value is not None and not value:
+        raise EdgeRWKVError("--api-key is empty")
+    return value
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from ..api import load
+    from .app import ServeConfig, create_app, is_loopback
+
+    for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens"):
+        if getattr(a, name) < 1:
+            raise EdgeRWKVError(f"--{name.replace('_', '-')} must be ≥ 1")
+    if a.queue < 0 or not 0 <= a.port < 65536:
+        raise EdgeRWKVError("--queue must be ≥ 0 and --port in [0, 65535]")
+    key = _read_key(a.api_key)
+    if not is_loopback(a.host) and not key:
+        print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
+              f"machine can use the model and read sessions", file=sys.stderr)
+    model = load(a.model, device=a.device, dtype=a.dtype)
+    cfg = ServeConfig(data_dir=a.data_dir or default_data_dir(), host=a.host, port=a.port, api_key=key,
+                      max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
+                      max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
+                      max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
+                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [])
+    app = create_app(model, cfg)
+    shown = f"[{a.host}]" if ":" in a.host else a.host
+    print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "
+          f"{cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level in ("info", "debug"),
+                timeout_graceful_shutdown=3)
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from ..devices import format_plan, plan_model
+
+    result = plan_model(a.model, a.device, slots=a.slots)
+    if a.json:
+        import json
+
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_plan(result))
+    return 0
