@@ -39,8 +39,11 @@ def reference_model(src: ExportSource, dtype: str = "float32") -> tuple[RWKV7, s
         ins = None if q.input_scale is None else torch.from_numpy(q.input_scale.astype("float32"))
         return _DequantLinear(q.dequantize(fold_input_scale=False).to(dt), ins)
 
-    fp_tensors = {k: tensors[k] for k in ("blocks.0.att.r_k", "blocks.0.att.w0", "blocks.0.att.k_k",
-                                          "ln_out.weight", "ln_out.bias")}
     with torch.inference_mode():
         net = build_model(src.config, tensors, dt, torch.device("cpu"), make_linear=make_linear)
-    return net, model_fingerprint(src.config, fp_tensors)
+    return net, reference_fingerprint(src)
+
+
+def reference_fingerprint(src: ExportSource) -> str:
+    """The runtime's model fingerprint (states made by either side belong to the same model)."""
+    return model_fingerprint(src.config, src.tensors)
