@@ -21,7 +21,11 @@ DECAY_SCALE = 0.6065306597126334  # exp(-0.5), the x070 decay range (same as edg
 def numba_cuda():
     """The `numba.cuda` module, or None when numba / numba-cuda cannot be imported."""
     try:
+        from numba import config  # noqa: PLC0415
         from numba import cuda  # noqa: PLC0415
+
+        # one block per (batch, head) is this workload's natural grid; small grids are expected
+        config.CUDA_LOW_OCCUPANCY_WARNINGS = False
     except Exception as exc:  # pragma: no cover - depends on the install
         log.info("numba.cuda unavailable: %s", exc)
         return None

@@ -93,11 +93,13 @@ def decode_kernel(N: int, acc):
 _LAUNCH: dict = {}
 
 
-def _launcher(kern, grid, block, stream):
-    key = (id(kern), grid, block, id(stream) if not isinstance(stream, int) else stream)
+def _launcher(kern, arrays, dtypes, grid, block, stream):
+    """Launch configuration of the kernel specialized to these argument types (skips re-typing)."""
+    key = (id(kern), dtypes, grid, block, id(stream) if not isinstance(stream, int) else stream)
     cfg = _LAUNCH.get(key)
     if cfg is None:
-        cfg = kern[grid, block, stream]
+        spec = kern if isinstance(stream, int) else kern.specialize(*arrays)
+        cfg = spec[grid, block, stream]
         _LAUNCH[key] = cfg
     return cfg
 
@@ -138,6 +140,7 @@ def wkv7_decode(r, w, k, v, a, b, state, out=None):
     if out is None:
         out = torch.empty(r.shape, device=r.device, dtype=state.dtype)
     kern, nthreads = decode_kernel(N, acc_dtype(state.dtype))
-    launch = _launcher(kern, B * H, nthreads, current_stream())
-    launch(*[kernel_array(x) for x in xs], kernel_array(state), kernel_array(out.view(B, H, N)))
+    arrays = [kernel_array(x) for x in xs] + [kernel_array(state), kernel_array(out.view(B, H, N))]
+    dtypes = tuple((x.dtype, x.is_contiguous()) for x in xs) + (state.dtype, out.is_contiguous())
+    _launcher(kern, arrays, dtypes, B * H, nthreads, current_stream())(*arrays)
     return out

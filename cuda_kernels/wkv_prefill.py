@@ -193,6 +193,7 @@ def scan_kernel(N: int, acc, reverse: bool):
     npacc = _np(acc)
     ZERO = npacc(0.0)
     MPT = N // R  # M elements each of the R*N threads loads per chunk (per row of threads)
+    NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
 
     @cuda.jit(fastmath=False)
     def kern(M, C, first, out, last):
@@ -205,7 +206,7 @@ def scan_kernel(N: int, acc, reverse: bool):
         i = g * R + ti
         nc = M.shape[2]
         Ssh = cuda.shared.array((R, N), acc)
-        Msh = cuda.shared.array((N, N + 1), acc)
+        Msh = cuda.shared.array((N, NP1), acc)
         mreg = cuda.local.array(MPT, acc)
         s = acc(first[bi, h, i, j])
         Ssh[ti, j] = s
