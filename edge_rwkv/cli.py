@@ -16,8 +16,11 @@ EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serv
 
 # --------------------------------------------------------------------------- shared arguments
 
-def add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
+def add_model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("model", nargs="?", default=None, help="model file (default: the embedded default model)")
+    else:
+        p.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -46,8 +49,9 @@ def sampling_kwargs(a) -> dict:
 
 def load_model(a):
     from .api import load
+    from .default_model import resolve_model
 
-    return load(a.model, device=a.device, dtype=a.dtype, progress=True)
+    return load(resolve_model(a.model), device=a.device, dtype=a.dtype, progress=True)
 
 
 # --------------------------------------------------------------------------- info
@@ -174,8 +178,9 @@ def cmd_init(a) -> int:
 # --------------------------------------------------------------------------- generate / chat
 
 def cmd_generate(a) -> int:
-    from .api import load
-
+    if len(a.model_and_prompt) > 2:
+        raise EdgeRWKVError("generate takes [MODEL] PROMPT; quote a prompt that has spaces")
+    a.model, a.prompt = ([None] + a.model_and_prompt)[-2:]
     m = load_model(a)
     state = m.load_state(a.state_in) if a.state_in else None
     gen = m.stream(a.prompt, state=state, **sampling_kwargs(a))
@@ -283,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("generate", help="complete a prompt, streaming the text", description="Complete a prompt, streaming tokens to stdout.")
-    add_model_arg(s)
-    s.add_argument("prompt")
+    s = sub.add_parser("generate", help="complete a prompt, streaming the text",
+                       description="Complete a prompt, streaming tokens to stdout: `generate [MODEL] PROMPT` "
+                                   "(without MODEL, the embedded default model).")
+    s.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
     add_runtime_args(s)
     add_sampling_args(s)
     s.add_argument("--state-in", help="continue from a saved state file")
@@ -293,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat (reads lines from stdin)", description=f"Interactive chat. {CHAT_HELP}")
-    add_model_arg(s)
+    add_model_arg(s, optional=True)
     add_runtime_args(s)
     add_sampling_args(s, max_tokens=500, temperature=1.0, top_p=0.3)
     s.add_argument("--system", default=None, help="system prompt for the first turn")
