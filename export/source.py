@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_rwkv.checkpoint import (check_keys_and_shapes, check_values, expected_shapes, load_checkpoint,
-                                  read_safetensors_header, read_tensors, sniff_format)
+from edge_rwkv.checkpoint import check_keys_and_shapes, check_values, expected_shapes, read_tensors, sniff_format
 from edge_rwkv.config import ModelConfig
 from edge_rwkv.errors import CheckpointError
 from edge_rwkv.fileio import sha256_file
@@ -157,30 +156,58 @@ def resolve_quantized(name: str, spec, tensors: dict[str, torch.Tensor], shape: 
     return StoredQuant(name, fmt, (out, k), _np(qw), _np(sc), group, ins), used
 
 
+def _looks_like_safetensors(p: Path) -> bool:
+    """An 8-byte little-endian header length that fits the file, followed by '{'.
+
+    Checked before `sniff_format`, which takes any file whose first byte is 0x80 for a pickle — and a
+    safetensors header length whose low byte is 0x80 (1 file in 256) starts with that byte too."""
+    import struct
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (hlen,) = struct.unpack("<Q", head[:8])
+    return 2 <= hlen <= size - 8 and head[8:9] == b"{"
+
+
+def _read_any(p: Path, progress: bool):
+    """(tensors under canonical names, artifact metadata) — load_checkpoint's reading, robust to the sniff."""
+    from edge_rwkv.checkpoint import _read_safetensors, canonical_name
+
+    if p.is_file() and _looks_like_safetensors(p):
+        raw, meta = _read_safetensors(p)
+        tensors = {}
+        for k, v in raw.items():
+            name = canonical_name(k)
+            if name in tensors:
+                raise CheckpointError(f"{p}: tensor '{name}' appears twice (as '{k}' and another spelling)")
+            tensors[name] = v
+        return tensors, meta
+    return read_tensors(p)
+
+
 def read_source(path: str | os.PathLike, progress: bool = False) -> ExportSource:
     """Read and fully validate a model file for export (official .pth, safetensors or artifact)."""
-    p = Path(path)
-    fmt = sniff_format(p)  # clear errors for missing files, folders and foreign formats
-    quant_specs = {}
-    if fmt == "safetensors":
-        _, meta = read_safetensors_header(p)
-        if "edge_rwkv" in meta:
-            import json
-
-            try:
-                quant_specs = (json.loads(meta["edge_rwkv"]).get("quant") or {}).get("tensors") or {}
-            except (ValueError, AttributeError):
-                quant_specs = {}
-    digest = sha256_file(p)
-    if not quant_specs:
-        ckpt = load_checkpoint(p, progress=progress)
-        return ExportSource(str(p), ckpt.config, ckpt.tensors, {}, ckpt.metadata, digest)
-
     from edge_rwkv import artifact
+    from edge_rwkv.checkpoint import derive_config
 
-    tensors, meta = read_tensors(p)
+    p = Path(path)
+    if not (p.is_file() and _looks_like_safetensors(p)):
+        sniff_format(p)  # clear errors for missing files, folders and foreign formats
+    tensors, meta = _read_any(p, progress)
+    digest = sha256_file(p)
+    specs = artifact.quantized_names(meta) if meta else {}
+    if not meta:
+        cfg = derive_config(tensors, str(p))
+        check_keys_and_shapes({k: tuple(v.shape) for k, v in tensors.items()}, cfg, str(p))
+        check_values(tensors, str(p), progress=progress)
+        return ExportSource(str(p), cfg, tensors, {}, {}, digest)
     cfg = artifact.config_from_metadata(meta, str(p))
-    specs = artifact.quantized_names(meta)
+    if not specs:
+        artifact.check_artifact(tensors, meta, cfg, str(p), progress=progress)
+        return ExportSource(str(p), cfg, tensors, {}, meta, digest)
     want = expected_shapes(cfg)
     quant, used = {}, set()
     for name, spec in specs.items():

@@ -1,0 +1,358 @@
+"""ONNX export: graphs valid, onnxruntime matches the torch runtime, chunk == T decode steps, lint, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import edge_rwkv  # noqa: E402
+from edge_rwkv.artifact import make_metadata, write_artifact  # noqa: E402
+from edge_rwkv.checkpoint import derive_config  # noqa: E402
+from edge_rwkv.errors import CheckpointError, InputError  # noqa: E402
+from edge_rwkv.export.exporter import ExportOptions, export_onnx  # noqa: E402
+from edge_rwkv.export.manifest import describe, load_manifest  # noqa: E402
+from edge_rwkv.export.ort_runner import OrtGraph, OrtModel  # noqa: E402
+from edge_rwkv.export.source import read_source  # noqa: E402
+from edge_rwkv.export.trt_lint import TARGETS, lint_model  # noqa: E402
+from edge_rwkv.export.verify import compare, verify_export  # noqa: E402
+from edge_rwkv.quant import formats  # noqa: E402
+from edge_rwkv.state import State  # noqa: E402
+from edge_rwkv.synthetic import random_checkpoint  # noqa: E402
+
+VOCAB, LAYERS, EMBD, HEAD = 97, 2, 64, 32
+CHUNK = 4
+# Tolerances: max |Δlogits| / std(logits). fp32 graphs compute what the torch runtime computes;
+# fp16 graphs differ from torch's fp16 CPU path by rounding/accumulation order in the fp16 matmuls.
+TOL_FP32 = 1e-4
+TOL_FP16 = 2e-2
+
+QUANTIZED = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+def _official(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(random_checkpoint(LAYERS, EMBD, HEAD, vocab_size=VOCAB, seed=3), str(path))
+    return path
+
+
+def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool = False, group: int = 32):
+    """An fp16 artifact whose big matrices are quantized by quant.formats' reference quantizers."""
+    sd = random_checkpoint(LAYERS, EMBD, HEAD, vocab_size=VOCAB, seed=5)
+    cfg = derive_config(sd)
+    tensors = {k: v.to(torch.float16) for k, v in sd.items()}
+    specs = {}
+    g = torch.Generator().manual_seed(9)
+    for i in range(LAYERS):
+        for short in QUANTIZED:
+            name = f"blocks.{i}.{short}.weight"
+            w = tensors.pop(name).float()
+            ins = None
+            if input_scale:
+                ins = (torch.rand(w.shape[1], generator=g) * 1.5 + 0.5).to(torch.float16)
+                w = w / ins.float()[None, :]
+            if fmt == "int8":
+                q, s = formats.quantize_int8_ref(w.numpy())
+                spec = formats.int8_spec(input_scale)
+            else:
+                q, s = formats.quantize_int4_ref(w.numpy(), group)
+                spec = formats.int4_spec(group, input_scale)
+            qw = formats.QuantizedWeight(spec, tuple(w.shape), torch.from_numpy(q), torch.from_numpy(s), ins)
+            stored = qw.stored_tensors(name)
+            if layout == "qweight":
+                stored[name + ".qweight"] = stored.pop(name)
+            tensors.update(stored)
+            specs[name] = qw.metadata()
+    meta = make_metadata(cfg, "float16", source_sha256="0" * 64, quant={"policy": None, "tensors": specs})
+    write_artifact(path, tensors, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    return _official(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, official):
+    """Export folders by key; built on first use."""
+    cache = {}
+    models = tmp_path_factory.mktemp("qmodels")
+
+    def get(key):
+        if key in cache:
+            return cache[key]
+        kind, dtype, batch = key
+        if kind == "dense":
+            model = official
+        else:
+            fmt, _, rest = kind.partition("-")
+            model = _quantized_artifact(models / f"{kind}.safetensors", fmt, layout="qweight" if "qweight" in rest else "bare",
+                                        input_scale="awq" in rest)
+        out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}")
+        export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False), log=lambda m: None)
+        cache[key] = (model, out)
+        return cache[key]
+
+    return get
+
+
+# --------------------------------------------------------------------------- validity
+
+@pytest.mark.parametrize("key", [("dense", "float32", 1), ("dense", "float16", 1), ("int8", "float16", 1),
+                                 ("int4", "float16", 1)])
+def test_graphs_check_infer_and_lint_clean(exports, key):
+    _, out = exports(key)
+    m = load_manifest(out)
+    for name in ("decode", "prefill"):
+        model = onnx.load(str(out / f"{name}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
+        assert {f.domain + "." + f.name for f in model.functions} == {"rwkv7.wkv7"}
+        assert any(n.domain == "rwkv7" and n.op_type == "wkv7" for n in model.graph.node)
+        assert next(o.version for o in model.opset_import if o.domain == "") == 21
+        for target in TARGETS:
+            errors = [i for i in lint_model(model, target) if i.level != "note"]
+            assert not errors, errors
+        names = [i.name for i in model.graph.input]
+        assert names[0] == "tokens" and names[1:4] == ["att_x.0", "wkv.0", "ffn_x.0"]
+        outs = [o.name for o in model.graph.output]
+        assert outs[0] == "logits" and outs[1:4] == ["att_x_out.0", "wkv_out.0", "ffn_x_out.0"]
+        assert m["graphs"][name]["tokens_per_call"] == (1 if name == "decode" else CHUNK)
+    if key[0] != "dense":
+        ops = {n.op_type for n in onnx.load(str(out / "decode.onnx")).graph.node}
+        assert "DequantizeLinear" in ops
+        assert m["quant"]["formats"] == ({"int8": 12} if key[0] == "int8" else {"int4/g32": 12})
+
+
+def test_manifest_and_describe(exports):
+    model, out = exports(("int4", "float16", 1))
+    m = load_manifest(out)
+    assert m["model"]["source_sha256"] and len(m["model"]["source_sha256"]) == 64
+    assert m["precision"]["state"] == "float32" and m["precision"]["matmul"] == "float16"
+    assert m["graphs"]["decode"]["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": [1, 1]}
+    wkv0 = next(i for i in m["graphs"]["prefill"]["inputs"] if i["name"] == "wkv.0")
+    assert wkv0 == {"name": "wkv.0", "dtype": "float32", "shape": [1, EMBD // HEAD, HEAD, HEAD]}
+    assert {"onnx", "torch", "onnxruntime", "edge_rwkv"} <= set(m["tools"])
+    text = describe(out)
+    assert "decode.onnx" in text and "prefill.onnx" in text and "int4/g32" in text and "rwkv7.wkv7" in text
+
+
+def test_int4_initializer_is_the_stored_bytes(exports):
+    model, out = exports(("int4", "float16", 1))
+    src = read_source(model)
+    q = src.quant["blocks.1.ffn.value.weight"]
+    onnx_model = onnx.load(str(out / "decode.onnx"))
+    init = next(t for t in onnx_model.graph.initializer if t.name == "blocks.1.ffn.value.weight.qweight")
+    assert init.data_type == onnx.TensorProto.INT4 and list(init.dims) == list(q.shape)
+    assert init.raw_data == q.qweight.tobytes()  # same packing: low nibble = even k
+    levels = onnx.numpy_helper.to_array(init).astype(np.int8)
+    np.testing.assert_array_equal(levels, formats.unpack_int4_ref(q.qweight))
+    dq = next(n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == init.name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 1, "block_size": 32} and len(dq.input) == 2  # symmetric: no zero point
+
+
+# --------------------------------------------------------------------------- parity
+
+def _steps(graph: OrtGraph, ids, state):
+    logits = []
+    for t in range(ids.shape[1]):
+        lg, state = graph.step(ids[:, t:t + 1], state)
+        logits.append(lg)
+    return torch.stack(logits, 1), state
+
+
+def test_fp32_decode_matches_torch_runtime(exports):
+    model, out = exports(("dense", "float32", 1))
+    m = edge_rwkv.load(model, dtype="float32")
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(1))
+    ref, ref_state = m.forward(ids, m.new_state())
+    got, state = _steps(OrtGraph(out / "decode.onnx"), ids, m.new_state())
+    assert compare(ref, got) <= TOL_FP32
+    for p in ("att_x", "wkv", "ffn_x"):
+        torch.testing.assert_close(getattr(state, p), getattr(ref_state, p), atol=1e-4, rtol=1e-4)
+    assert state.fingerprint == m.fingerprint and state.tokens == 11
+    # chunked: two prefill calls of CHUNK tokens, then decode steps; continues from a saved state
+    got_c, state_c = OrtModel(out).forward(ids, m.new_state())
+    assert compare(ref[:, -1], got_c) <= TOL_FP32
+
+
+@pytest.mark.parametrize("key,tol", [
+    (("dense", "float16", 1), TOL_FP16),
+    (("int8", "float16", 1), TOL_FP16),
+    (("int4", "float16", 1), TOL_FP16),
+    (("int8-awq", "float32", 1), TOL_FP32),     # input_scale; exact same weights, fp32 math
+    (("int4-qweight", "float32", 1), TOL_FP32),  # `X.qweight` storage layout
+    (("dense", "float32", 2), TOL_FP32),         # fixed batch 2
+])
+def test_onnxruntime_matches_torch_reference(exports, key, tol):
+    model, out = exports(key)
+    rep = verify_export(model, out, tokens=2 * CHUNK + 3, seed=4)
+    assert rep["batch"] == key[2]
+    assert rep["max_rel"] <= tol and rep["max_rel_chunked"] <= tol, rep
+    assert rep["state_max_abs"] <= (1e-4 if tol == TOL_FP32 else 5e-2), rep
+
+
+def test_quantized_reference_is_the_runtime_on_dequantized_weights(exports):
+    """The quantized reference equals the plain runtime given the dequantized matrices as dense weights."""
+    from edge_rwkv.export.reference import reference_model
+    from edge_rwkv.model import build_model
+
+    model, _ = exports(("int8-awq", "float32", 1))
+    src = read_source(model)
+    net, fp = reference_model(src, "float32")
+    dense = dict(src.tensors)
+    dense.update({k: q.dequantize() for k, q in src.quant.items()})
+    plain = build_model(src.config, dense, torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    z = State.zeros(LAYERS, 1, EMBD, EMBD // HEAD, HEAD, "cpu", fp)
+    a, _ = net.forward(ids, z)
+    b, _ = plain.forward(ids, z)
+    assert compare(b, a) <= 1e-5
+
+
+def test_prefill_chunk_equals_decode_steps(exports):
+    model, out = exports(("dense", "float32", 1))
+    src = read_source(model)
+    c = src.config
+    g = torch.Generator().manual_seed(7)
+    start = State(torch.randn(LAYERS, 1, EMBD, generator=g), torch.randn(LAYERS, 1, c.n_head, HEAD, HEAD, generator=g) * 0.1,
+                  torch.randn(LAYERS, 1, EMBD, generator=g))
+    ids = torch.randint(0, VOCAB, (1, CHUNK), generator=g)
+    lg_chunk, st_chunk = OrtGraph(out / "prefill.onnx").step(ids, start)
+    lg_steps, st_steps = _steps(OrtGraph(out / "decode.onnx"), ids, start)
+    assert compare(lg_steps[:, -1], lg_chunk) <= 1e-5
+    for p in ("att_x", "wkv", "ffn_x"):
+        torch.testing.assert_close(getattr(st_chunk, p), getattr(st_steps, p), atol=1e-5, rtol=1e-5)
+
+
+def test_external_data_shared_weights(tmp_path, official):
+    out = tmp_path / "ext"
+    m = export_onnx(official, out, ExportOptions(chunk=CHUNK, dtype="float16", external_data=True, progress=False),
+                    log=lambda s: None)
+    assert m["external_data"] == "weights.bin"
+    weights = (out / "weights.bin").stat().st_size
+    for name in ("decode", "prefill"):
+        assert (out / f"{name}.onnx").stat().st_size < weights / 4
+        onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
+    # shared, not duplicated: the file holds about one copy of the fp16 weights
+    src = read_source(official)
+    fp16_bytes = sum(t.numel() * 2 for k, t in src.tensors.items() if t.dim() == 2 or k == "emb.weight")
+    assert weights < 1.3 * fp16_bytes
+    rep = verify_export(official, out, tokens=6)
+    assert rep["max_rel"] <= TOL_FP16
+    assert "weights.bin" in describe(out)
+
+
+# --------------------------------------------------------------------------- lint catches problems
+
+def test_lint_reports_offending_nodes():
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    w4 = h.make_tensor("w4", TP.INT4, [4, 3], bytes(6), raw=True)  # odd last dim, not blocked
+    nodes = [
+        h.make_node("DequantizeLinear", ["w4", "s4"], ["wd"], name="bad_dq", axis=0),
+        h.make_node("Gemm", ["x", "wd"], ["y"], name="mm", transB=1),
+        h.make_node("Shape", ["y"], ["shp"], name="dyn_shape"),
+        h.make_node("Reshape", ["y", "shp"], ["y2"], name="dyn_reshape"),
+        h.make_node("NonZero", ["y2"], ["nz"], name="nonzero"),
+        h.make_node("Cast", ["nz"], ["out"], name="cast_out", to=TP.FLOAT),
+    ]
+    graph = h.make_graph(nodes, "bad", [h.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+                         [h.make_tensor_value_info("out", TP.FLOAT, [2, None])],
+                         [w4, nh.from_array(np.ones(4, np.float32), "s4")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    issues = [i for i in lint_model(model, "10.3") if i.level == "error"]
+    by_node = {}
+    for i in issues:
+        by_node.setdefault(i.node, []).append(i.message)
+    assert any("blocked" in m for m in by_node["bad_dq"])
+    assert any("even" in m for m in by_node["bad_dq"])
+    assert any("build-time constant" in m for m in by_node["dyn_reshape"])
+    assert any("support list" in m for m in by_node["nonzero"])
+    assert any("int64" in m for m in by_node["dyn_shape"])
+    assert any("dynamic shape" in i.message for i in issues)
+    assert "node 'bad_dq' (DequantizeLinear)" in str(next(i for i in issues if i.node == "bad_dq"))
+
+
+def test_lint_checks_function_bodies(exports):
+    _, out = exports(("dense", "float32", 1))
+    model = onnx.load(str(out / "decode.onnx"))
+    fn = model.functions[0]
+    bad = onnx.helper.make_node("NonZero", [fn.node[0].output[0]], ["nz_unused"], name="bad_in_function")
+    fn.node.append(bad)
+    issues = [i for i in lint_model(model, "10.13") if i.level == "error"]
+    assert any(i.op == "NonZero" for i in issues), issues
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_missing_model(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        export_onnx(tmp_path / "nope.safetensors", tmp_path / "out", ExportOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kw,msg", [({"chunk": 1}, "--chunk"), ({"chunk": 0}, "--chunk"), ({"chunk": 5000}, "--chunk"),
+                                    ({"batch": 0}, "--batch"), ({"dtype": "int8"}, "--dtype"), ({"chunk": "8"}, "--chunk")])
+def test_bad_options(tmp_path, official, kw, msg):
+    with pytest.raises(InputError, match=msg):
+        export_onnx(official, tmp_path / "out", ExportOptions(progress=False, **kw))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_dir(tmp_path, official):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "decode.engine").write_bytes(b"stale")
+    with pytest.raises(InputError, match="not empty.*--force"):
+        export_onnx(official, out, ExportOptions(chunk=CHUNK, progress=False))
+    export_onnx(official, out, ExportOptions(chunk=CHUNK, force=True, progress=False), log=lambda s: None)
+    assert (out / "notes.txt").read_text() == "keep me"  # only our own files are replaced
+    assert not (out / "decode.engine").exists()  # a stale engine must not sit beside new graphs
+    assert (out / "manifest.json").is_file()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        export_onnx(official, f, ExportOptions(chunk=CHUNK, progress=False))
+
+
+def test_bad_quantized_artifact(tmp_path):
+    path = _quantized_artifact(tmp_path / "q.safetensors", "int4")
+    from safetensors.torch import load_file, save_file
+    import json
+    from edge_rwkv.checkpoint import read_safetensors_header
+
+    _, meta = read_safetensors_header(path)
+    t = load_file(str(path))
+    t["blocks.0.att.key.weight"] = t["blocks.0.att.key.weight"][:, :-1].contiguous()  # truncated packed data
+    save_file(t, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="blocks.0.att.key.weight"):
+        read_source(path)
+    assert json.loads(meta["edge_rwkv"])["quant"]["tensors"]
+
+
+def test_tensorrt_missing_message_and_trtexec_line(exports):
+    from edge_rwkv.export.tensorrt import TensorRTUnavailable, build_engines, tensorrt_available, trtexec_commands
+
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT and a GPU are present here")
+    _, out = exports(("dense", "float16", 1))
+    with pytest.raises(TensorRTUnavailable) as e:
+        build_engines(out)
+    msg = str(e.value)
+    assert "TensorRT" in msg and "trtexec" in msg and "--stronglyTyped" in msg
+    lines = trtexec_commands(out)
+    assert len(lines) == 2
+    assert lines[0].startswith("trtexec ") and f"--onnx={out / 'decode.onnx'}" in lines[0]
+    assert f"--saveEngine={out / 'decode.engine'}" in lines[0] and "--stronglyTyped" in lines[0]
+    assert "prefill.onnx" in lines[1]
+    assert not list(out.glob("*.engine"))  # nothing pretends to be an engine
