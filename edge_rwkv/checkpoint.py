@@ -115,12 +115,18 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.name.endswith(".safetensors"):
+            # torch.load picks its safetensors reader from this file name, but the bytes say torch:
+            # hand it an open file so the bytes decide (as everywhere else in this module).
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's first line is boilerplate that suggests weights_only=False (i.e. running the code);
         # the line naming the refused global is the one that says what is in the file.
@@ -129,8 +135,9 @@ def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: refused to unpickle — the file holds objects or code beyond plain tensors ({first})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable torch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 — torch and its zip/safetensors readers raise many types for bad bytes
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable torch checkpoint (truncated or corrupt?): {detail}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
