@@ -68,6 +68,18 @@ def test_truncated(good_sd, tmp_path, fmt, keep):
         assert "truncated or corrupt" in msg, msg
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+def test_torch_file_named_safetensors(good_sd, tmp_path, truncate):
+    """Formats are told apart by their bytes: a torch checkpoint named *.safetensors is read as torch."""
+    data = write(good_sd, tmp_path / "real.pth").read_bytes()
+    p = tmp_path / "misnamed.safetensors"
+    p.write_bytes(data[: len(data) // 3] if truncate else data)
+    if truncate:
+        rejected(p, "unreadable torch checkpoint")
+    else:
+        assert edge_rwkv.load(p).config.n_layer == 2
+
+
 def test_truncated_inside_safetensors_header(good_sd, tmp_path):
     data = write(good_sd, tmp_path / "full.safetensors").read_bytes()
     bad = tmp_path / "hdr.safetensors"
