@@ -1,0 +1,861 @@
+"""`edge-rwkv bench`: speed and memory of our runtime beside the official `rwkv` package, one table.
+
+    edge-rwkv bench --preset 1.5b --device cuda [--precisions fp16,int8,int4] [--batch 1,8,64,256]
+                    [--prefill 1024,8192,32768] [--memory-ctx 8192,32768,131072] [--json o.json] [--plot o.png]
+
+Both runtimes read the same weights: random weights in the official x070 layout (or MODEL), written
+once as `<tmp>/model.pth`. Ours runs in this process: CUDA-graph decode (cuda_graph.GraphStep, batch 1
+and batched) on CUDA, the eager forward on CPU; chunked prefill through generate.prefill. The peer
+(`rwkv` pip package, strategy "cuda fp16" / "cpu fp32") reads its configuration from environment
+variables when imported, so it runs in a subprocess of its own (`python -m edge_rwkv.bench
+--peer-worker`); on CUDA it first tries its nvcc-built op (RWKV_CUDA_ON=1) and, if that build fails,
+runs again without it — the table says which.
+
+Timing: CUDA events after warm-up, median of many runs (CPU: time.perf_counter, median).
+Memory: torch.cuda.max_memory_allocated (CUDA, whole process: weights included); on CPU the peak
+growth of heap bytes in use during the prefill, sampled (glibc mallinfo2; RSS elsewhere) (activations and state, not weights).
+Bandwidth: bytes of weights (and state) read per decode step / step time, against a device copy
+(CUDA) or a large memcpy (CPU) measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HEAD_SIZE = 64
+VOCAB = 65536
+PRESETS = {"tiny": (2, 128), "0.1b": (12, 768), "1.5b": (24, 2048), "7.2b": (32, 4096)}
+QUANT_NA = "n/a (quantization not available)"
+FLOAT_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None
+    preset: str = "tiny"
+    device: str = "cpu"
+    precisions: list[str] = field(default_factory=lambda: ["fp16", "int8", "int4"])
+    batch: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
+    prefill: list[int] = field(default_factory=lambda: [1024, 8192, 32768])
+    memory_ctx: list[int] = field(default_factory=lambda: [8192, 32768, 131072])
+    peer: bool = True
+    chunk: int = 256
+    quality: bool = False
+    decode_steps: int = 100
+    warmup: int = 20
+    peer_warmup: int = 60
+    item_limit_s: float = 60.0  # skip a prefill length whose estimated time exceeds this
+    seed: int = 0
+    log_dir: str | None = None
+
+
+# =========================================================================== timing and memory helpers
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class Timer:
+    """Median seconds of `fn()` calls: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+
+    def each(self, fn, reps: int, warmup: int = 0, inner: int = 1) -> float:
+        for _ in range(warmup):
+            fn()
+        _sync(self.dev)
+        times = []
+        for _ in range(reps):
+            if self.dev.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(inner):
+                    fn()
+                e1.record()
+                e1.synchronize()
+                times.append(e0.elapsed_time(e1) / 1e3 / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times.append((time.perf_counter() - t0) / inner)
+        return statistics.median(times)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mallinfo2():
+    """glibc's mallinfo2 (bytes of heap in use, caches excluded), or None where it does not exist."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = MallInfo2
+
+    def in_use() -> int:
+        mi = fn()
+        return int(mi.uordblks + mi.hblkhd)
+    return in_use
+
+
+_HEAP_IN_USE = _mallinfo2() if sys.platform.startswith("linux") else None
+
+
+def _host_bytes() -> int | None:
+    return _HEAP_IN_USE() if _HEAP_IN_USE else _rss_bytes()
+
+
+class PeakMemory:
+    """Peak memory while the block runs. CUDA: max_memory_allocated (absolute). CPU: RSS growth."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.peak: int | None = None
+        self.kind = ("cuda max_memory_allocated" if dev.type == "cuda"
+                     else "host heap growth (mallinfo2)" if _HEAP_IN_USE else "RSS growth")
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            return self
+        self._base = _host_bytes()
+        self._max = self._base or 0
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                r = _host_bytes()
+                if r is not None and r > self._max:
+                    self._max = r
+                self._stop.wait(0.0005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        if self._base is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            self.peak = int(torch.cuda.max_memory_allocated(self.dev))
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            r = _host_bytes() or 0
+            self.peak = max(self._max, r) - self._base
+        return False
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int | None = None) -> float:
+    """GB/s of a large device copy (bytes read + bytes written), median of repeats."""
+    if nbytes is None:
+        nbytes = (1 << 30) if dev.type == "cuda" else (256 << 20)
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t = Timer(dev).each(lambda: dst.copy_(src), reps=10 if dev.type == "cuda" else 5, warmup=2)
+    del src, dst
+    return 2 * n * 4 / t / 1e9
+
+
+# =========================================================================== weights
+
+def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random weights in the official layout (synthetic.random_checkpoint), fp32 on the CPU.
+
+    On CUDA the big presets would take minutes of CPU random numbers, so there every tensor is drawn
+    (on the GPU) i.i.d. from the values of a 1-layer template made by random_checkpoint at the same
+    width: same names, shapes and value distributions, a few seconds for any size."""
+    from .synthetic import random_checkpoint
+
+    if device.type != "cuda":
+        return random_checkpoint(n_layer, n_embd, HEAD_SIZE, VOCAB, seed=seed)
+    tpl = random_checkpoint(1, n_embd, HEAD_SIZE, vocab_size=512, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    pools = {k: v.reshape(-1).to(device) for k, v in tpl.items()}
+
+    def draw(tkey, shape):
+        pool = pools[tkey]
+        idx = torch.randint(0, pool.numel(), shape, device=device, generator=g)
+        return pool[idx].cpu()
+
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in tpl.items():
+        if not k.startswith("blocks."):
+            shape = (VOCAB, n_embd) if k in ("emb.weight", "head.weight") else tuple(v.shape)
+            sd[k] = draw(k, shape)
+    for i in range(n_layer):
+        for k, v in tpl.items():
+            if k.startswith("blocks.0.") and (i == 0 or ".ln0." not in k):
+                sd[f"blocks.{i}." + k[len("blocks.0."):]] = draw(k, tuple(v.shape))
+    return sd
+
+
+# =========================================================================== quantization (optional)
+
+def quantizer():
+    """(quantize function, None) if edge_rwkv.quant can quantize a loaded checkpoint, else (None, reason)."""
+    try:
+        from . import quant  # noqa: F401
+        q = __import__("edge_rwkv.quant", fromlist=["*"])
+    except Exception as e:  # noqa: BLE001
+        return None, f"edge_rwkv.quant not importable ({type(e).__name__})"
+    for name in ("quantize_checkpoint", "quantize_loaded", "quantize_tensors"):
+        fn = getattr(q, name, None)
+        if callable(fn):
+            return fn, None
+    return None, "edge_rwkv.quant has no quantize_checkpoint()"
+
+
+def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype):
+    """Load `path`, quantize it in memory with edge_rwkv.quant, and build a Model (or raise)."""
+    from .api import Model, model_fingerprint, pick_wkv
+    from .checkpoint import Checkpoint, load_checkpoint
+    from .model import build_model
+
+    fn, why = quantizer()
+    if fn is None:
+        raise RuntimeError(why)
+    ckpt = load_checkpoint(path)
+    params = inspect.signature(fn).parameters
+    if "bits" in params:
+        out = fn(ckpt, bits=bits)
+    elif "policy" in params:
+        from .quant.policy import QuantPolicy
+
+        out = fn(ckpt, policy=QuantPolicy(bits=bits))
+    else:
+        out = fn(ckpt, bits)
+    if isinstance(out, Checkpoint) or (hasattr(out, "tensors") and hasattr(out, "quant")):
+        tensors, qmeta = out.tensors, out.quant
+    elif isinstance(out, tuple) and len(out) == 2:
+        tensors, qmeta = out
+    else:
+        raise RuntimeError(f"unexpected result of {fn.__name__}: {type(out).__name__}")
+    qtensors = qmeta.get("tensors", qmeta) if isinstance(qmeta, dict) else qmeta
+    from .quant.linear import linear_factory
+
+    make_linear = linear_factory(tensors, qtensors, dtype, dev)
+    wkv, backend = pick_wkv(dev)
+    with torch.inference_mode():
+        net = build_model(ckpt.config, tensors, dtype, dev, make_linear=make_linear, wkv=wkv)
+    return Model(net, ckpt, model_fingerprint(ckpt.config, ckpt.tensors), backend)
+
+
+# =========================================================================== bytes per step
+
+def _obj_bytes(obj, seen: set) -> int:
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_obj_bytes(o, seen) for o in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_obj_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def weight_bytes_per_step(net) -> int:
+    """Bytes of weights one decode step reads: every layer tensor, the head, one embedding row."""
+    seen: set = set()
+    total = sum(_obj_bytes(layer, seen) for layer in net.layers)
+    total += _obj_bytes(net.head, seen) + _obj_bytes(net.ln_out, seen)
+    return total + net.emb.shape[1] * net.emb.element_size()
+
+
+# =========================================================================== our runtime
+
+def _tokens(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+class Ours:
+    def __init__(self, model, opts: BenchOptions):
+        self.m, self.net, self.o = model, model.net, opts
+        self.dev = model.device
+        self.timer = Timer(self.dev)
+
+    @torch.inference_mode()
+    def decode(self, batch: int) -> tuple[float, str]:
+        """Seconds per decode step at this batch size, and how it ran."""
+        o = self.o
+        steps = max(o.decode_steps, 5)
+        if self.dev.type == "cuda":
+            try:
+                from .cuda_graph import GraphStep
+
+                g = GraphStep(self.net, batch=batch)
+                ids = torch.randint(0, VOCAB, (batch,), device=self.dev)
+                t = self.timer.each(lambda: g.step(ids), reps=steps, warmup=o.warmup)
+                del g
+                torch.cuda.empty_cache()
+                return t, "cuda-graph"
+            except Exception as e:  # noqa: BLE001  (visible in the table's note)
+                how = f"eager (graph capture failed: {type(e).__name__})"
+        else:
+            how = "eager"
+        st = self.m.new_state(batch)
+        ids = torch.randint(0, VOCAB, (batch, 1), device=self.dev)
+        box = [st]
+
+        def step():
+            logits, new = self.net.forward(ids, box[0], all_logits=False)
+            box[0].att_x.copy_(new.att_x), box[0].wkv.copy_(new.wkv), box[0].ffn_x.copy_(new.ffn_x)
+            return logits
+
+        return self.timer.each(step, reps=steps, warmup=o.warmup), how
+
+    @torch.inference_mode()
+    def prefill(self, n: int, reps: int) -> tuple[float, int | None]:
+        from .generate import prefill
+
+        toks = _tokens(n, self.o.seed + n)
+        times, peak = [], None
+        for r in range(reps):
+            st = self.m.new_state(1)
+            with PeakMemory(self.dev) as pm:
+                _sync(self.dev)
+                t0 = time.perf_counter()
+                prefill(self.net, toks, st, chunk=self.o.chunk)
+                _sync(self.dev)
+                times.append(time.perf_counter() - t0)
+            if r == 0:
+                peak = pm.peak
+        return statistics.median(times), peak
+
+    @torch.inference_mode()
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        out, _ = self.m.forward(tokens)
+        return out.float().cpu()
+
+
+# =========================================================================== the peer (subprocess)
+
+def _peer_worker(cfg_path: str) -> int:
+    """Runs in its own process: the rwkv package reads RWKV_* variables at import."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    os.environ["RWKV_V7_ON"] = "1"
+    os.environ["RWKV_JIT_ON"] = "1"
+    os.environ["RWKV_CUDA_ON"] = "1" if cfg["cuda_op"] else "0"
+    dev = torch.device(cfg["device"])
+    import rwkv
+    from rwkv.model import RWKV
+
+    res: dict = {"version": getattr(rwkv, "__version__", None), "strategy": cfg["strategy"],
+                 "cuda_op": os.environ.get("RWKV_CUDA_ON") == "1"}
+    try:
+        from importlib.metadata import version
+
+        res["version"] = version("rwkv")
+    except Exception:  # noqa: BLE001
+        pass
+    out_path = Path(cfg["out"])
+
+    def dump():
+        out_path.write_text(json.dumps(res))
+
+    t0 = time.perf_counter()
+    m = RWKV(model=cfg["base"], strategy=cfg["strategy"])
+    res["load_s"] = time.perf_counter() - t0
+    timer = Timer(dev)
+    with torch.no_grad():
+        # decode, batch 1
+        _, state = m.forward(_tokens(8, cfg["seed"]), None)
+        tok = _tokens(1, cfg["seed"] + 1)
+        box = [state]
+
+        def step():
+            _, box[0] = m.forward(tok, box[0])
+
+        res["decode_s"] = timer.each(step, reps=cfg["steps"], warmup=cfg["warmup"])
+        dump()
+        # chunked prefill at each length
+        res["prefill"] = {}
+        last_rate = None
+        for n in cfg["lengths"]:
+            if last_rate and n / last_rate > cfg["item_limit_s"]:
+                res["prefill"][str(n)] = {"skipped": f"skipped (est. {n / last_rate:.0f} s)"}
+                continue
+            toks = _tokens(n, cfg["seed"] + n)
+            times, peak = [], None
+            for r in range(cfg["reps"].get(str(n), 1)):
+                with PeakMemory(dev) as pm:
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    st = None
+                    for s in range(0, n, cfg["chunk"]):
+                        _, st = m.forward(toks[s:s + cfg["chunk"]], st)
+                    _sync(dev)
+                    times.append(time.perf_counter() - t0)
+                if r == 0:
+                    peak = pm.peak
+            t = statistics.median(times)
+            last_rate = n / t
+            res["prefill"][str(n)] = {"s": t, "peak_bytes": peak}
+            dump()
+        if cfg.get("quality_tokens"):
+            logits, _ = m.forward(cfg["quality_tokens"], None, full_output=True)
+            torch.save(logits.float().cpu(), cfg["out"] + ".logits.pt")
+            res["quality_logits"] = cfg["out"] + ".logits.pt"
+    dump()
+    return 0
+
+
+def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], reps: dict, workdir: Path,
+             quality_tokens: list[int] | None, log) -> dict:
+    """Run the rwkv package in a subprocess; on CUDA try its nvcc-built op, then without it."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("rwkv") is None:
+            return {"error": "rwkv package not installed"}
+    except (ImportError, ValueError):
+        return {"error": "rwkv package not importable"}
+    base = str(Path(path).with_suffix(""))
+    strategy = "cuda fp16" if dev.type == "cuda" else "cpu fp32"
+    attempts = [True, False] if dev.type == "cuda" else [False]
+    notes = []
+    for cuda_op in attempts:
+        out = workdir / f"peer_{int(cuda_op)}.json"
+        cfg = dict(base=base, strategy=strategy, device=str(dev), cuda_op=cuda_op, seed=o.seed, steps=o.decode_steps,
+                   warmup=o.peer_warmup, lengths=lengths, reps={str(k): v for k, v in reps.items()}, chunk=o.chunk,
+                   item_limit_s=o.item_limit_s, out=str(out), quality_tokens=quality_tokens)
+        cfg_path = workdir / f"peer_{int(cuda_op)}.cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        log_path = Path(o.log_dir or workdir) / f"peer_{Path(base).name}_{'cudaop' if cuda_op else 'torch'}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"peer: rwkv package, strategy {strategy!r}, RWKV_CUDA_ON={int(cuda_op)} (log {log_path})")
+        with open(log_path, "w") as lf:
+            proc = subprocess.run([sys.executable, "-m", "edge_rwkv.bench", "--peer-worker", str(cfg_path)],
+                                  stdout=lf, stderr=subprocess.STDOUT, env=dict(os.environ))
+        res = json.loads(out.read_text()) if out.exists() else {}
+        if proc.returncode == 0:
+            if cuda_op and not res.get("cuda_op"):
+                notes.append("its CUDA kernels failed to build; ran without them (RWKV_CUDA_ON=0)")
+            res["note"] = "; ".join(notes)
+            return res
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+        if cuda_op and "decode_s" not in res:
+            notes.append(f"RWKV_CUDA_ON=1 failed ({tail[0][:120]}); ran with RWKV_CUDA_ON=0")
+            continue
+        res["error"] = f"peer exited {proc.returncode}: {tail[0][:160]}"
+        res["note"] = "; ".join(notes)
+        return res
+    return {"error": "; ".join(notes) or "peer failed"}
+
+
+# =========================================================================== the run
+
+def run_bench(o: BenchOptions, log=print) -> dict:
+    from . import api
+
+    dev = api.parse_device(o.device)
+    t_start = time.perf_counter()
+    base_prec = next((p for p in o.precisions if p in FLOAT_PRECISIONS), "fp16" if dev.type == "cuda" else "fp32")
+    dtype = FLOAT_PRECISIONS[base_prec]
+    res: dict = {"meta": {}, "decode": [], "batched": [], "prefill": [], "quality": []}
+    meta = res["meta"]
+    with tempfile.TemporaryDirectory(prefix="edge_rwkv_bench_") as tmp:
+        workdir = Path(tmp)
+        if o.model:
+            path = str(o.model)
+            from .checkpoint import load_checkpoint
+
+            if not path.endswith(".pth"):  # the peer reads <base>.pth
+                ck = load_checkpoint(path)
+                if (ck.quant or {}).get("tensors"):
+                    o.peer = False
+                    meta["peer_note"] = "quantized artifact: the peer cannot read it"
+                else:
+                    torch.save({k: v.to(dtype if dev.type == "cuda" else torch.float32) for k, v in ck.tensors.items()},
+                               workdir / "model.pth")
+                    path = str(workdir / "model.pth")
+                del ck
+            label = Path(o.model).name
+        else:
+            L, D = PRESETS[o.preset]
+            t0 = time.perf_counter()
+            sd = bench_weights(L, D, o.seed, dev)
+            save_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            path = str(workdir / "model.pth")
+            torch.save({k: v.to(save_dtype) for k, v in sd.items()}, path)
+            del sd
+            label = f"{o.preset} (random weights)"
+            log(f"weights: {label} written to {path} in {time.perf_counter() - t0:.1f} s")
+        model = api.load(path, device=str(dev), dtype=dtype)
+        cfg = model.config
+        ours = Ours(model, o)
+        meta.update(model=label, config=cfg.to_dict(), device=str(dev),
+                    device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+                    torch=torch.__version__, dtype=base_prec, chunk=o.chunk, wkv=model.wkv_backend,
+                    threads=torch.get_num_threads(), memory_kind=PeakMemory(dev).kind)
+        bw = copy_bandwidth(dev)
+        wbytes = weight_bytes_per_step(model.net)
+        sbytes = cfg.state_bytes(1)
+        meta.update(copy_gbs=bw, weight_bytes_per_step=wbytes, state_bytes=sbytes)
+        log(f"model: L{cfg.n_layer} D{cfg.n_embd} on {meta['device_name']}; copy bandwidth {bw:.0f} GB/s; "
+            f"weights read per decode step {wbytes / 1e9:.3f} GB")
+
+        lengths = sorted(set(o.prefill) | set(o.memory_ctx))
+        reps = {n: (3 if n <= 8192 else 1) for n in lengths}
+        qtoks = _tokens(64, o.seed + 7) if o.quality else None
+
+        # ---------------------------------------------------------------- ours: decode per precision
+        def gbs(sec, nbytes):
+            g = nbytes / sec / 1e9
+            return g, 100 * g / bw
+
+        base_decode = None
+        for prec in o.precisions:
+            row = {"precision": prec}
+            try:
+                if prec == base_prec:
+                    m2 = model
+                elif prec in FLOAT_PRECISIONS:
+                    m2 = api.load(path, device=str(dev), dtype=FLOAT_PRECISIONS[prec])
+                elif prec in QUANT_BITS:
+                    fn, why = quantizer()
+                    if fn is None:
+                        row["note"] = QUANT_NA
+                        log(f"decode {prec}: {QUANT_NA} — {why}")
+                        res["decode"].append(row)
+                        continue
+                    m2 = quantized_model(path, QUANT_BITS[prec], dev, dtype)
+                else:
+                    row["note"] = f"n/a (unknown precision {prec!r})"
+                    res["decode"].append(row)
+                    continue
+                sec, how = Ours(m2, o).decode(1)
+                nb = weight_bytes_per_step(m2.net) + 2 * sbytes
+                g, pct = gbs(sec, nb)
+                row.update(ours_tok_s=1 / sec, how=how, bytes_per_step=nb, gbs=g, pct_bound=pct)
+                if prec == base_prec:
+                    base_decode = row
+                if o.quality and m2 is not model:
+                    ref, got = ours.logits(qtoks), Ours(m2, o).logits(qtoks)
+                    res["quality"].append(_compare(f"ours {prec} vs ours {base_prec}", got, ref))
+                if m2 is not model:
+                    del m2
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                log(f"decode B=1 {prec}: {row['ours_tok_s']:.1f} tok/s ({how}), {g:.0f} GB/s = {pct:.1f}% of copy")
+            except Exception as e:  # noqa: BLE001
+                row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+                log(f"decode {prec}: {row['note']}")
+            res["decode"].append(row)
+
+        # ---------------------------------------------------------------- ours: batched decode
+        for B in o.batch:
+            try:
+                sec, how = ours.decode(B)
+                nb = wbytes + 2 * B * sbytes
+                g, pct = gbs(sec, nb)
+                res["batched"].append({"batch": B, "ours_tok_s": B / sec, "how": how, "gbs": g, "pct_bound": pct})
+                log(f"decode B={B}: {B / sec:.1f} tok/s ({how})")
+            except Exception as e:  # noqa: BLE001
+                res["batched"].append({"batch": B, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
+                log(f"decode B={B}: failed {e!r}"[:200])
+
+        # ---------------------------------------------------------------- ours: prefill + memory
+        ours.prefill(min(2 * o.chunk, max(lengths)), 1)  # warm-up (kernels, allocator)
+        last_rate = None
+        for n in lengths:
+            row = {"tokens": n}
+            if last_rate and n / last_rate > o.item_limit_s:
+                row["ours_note"] = f"skipped (est. {n / last_rate:.0f} s)"
+            else:
+                sec, peak = ours.prefill(n, reps[n])
+                last_rate = n / sec
+                row.update(ours_tok_s=n / sec, ours_peak_bytes=peak)
+                log(f"prefill {n}: {n / sec:.0f} tok/s, peak {_fmt_bytes(peak)}")
+            res["prefill"].append(row)
+
+        # ---------------------------------------------------------------- the peer
+        peer = {}
+        if o.peer:
+            peer = run_peer(path, dev, o, lengths, reps, workdir, qtoks, log)
+            if peer.get("quality_logits") and Path(peer["quality_logits"]).exists():
+                ref = torch.load(peer["quality_logits"], weights_only=True)
+                res["quality"].append(_compare(f"ours {base_prec} vs rwkv pip", ours.logits(qtoks), ref))
+        else:
+            peer = {"error": meta.get("peer_note", "not run (--no-peer)")}
+        meta["peer"] = {k: v for k, v in peer.items() if k not in ("prefill", "quality_logits")}
+        if base_decode is not None and peer.get("decode_s"):
+            base_decode["peer_tok_s"] = 1 / peer["decode_s"]
+            base_decode["ratio"] = base_decode["ours_tok_s"] * peer["decode_s"]
+            pg, ppct = gbs(peer["decode_s"], base_decode["bytes_per_step"])
+            base_decode.update(peer_gbs=pg, peer_pct_bound=ppct)
+        for row in res["batched"]:
+            if peer.get("decode_s"):
+                row["peer_note"] = "batch 1 only"
+                row["peer_b1_tok_s"] = 1 / peer["decode_s"]
+                if "ours_tok_s" in row:
+                    row["ratio_vs_peer_b1"] = row["ours_tok_s"] * peer["decode_s"]
+        for row in res["prefill"]:
+            p = (peer.get("prefill") or {}).get(str(row["tokens"]), {})
+            if "s" in p:
+                row.update(peer_tok_s=row["tokens"] / p["s"], peer_peak_bytes=p["peak_bytes"])
+                if "ours_tok_s" in row:
+                    row["ratio"] = row["ours_tok_s"] / row["peer_tok_s"]
+                if row.get("ours_peak_bytes") and p.get("peak_bytes"):
+                    row["mem_ratio"] = row["ours_peak_bytes"] / p["peak_bytes"]
+            elif "skipped" in p:
+                row["peer_note"] = p["skipped"]
+        for side in ("ours", "peer"):
+            pk = [r[f"{side}_peak_bytes"] for r in res["prefill"] if r["tokens"] in o.memory_ctx and r.get(f"{side}_peak_bytes") is not None]
+            if len(pk) >= 2:
+                slack = 0.10 * max(pk[0], 1) + (8 << 20 if dev.type == "cpu" else 0)
+                meta[f"{side}_memory_flat"] = bool(max(pk) - pk[0] <= slack)
+        res["options"] = asdict(o)
+        meta["elapsed_s"] = time.perf_counter() - t_start
+    return res
+
+
+def _compare(what: str, got: torch.Tensor, ref: torch.Tensor) -> dict:
+    got, ref = got.reshape(-1, got.shape[-1]).double(), ref.reshape(-1, ref.shape[-1]).double()
+    rel = float((got - ref).norm() / ref.norm())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    kl = float((ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean())
+    return {"what": what, "rel_err": rel, "top1_agree": top1, "kl": kl}
+
+
+# =========================================================================== output
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "—"
+    for unit, s in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if abs(n) >= s:
+            return f"{n / s:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_rate(x) -> str:
+    return "—" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def format_table(res: dict) -> str:
+    m = res["meta"]
+    c = m["config"]
+    p = m.get("peer", {})
+    if p.get("error") and "decode_s" not in p:
+        peer_desc = f"peer: {p['error']}"
+    else:
+        peer_desc = (f"peer: rwkv {p.get('version')} {p.get('strategy')!r}, "
+                     f"CUDA op {'on' if p.get('cuda_op') else 'off'}" + (f" — {p['note']}" if p.get("note") else ""))
+    lines = [
+        f"edge-rwkv bench — {m['model']}: L{c['n_layer']} D{c['n_embd']} vocab {c['vocab_size']}, {m['dtype']}, "
+        f"{m['device']} ({m['device_name']}), torch {m['torch']}, wkv {m['wkv']}, prefill chunk {m['chunk']}",
+        f"{peer_desc}",
+        f"bound: copy bandwidth {m['copy_gbs']:.0f} GB/s; weights read per decode step {m['weight_bytes_per_step'] / 1e9:.3f} GB; "
+        f"state {_fmt_bytes(m['state_bytes'])}/sequence; memory = {m['memory_kind']}",
+        "",
+        "| metric | setting | ours | rwkv pip | ours/peer | GB/s (ours / peer) | % of bound (ours / peer) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["decode"]:
+        if "ours_tok_s" not in r:
+            lines.append(f"| decode tok/s, B=1 | {r['precision']} | {r.get('note', 'n/a')} | | | | |")
+            continue
+        peer = _fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else ("" if r["precision"] != m["dtype"] else "n/a")
+        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
+        g = f"{r['gbs']:.3g}" + (f" / {r['peer_gbs']:.3g}" if "peer_gbs" in r else "")
+        pct = f"{r['pct_bound']:.1f}%" + (f" / {r['peer_pct_bound']:.1f}%" if "peer_pct_bound" in r else "")
+        how = "" if r.get("how") in ("cuda-graph", "eager") else f" [{r.get('how')}]"
+        lines.append(f"| decode tok/s, B=1 | {r['precision']} ({r.get('how')}){how} | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | {g} | {pct} |")
+    for r in res["batched"]:
+        if "ours_tok_s" not in r:
+            lines.append(f"| decode tok/s, batched | B={r['batch']} | {r.get('note')} | | | | |")
+            continue
+        peer = f"{_fmt_rate(r['peer_b1_tok_s'])} (B=1 only)" if "peer_b1_tok_s" in r else "n/a"
+        ratio = f"{r['ratio_vs_peer_b1']:.2f}×" if "ratio_vs_peer_b1" in r else ""
+        lines.append(f"| decode tok/s, batched | B={r['batch']} ({r['how']}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | "
+                     f"{r['gbs']:.3g} | {r['pct_bound']:.1f}% |")
+    opts = res.get("options", {})
+    for r in res["prefill"]:
+        if r["tokens"] in opts.get("prefill", [r["tokens"]]):
+            ours = _fmt_rate(r.get("ours_tok_s")) if "ours_tok_s" in r else r.get("ours_note", "—")
+            peer = _fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else r.get("peer_note", "—")
+            ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
+            lines.append(f"| prefill tok/s | {r['tokens']} tokens | {ours} | {peer} | {ratio} | | |")
+    for r in res["prefill"]:
+        if r["tokens"] in opts.get("memory_ctx", [r["tokens"]]):
+            ours = _fmt_bytes(r.get("ours_peak_bytes")) if "ours_tok_s" in r else r.get("ours_note", "—")
+            peer = _fmt_bytes(r.get("peer_peak_bytes")) if "peer_tok_s" in r else r.get("peer_note", "—")
+            ratio = f"{r['mem_ratio']:.2f}×" if "mem_ratio" in r else ""
+            lines.append(f"| peak memory | ctx {r['tokens']} | {ours} | {peer} | {ratio} | | |")
+    for q in res.get("quality", []):
+        lines.append(f"| logits agreement | {q['what']} | rel err {q['rel_err']:.2e}, top-1 {100 * q['top1_agree']:.1f}%, "
+                     f"KL {q['kl']:.2e} | | | | |")
+    flat = [f"{s}: {'flat' if m[f'{s}_memory_flat'] else 'GROWS'}" for s in ("ours", "peer") if f"{s}_memory_flat" in m]
+    if flat:
+        lines.append(f"\npeak memory vs context length — {', '.join(flat)}")
+    return "\n".join(lines)
+
+
+def write_plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for res in results:
+        name = res["meta"]["model"].split(" ")[0]
+        rows = res["prefill"]
+        for side, style in (("ours", "-o"), ("peer", "--s")):
+            xs = [r["tokens"] for r in rows if r.get(f"{side}_tok_s")]
+            if xs:
+                lab = f"{name} {'ours' if side == 'ours' else 'rwkv pip'}"
+                ax1.plot(xs, [r[f"{side}_tok_s"] for r in rows if r.get(f"{side}_tok_s")], style, label=lab)
+            xs = [r["tokens"] for r in rows if r.get(f"{side}_peak_bytes") is not None]
+            if xs:
+                ax2.plot(xs, [r[f"{side}_peak_bytes"] / (1 << 20) for r in rows if r.get(f"{side}_peak_bytes") is not None],
+                         style, label=f"{name} {'ours' if side == 'ours' else 'rwkv pip'}")
+    ax1.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="prefill tok/s", title="prefill throughput")
+    kind = results[0]["meta"]["memory_kind"] if results else ""
+    ax2.set(xscale="log", xlabel="context length (tokens)", ylabel=f"peak memory (MiB, {kind})", title="peak memory")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# =========================================================================== CLI
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def _prec_list(s: str) -> list[str]:
+    out = [x.strip().lower() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in FLOAT_PRECISIONS and x not in QUANT_BITS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"precisions must be among fp32,fp16,bf16,int8,int4; got {s!r}")
+    return out
+
+
+def add_bench_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", nargs="?", default=None, help="model file (default: random weights of --preset)")
+    s.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight shape (default: tiny)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    s.add_argument("--precisions", type=_prec_list, default=None, help="default fp16,int8,int4 (fp32,int8,int4 on cpu)")
+    s.add_argument("--batch", type=_int_list, default=[1, 8, 64, 256])
+    s.add_argument("--prefill", type=_int_list, default=[1024, 8192, 32768])
+    s.add_argument("--memory-ctx", type=_int_list, default=[8192, 32768, 131072])
+    s.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the rwkv pip package")
+    s.add_argument("--chunk", type=int, default=None, help="prefill chunk, both runtimes (default: generate.PREFILL_CHUNK)")
+    s.add_argument("--steps", type=int, default=None, help="timed decode steps (default 100 on cuda, 30 on cpu)")
+    s.add_argument("--item-limit", type=float, default=60.0, help="skip a prefill length estimated to take longer (s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, metavar="OUT.json")
+    s.add_argument("--plot", default=None, metavar="OUT.png")
+    s.add_argument("--log-dir", default=None, help="where the peer's logs go (default: a temp dir)")
+    s.add_argument("--quality", action="store_true", help="also compare logits (quantized vs float, ours vs peer)")
+
+
+def options_from_args(a) -> BenchOptions:
+    from .errors import InputError
+    from .generate import PREFILL_CHUNK
+
+    cpu = str(a.device).startswith("cpu")
+    if a.model and not Path(a.model).is_file():
+        raise InputError(f"{a.model}: no such model file")
+    chunk = a.chunk or PREFILL_CHUNK
+    if chunk < 1:
+        raise InputError("--chunk must be positive")
+    return BenchOptions(
+        model=a.model, preset=a.preset, device=a.device,
+        precisions=a.precisions or (["fp32", "int8", "int4"] if cpu else ["fp16", "int8", "int4"]),
+        batch=a.batch, prefill=a.prefill, memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
+        decode_steps=a.steps or (30 if cpu else 100), warmup=5 if cpu else 20, peer_warmup=10 if cpu else 60,
+        item_limit_s=a.item_limit, seed=a.seed, log_dir=a.log_dir)
+
+
+def write_outputs(results: list[dict], json_path: str | None, plot_path: str | None, log=print) -> None:
+    if json_path:
+        from .fileio import atomic_write_bytes
+
+        payload = results[0] if len(results) == 1 else {"runs": results}
+        atomic_write_bytes(json_path, json.dumps(payload, indent=1, default=str).encode())
+        log(f"wrote {json_path}")
+    if plot_path:
+        try:
+            write_plot(results, plot_path)
+            log(f"wrote {plot_path}")
+        except ImportError:
+            from .errors import EdgeRWKVError
+
+            raise EdgeRWKVError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def cmd_bench(a) -> int:
+    o = options_from_args(a)
+    t0 = time.perf_counter()
+    log = lambda s: print(f"[bench {time.perf_counter() - t0:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    res = run_bench(o, log=log)
+    print(format_table(res), flush=True)
+    write_outputs([res], a.json, a.plot, log=log)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("bench", help="speed and memory table: ours vs the rwkv package, same weights",
+                       description="Decode / batched decode / prefill throughput, peak memory vs context length and "
+                                   "achieved bandwidth, for our runtime and the official rwkv package on the same weights.")
+    add_bench_args(s)
+    s.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peer-worker":
+        sys.exit(_peer_worker(sys.argv[2]))
+    ap = argparse.ArgumentParser(prog="python -m edge_rwkv.bench")
+    add_bench_args(ap)
+    ap.set_defaults(func=cmd_bench)
+    args = ap.parse_args()
+    sys.exit(args.func(args))
