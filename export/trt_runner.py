@@ -87,7 +87,10 @@ class TrtModel:
 
         folder = Path(folder)
         m = load_manifest(folder)
-        engines = m.get("engines") or {}
+        engines = dict(m.get("engines") or {})
+        for g in m["graphs"]:  # engines built with trtexec sit beside the graphs without a manifest entry
+            if g not in engines and (folder / f"{g}.engine").is_file():
+                engines[g] = f"{g}.engine"
         if "decode" not in engines:
             raise InputError(f"{folder}: no TensorRT engines recorded in the manifest (run `edge-rwkv export "
                              f"--format tensorrt` or trtexec, see jetson/TENSORRT.md)")
