@@ -1,0 +1,283 @@
+"""Shared pieces of the quantized GEMV kernels (gemv_int8.py, gemv_int4.py).
+
+* Register-level helpers used inside kernels: 16-byte global loads, int8 / int4 unpacking to exact
+  fp32 integers, fp16 -> fp32. On a GPU they are Numba intrinsics emitting one PTX instruction
+  each (``ld.global.nc.v4``, ``prmt``, ``cvt``) or a few LLVM ops; under the Numba CUDA simulator
+  (``NUMBA_ENABLE_CUDASIM=1``) they are plain Python with the same results.
+* Kernel source generation: kernels are specialised on the number of activation rows M (1..16) so
+  that the M accumulators live in registers; ``build_kernel`` compiles generated source once per M.
+* torch interop: zero-copy views (``cuda.as_cuda_array(..., sync=False)``: no host sync), the
+  numba stream wrapping torch's current stream, cached per stream handle.
+
+Numba is imported lazily: importing this module never fails on a machine without numba or a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+
+MAX_ROWS = 16
+_lock = threading.Lock()
+_helpers = None
+_kernels: dict = {}
+_streams: dict = {}
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+        from numba import cuda  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def simulator_enabled() -> bool:
+    try:
+        from numba.cuda.core import config
+    except Exception:  # pragma: no cover
+        return False
+    return bool(config.ENABLE_CUDASIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers: simulator versions (plain Python, same arithmetic)
+
+
+def _sim_helpers() -> dict:
+    import numpy as np
+
+    f32 = np.float32
+
+    def ld_u32x4(arr, i):
+        return (int(arr[i]) & 0xFFFFFFFF, int(arr[i + 1]) & 0xFFFFFFFF,
+                int(arr[i + 2]) & 0xFFFFFFFF, int(arr[i + 3]) & 0xFFFFFFFF)
+
+    def ld_f32x4(arr, i):
+        return f32(arr[i]), f32(arr[i + 1]), f32(arr[i + 2]), f32(arr[i + 3])
+
+    def unpack_s8x4(w):
+        w = int(w) & 0xFFFFFFFF
+        r = []
+        for j in range(4):
+            b = (w >> (8 * j)) & 0xFF
+            r.append(f32(b - 256 if b >= 128 else b))
+        return tuple(r)
+
+    def unpack_s4x8(w):
+        w = int(w) & 0xFFFFFFFF
+        r = []
+        for j in range(8):
+            n = (w >> (4 * j)) & 0xF
+            r.append(f32(n - 16 if n >= 8 else n))
+        return tuple(r)
+
+    def h2f(u):
+        return f32(np.array([u], dtype=np.int16).view(np.float16)[0])
+
+    # the simulator has no warp shuffles: lanes of a warp meet at a barrier and sum in lane order
+    table: dict = {}
+    tlock = threading.Lock()
+
+    def warp_sum(v, block, thread):
+        key = (int(block), int(thread) >> 5)
+        with tlock:
+            ent = table.get(key)
+            if ent is None:
+                ent = table[key] = (threading.Barrier(32), [None] * 32)
+        bar, slots = ent
+        slots[int(thread) & 31] = f32(v)
+        bar.wait()
+        total = f32(0.0)
+        for s in slots:
+            total = f32(total + s)
+        bar.wait()
+        return total
+
+    return dict(ld_u32x4=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
+                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, float32=f32)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers: GPU intrinsics
+
+
+def _gpu_helpers() -> dict:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    i16, i32, i64, f32t = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def _address(context, builder, aryty, idxty, ary, idx):
+        arr = context.make_array(aryty)(context, builder, value=ary)
+        idx = context.cast(builder, idx, idxty, types.int64)
+        return builder.ptrtoint(builder.gep(arr.data, [idx]), i64)
+
+    def _ld4(elem_llvm, elem_numba, asm_text, cons):
+        rett = types.UniTuple(elem_numba, 4)
+
+        @intrinsic
+        def ld(typingctx, arr, idx):
+            if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype.bitwidth != 32:
+                return None
+            sig = rett(arr, idx)
+
+            def codegen(context, builder, sig, args):
+                addr = _address(context, builder, sig.args[0], sig.args[1], args[0], args[1])
+                st = ir.LiteralStructType([elem_llvm] * 4)
+                fn = ir.InlineAsm(ir.FunctionType(st, [i64]), asm_text, cons)
+                res = builder.call(fn, [addr])
+                return context.make_tuple(builder, rett, [builder.extract_value(res, j) for j in range(4)])
+
+            return sig, codegen
+
+        return ld
+
+    # weights are streamed once: keep them out of L1 so the activations stay there
+    ld_u32x4 = _ld4(i32, types.uint32, "ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4];",
+                    "=r,=r,=r,=r,l")
+    ld_f32x4 = _ld4(f32t, types.float32, "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];",
+                    "=f,=f,=f,=f,l")
+
+    @intrinsic
+    def unpack_s8x4(typingctx, w):
+        # byte j (two's complement) -> exact fp32: prmt builds 0x4B0000(b^0x80) = 2^23 + q + 128
+        rett = types.UniTuple(types.float32, 4)
+        sig = rett(w)
+
+        def codegen(context, builder, sig, args):
+            v = builder.xor(builder.trunc(args[0], i32) if args[0].type != i32 else args[0],
+                            ir.Constant(i32, 0x80808080))
+            prmt = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), "prmt.b32 $0, $1, $2, $3;",
+                                "=r,r,r,r")
+            vals = []
+            for j in range(4):
+                t = builder.call(prmt, [v, ir.Constant(i32, 0x4B000000), ir.Constant(i32, 0x7440 | j)])
+                f = builder.bitcast(t, f32t)
+                vals.append(builder.fsub(f, ir.Constant(f32t, 8388736.0)))
+            return context.make_tuple(builder, rett, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def unpack_s4x8(typingctx, w):
+        # nibble e (bits 4e..4e+3, two's complement) -> exact fp32. The offset-binary nibble u = q+8
+        # is or-ed into the mantissa of 2^23 at bit 4p (p <= 4) and scaled back with one multiply-add:
+        # (2^23 + u*2^4p) * 2^-4p - (2^(23-4p) + 8) = q, exactly. Nibbles 5..7 come from w >> 12.
+        rett = types.UniTuple(types.float32, 8)
+        sig = rett(w)
+
+        def codegen(context, builder, sig, args):
+            w32 = builder.trunc(args[0], i32) if args[0].type != i32 else args[0]
+            v = builder.xor(w32, ir.Constant(i32, 0x88888888))
+            v2 = builder.lshr(v, ir.Constant(i32, 12))
+            vals = []
+            for e in range(8):
+                src, p = (v, e) if e < 5 else (v2, e - 3)
+                t = builder.or_(builder.and_(src, ir.Constant(i32, 0xF << (4 * p))),
+                                ir.Constant(i32, 0x4B000000))
+                f = builder.bitcast(t, f32t)
+                # both steps exact (power-of-two scaling, exact integer difference); ptxas fuses them
+                f = builder.fmul(f, ir.Constant(f32t, 2.0 ** (-4 * p)))
+                vals.append(builder.fadd(f, ir.Constant(f32t, -(2.0 ** (23 - 4 * p) + 8.0))))
+            return context.make_tuple(builder, rett, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def h2f(typingctx, u):
+        sig = types.float32(u)
+
+        def codegen(context, builder, sig, args):
+            x = args[0]
+            if x.type != i16:
+                x = builder.trunc(x, i16)
+            fn = ir.InlineAsm(ir.FunctionType(f32t, [i16]), "cvt.f32.f16 $0, $1;", "=f,h")
+            return builder.call(fn, [x])
+
+        return sig, codegen
+
+    from numba import cuda
+
+    @cuda.jit(device=True)
+    def warp_sum(v, block, thread):  # butterfly: every lane ends with the warp's total
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
+        return v
+
+    return dict(ld_u32x4=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
+                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, float32=types.float32)
+
+
+def helpers() -> dict:
+    global _helpers
+    with _lock:
+        if _helpers is None:
+            _helpers = _sim_helpers() if simulator_enabled() else _gpu_helpers()
+        return _helpers
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel building
+
+
+def build_kernel(key, source: str, func_name: str):
+    """Compile generated kernel ``source`` (defining ``func_name``) once per ``key``."""
+    with _lock:
+        k = _kernels.get(key)
+    if k is not None:
+        return k
+    from numba import cuda
+
+    ns = dict(helpers())
+    ns["cuda"] = cuda
+    exec(compile(source, f"<{func_name} {key}>", "exec"), ns)
+    k = cuda.jit(ns[func_name])
+    with _lock:
+        _kernels[key] = k
+    return k
+
+
+def reduce_and_store_lines(M: int, ind: str, scale_expr: str | None) -> list[str]:
+    """Warp-reduce accumulators a0..a{M-1}; lane 0 writes out[m, row]."""
+    lines = []
+    for m in range(M):
+        lines.append(f"{ind}a{m} = warp_sum(a{m}, cuda.blockIdx.x, cuda.threadIdx.x)")
+    lines.append(f"{ind}if lane == 0:")
+    for m in range(M):
+        val = f"a{m} * {scale_expr}" if scale_expr else f"a{m}"
+        lines.append(f"{ind}    out[{m}, row] = {val}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# torch interop
+
+
+def numba_stream_for_torch():
+    """The numba stream object for torch's current CUDA stream (cached per handle)."""
+    import torch
+    from numba import cuda
+
+    h = torch.cuda.current_stream().cuda_stream
+    s = _streams.get(h)
+    if s is None:
+        s = cuda.external_stream(h)
+        _streams[h] = s
+    return s
+
+
+def as_numba(t):
+    """Zero-copy numba view of a CUDA torch tensor, without a host synchronisation."""
+    from numba import cuda
+
+    return cuda.as_cuda_array(t.detach(), sync=False)
+
+
+def check_aligned(t, what: str) -> None:
+    if t.data_ptr() % 16:
+        raise ValueError(f"{what}: data must be 16-byte aligned for the GEMV kernel")

@@ -1,0 +1,216 @@
+"""Linear modules over stored weights: ``DenseLinear`` (fp16/bf16/fp32) and ``QuantLinear`` (int8/int4).
+
+All take x [..., K] and return [..., out] in x's dtype. ``QuantLinear`` paths, chosen by capability:
+
+* CPU: dequantize (to fp32) + matmul on every call; nothing large is cached unless
+  ``cache_dequantized=True``.
+* CUDA, at most ``gemv_max_rows`` (16) rows of x: our Numba GEMV kernels (cuda_kernels/gemv_int8.py,
+  gemv_int4.py), reading the packed weight once. ``input_scale`` (activation-aware formats) is
+  multiplied into x first.
+* CUDA, more rows (prefill): dequantize to fp16 slab by slab into a bounded scratch
+  (``scratch_bytes``, 64 MiB default) and run torch matmuls on each slab.
+
+If the kernels cannot run (no numba, K not a multiple of 16/32), the module uses the dequantize
+path and logs it once; ``QuantLinear.path`` says which one is in use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edge_rwkv.errors import CheckpointError
+
+from .formats import QuantizedWeight, QuantSpec
+
+log = logging.getLogger("edge_rwkv.quant")
+DEFAULT_SCRATCH_BYTES = 64 << 20
+GEMV_MAX_ROWS = 16
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def _kernel_module(fmt: str):
+    """edge_rwkv.cuda_kernels.gemv_int8 / gemv_int4, or None when numba is missing."""
+    try:
+        return importlib.import_module(f"edge_rwkv.cuda_kernels.gemv_{fmt}")
+    except Exception as e:  # pragma: no cover - depends on the install
+        _warn_once("import" + fmt, f"quantized GEMV kernels unavailable ({e}); using dequantize+matmul")
+        return None
+
+
+class DenseLinear(nn.Module):
+    """y = x @ Wᵀ with a plain weight [out, K] (kept in its stored dtype)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 2:
+            raise CheckpointError(f"linear weight must be 2-D, got shape {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.device.type == "cpu" and x.dtype != torch.float32:
+            return F.linear(x.float(), w.float()).to(x.dtype)
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class QuantLinear(nn.Module):
+    """Linear layer over a ``QuantizedWeight`` (format int8 or int4, see quant/formats.py)."""
+
+    def __init__(self, qw: QuantizedWeight, cache_dequantized: bool = False,
+                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, gemv_max_rows: int = GEMV_MAX_ROWS):
+        super().__init__()
+        qw.validate()
+        self.spec: QuantSpec = qw.spec
+        self.out_features, self.in_features = qw.shape
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scale", qw.scale)
+        self.register_buffer("input_scale", qw.input_scale)
+        self.cache_dequantized = cache_dequantized
+        self.scratch_bytes = int(scratch_bytes)
+        self.gemv_max_rows = min(int(gemv_max_rows), GEMV_MAX_ROWS)
+        self._cache = None
+        self._prep = None  # prepared kernel views (CUDA)
+        self._prep_key = None
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_stored(cls, name: str, meta: Mapping, tensors: Mapping, **kw) -> "QuantLinear":
+        return cls(QuantizedWeight.from_stored(name, meta, tensors), **kw)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.spec, (self.out_features, self.in_features), self.qweight,
+                               self.scale, self.input_scale)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.input_scale)
+                   if t is not None)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: drop device-bound caches
+        self._cache = None
+        self._prep = None
+        self._prep_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, format={self.spec.format}"
+                + (f", group={self.spec.group}" if self.spec.group else "")
+                + (", input_scale" if self.input_scale is not None else ""))
+
+    # --- dequantization -----------------------------------------------------------------------
+    def dequantize(self, dtype=torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """Effective weight [out, K] (or the row slice) with input_scale folded in."""
+        from .formats import dequantize_int4_torch, dequantize_int8_torch
+
+        rs = rows or slice(None)
+        if self.spec.format == "int8":
+            return dequantize_int8_torch(self.qweight[rs], self.scale[rs], dtype, self.input_scale)
+        return dequantize_int4_torch(self.qweight[rs], self.scale[rs], self.spec.group, dtype,
+                                     self.input_scale)
+
+    @property
+    def path(self) -> str:
+        if self.qweight.device.type != "cuda":
+            return "cpu-dequantize"
+        return "cuda-gemv" if self._prepared() is not None else "cuda-dequantize"
+
+    def _prepared(self):
+        key = (self.qweight.data_ptr(), self.scale.data_ptr())
+        if self._prep_key == key:
+            return self._prep
+        mod = _kernel_module(self.spec.format)
+        prep = None
+        if mod is not None:
+            try:
+                if self.spec.format == "int8":
+                    prep = mod.PreparedInt8(self.qweight, self.scale)
+                else:
+                    prep = mod.PreparedInt4(self.qweight, self.scale, self.spec.group)
+            except Exception as e:
+                _warn_once(f"prep{self.spec.format}{self.in_features}",
+                           f"{self.spec.format} GEMV kernel not usable for K={self.in_features} ({e}); "
+                           "using dequantize+matmul")
+        self._prep, self._prep_key = prep, key
+        return prep
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: x has {x.shape[-1]} features, expected {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cuda":
+            y = self._forward_cuda(x2)
+        else:
+            y = self._forward_cpu(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.cache_dequantized:
+            if self._cache is None:
+                self._cache = self.dequantize(torch.float32)
+            w = self._cache
+        else:
+            w = self.dequantize(torch.float32)
+        return F.linear(x2.float(), w).to(x2.dtype)
+
+    def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        M = x2.shape[0]
+        if 0 < M <= self.gemv_max_rows:
+            prep = self._prepared()
+            if prep is not None:
+                xf = x2.float() if self.input_scale is None else x2.float() * self.input_scale.float()
+                mod = _kernel_module(self.spec.format)
+                fn = mod.gemv_int8 if self.spec.format == "int8" else mod.gemv_int4
+                y = fn(xf.contiguous(), prep)
+                return y if y.dtype == x2.dtype else y.to(x2.dtype)
+        cdt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        if x2.dtype == torch.float32:
+            cdt = torch.float32
+        if self.cache_dequantized:
+            if self._cache is None or self._cache.dtype != cdt:
+                self._cache = self.dequantize(cdt)
+            return F.linear(x2.to(cdt), self._cache).to(x2.dtype)
+        xc = x2.to(cdt)
+        y = torch.empty((M, self.out_features), device=x2.device, dtype=cdt)
+        slab = max(1, min(self.out_features, self.scratch_bytes // (self.in_features * xc.element_size())))
+        for r0 in range(0, self.out_features, slab):
+            r1 = min(self.out_features, r0 + slab)
+            w = self.dequantize(cdt, slice(r0, r1))
+            torch.matmul(xc, w.t(), out=y[:, r0:r1]) if y[:, r0:r1].is_contiguous() else \
+                y[:, r0:r1].copy_(xc @ w.t())
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+
+def dense_or_quant_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec | Mapping | None,
+                          shape=None, **kw) -> nn.Module:
+    """Module for weight ``name`` from the artifact's tensors: ``DenseLinear`` when ``spec`` is None,
+    else ``QuantLinear`` (``spec`` a QuantSpec plus ``shape``, or the per-tensor metadata dict)."""
+    if spec is None:
+        if name not in tensors:
+            raise CheckpointError(f"{name}: missing from the artifact")
+        return DenseLinear(tensors[name])
+    if isinstance(spec, QuantSpec):
+        if shape is None:
+            raise CheckpointError(f"{name}: the logical shape [out, K] is needed with a QuantSpec")
+        meta = dict(spec.to_dict(), shape=list(shape))
+    else:
+        meta = dict(spec)
+    return QuantLinear.from_stored(name, meta, tensors, **kw)
