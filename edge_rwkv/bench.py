@@ -191,7 +191,8 @@ def copy_bandwidth(dev: torch.device, nbytes: int | None = None) -> float:
 
 # =========================================================================== weights
 
-def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights in the official layout (synthetic.random_checkpoint), fp32 on the CPU.
 
     On CUDA the big presets would take minutes of CPU random numbers, so there every tensor is drawn
@@ -200,7 +201,7 @@ def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device) ->
     from .synthetic import random_checkpoint
 
     if device.type != "cuda":
-        return random_checkpoint(n_layer, n_embd, HEAD_SIZE, VOCAB, seed=seed)
+        return random_checkpoint(n_layer, n_embd, HEAD_SIZE, VOCAB, seed=seed, dtype=dtype)
     tpl = random_checkpoint(1, n_embd, HEAD_SIZE, vocab_size=512, seed=seed)
     g = torch.Generator(device=device).manual_seed(seed)
     pools = {k: v.reshape(-1).to(device) for k, v in tpl.items()}
@@ -208,7 +209,7 @@ def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device) ->
     def draw(tkey, shape):
         pool = pools[tkey]
         idx = torch.randint(0, pool.numel(), shape, device=device, generator=g)
-        return pool[idx].cpu()
+        return pool[idx].to(dtype).cpu()
 
     sd: dict[str, torch.Tensor] = {}
     for k, v in tpl.items():
@@ -284,6 +285,8 @@ def _obj_bytes(obj, seen: set) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
         return sum(_obj_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):  # nn.Module keeps its tensors in _parameters / _buffers
+        return sum(_obj_bytes(o, seen) for o in obj.values())
     if hasattr(obj, "__dict__"):
         return sum(_obj_bytes(v, seen) for v in vars(obj).values())
     return 0
@@ -457,7 +460,8 @@ def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], 
                    item_limit_s=o.item_limit_s, out=str(out), quality_tokens=quality_tokens)
         cfg_path = workdir / f"peer_{int(cuda_op)}.cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        log_path = Path(o.log_dir or workdir) / f"peer_{Path(base).name}_{'cudaop' if cuda_op else 'torch'}.log"
+        tag = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in (Path(o.model).stem if o.model else o.preset))
+        log_path = Path(o.log_dir or workdir) / f"peer_{tag}_{'cudaop' if cuda_op else 'torch'}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log(f"peer: rwkv package, strategy {strategy!r}, RWKV_CUDA_ON={int(cuda_op)} (log {log_path})")
         with open(log_path, "w") as lf:
@@ -510,10 +514,9 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         else:
             L, D = PRESETS[o.preset]
             t0 = time.perf_counter()
-            sd = bench_weights(L, D, o.seed, dev)
-            save_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            sd = bench_weights(L, D, o.seed, dev, torch.float16 if dev.type == "cuda" else torch.float32)
             path = str(workdir / "model.pth")
-            torch.save({k: v.to(save_dtype) for k, v in sd.items()}, path)
+            torch.save(sd, path)
             del sd
             label = f"{o.preset} (random weights)"
             log(f"weights: {label} written to {path} in {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,78 @@
+"""The engine benchmark for a GPU run: `edge-rwkv bench` over several presets, one table each.
+
+    python3 benchmarks/bench_engine.py [--presets 0.1b,1.5b,7.2b] [--device cuda] [--deadline 330]
+                                       [--big-fp16-only] [any `edge-rwkv bench` option]
+
+Runs our runtime and the rwkv pip package on the same random official-layout weights per preset
+(see edge_rwkv/bench.py). Prints each preset's table as soon as it is done (so a run cut short keeps
+what it measured), then all tables again; writes bench_engine.json, bench_engine.png and the peer's
+logs under $OUT (or --out). A preset is skipped when less than its estimated time is left.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from edge_rwkv.bench import add_bench_args, format_table, options_from_args, run_bench, write_outputs
+
+# rough seconds one preset takes on an H200 (weights, both runtimes, the peer's nvcc build once)
+ESTIMATE_S = {"tiny": 30, "0.1b": 90, "1.5b": 120, "7.2b": 240}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bench_args(ap)
+    ap.add_argument("--presets", default="0.1b,1.5b,7.2b")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
+    ap.add_argument("--big-fp16-only", action="store_true", help="7.2b: base precision only, no quantized rows")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for JSON / PNG / logs (default $OUT)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--device" not in argv:
+        argv = [*argv, "--device", "cuda"]
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    out = Path(a.out) if a.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        a.log_dir = a.log_dir or str(out / "logs")
+    log = lambda s: print(f"[bench_engine {time.perf_counter() - t0:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    results, tables = [], []
+    for preset in [p.strip() for p in a.presets.split(",") if p.strip()]:
+        left = (a.deadline - (time.perf_counter() - t0)) if a.deadline else None
+        if left is not None and left < ESTIMATE_S.get(preset, 120):
+            log(f"{preset}: skipped, {left:.0f} s left (needs ~{ESTIMATE_S.get(preset, 120)} s)")
+            tables.append(f"## {preset}: skipped (time budget)")
+            continue
+        a.preset = preset
+        o = options_from_args(a)
+        if preset == "7.2b" and a.big_fp16_only:
+            o.precisions = o.precisions[:1]
+        log(f"=== {preset} ===")
+        try:
+            res = run_bench(o, log=log)
+        except Exception as e:  # noqa: BLE001  (keep the other presets' results)
+            import traceback
+
+            traceback.print_exc()
+            tables.append(f"## {preset}: failed: {type(e).__name__}: {e}")
+            continue
+        results.append(res)
+        table = format_table(res)
+        tables.append(f"## {preset}\n{table}")
+        print(f"\n## {preset}\n{table}\n", flush=True)
+        if out:  # after each preset, so a run cut short keeps what it measured
+            write_outputs(results, str(out / "bench_engine.json"), None, log=log)
+    if out and results:
+        try:
+            write_outputs(results, None, str(out / "bench_engine.png"), log=log)
+        except Exception as e:  # noqa: BLE001
+            log(f"plot failed: {e!r}")
+    print("\n\n".join(tables))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
