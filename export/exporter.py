@@ -135,33 +135,36 @@ def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, optio
     src = src or read_source(model_path, progress=opt.progress)
     prepare_output_dir(out, opt.force)
     specs = [GraphSpec(opt.batch, 1, opt.dtype), GraphSpec(opt.batch, opt.chunk, opt.dtype)]
-    models = {}
-    for spec in specs:
-        bar = (lambda it, s=spec: progress_iter(it, desc=f"{s.name} graph", enabled=opt.progress, unit="layer"))
-        models[spec.name] = build_graph(src, spec, progress=bar)
-    total = max(_initializer_bytes(m) for m in models.values())
-    external = opt.external_data is True or (opt.external_data == "auto" and total > EXTERNAL_DATA_THRESHOLD)
-    lint = {}
-    for spec in specs:  # validate and lint in memory, before the weights move out
-        m = models[spec.name]
-        if not external:
-            validate_graph(m, out / f"{spec.name}.onnx")
-        else:
-            from onnx import shape_inference
-
-            shape_inference.infer_shapes(m, strict_mode=True, check_type=True)
-        lint[spec.name] = {t: [str(i) for i in lint_model(m, t) if i.level != "note"] for t in TARGETS}
-    shared = _SharedWeights(out / WEIGHTS_FILE) if external else None
+    # One graph in memory at a time (each holds a copy of the weights); only its skeleton is kept.
+    skeletons, lint, shared, external = {}, {}, None, None
     try:
-        for spec in progress_iter(specs, desc="writing", enabled=opt.progress, unit="graph"):
-            m = models[spec.name]
+        for spec in specs:
+            bar = (lambda it, s=spec: progress_iter(it, desc=f"{s.name} graph", enabled=opt.progress, unit="layer"))
+            m = build_graph(src, spec, progress=bar)
+            if external is None:
+                total = _initializer_bytes(m)
+                external = opt.external_data is True or (opt.external_data == "auto" and total > EXTERNAL_DATA_THRESHOLD)
+                shared = _SharedWeights(out / WEIGHTS_FILE) if external else None
+            if not external:
+                validate_graph(m, out / f"{spec.name}.onnx")
+            else:
+                from onnx import shape_inference
+
+                shape_inference.infer_shapes(m, strict_mode=True, check_type=True)
+            lint[spec.name] = {t: [str(i) for i in lint_model(m, t) if i.level != "note"] for t in TARGETS}
             if shared:
                 shared.externalize(m)
             with atomic_path(out / f"{spec.name}.onnx") as tmp:
                 onnx.save_model(m, str(tmp))
+            skel = onnx.ModelProto()
+            skel.CopyFrom(m)
+            del skel.graph.initializer[:]
+            skeletons[spec.name] = skel
+            del m
     finally:
         if shared:
             shared.close()
+    models = skeletons
     if external:
         for spec in specs:
             onnx.checker.check_model(str(out / f"{spec.name}.onnx"), full_check=True)

@@ -40,7 +40,8 @@ def _official(tmp_path_factory):
     return path
 
 
-def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool = False, group: int = 32):
+def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool = False, group: int = 32,
+                        head_and_emb: bool = False):
     """An fp16 artifact whose big matrices are quantized by quant.formats' reference quantizers."""
     sd = random_checkpoint(LAYERS, EMBD, HEAD, vocab_size=VOCAB, seed=5)
     cfg = derive_config(sd)
@@ -67,6 +68,13 @@ def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool 
                 stored[name + ".qweight"] = stored.pop(name)
             tensors.update(stored)
             specs[name] = qw.metadata()
+    if head_and_emb:  # int8 per row, as quant/policy.py allows for these two
+        for name in ("head.weight", "emb.weight"):
+            w = tensors.pop(name).float()
+            q, s = formats.quantize_int8_ref(w.numpy())
+            qw = formats.QuantizedWeight(formats.int8_spec(), tuple(w.shape), torch.from_numpy(q), torch.from_numpy(s))
+            tensors.update(qw.stored_tensors(name))
+            specs[name] = qw.metadata()
     meta = make_metadata(cfg, "float16", source_sha256="0" * 64, quant={"policy": None, "tensors": specs})
     write_artifact(path, tensors, meta)
     return path
@@ -92,7 +100,7 @@ def exports(tmp_path_factory, official):
         else:
             fmt, _, rest = kind.partition("-")
             model = _quantized_artifact(models / f"{kind}.safetensors", fmt, layout="qweight" if "qweight" in rest else "bare",
-                                        input_scale="awq" in rest)
+                                        input_scale="awq" in rest, head_and_emb="head" in rest)
         out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}")
         export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False), log=lambda m: None)
         cache[key] = (model, out)
@@ -188,6 +196,7 @@ def test_fp32_decode_matches_torch_runtime(exports):
     (("int4", "float16", 1), TOL_FP16),
     (("int8-awq", "float32", 1), TOL_FP32),     # input_scale; exact same weights, fp32 math
     (("int4-qweight", "float32", 1), TOL_FP32),  # `X.qweight` storage layout
+    (("int8-head", "float16", 1), TOL_FP16),     # int8 head and embedding too
     (("dense", "float32", 2), TOL_FP32),         # fixed batch 2
 ])
 def test_onnxruntime_matches_torch_reference(exports, key, tol):
