@@ -102,14 +102,15 @@ def sniff_format(path: str | os.PathLike) -> str:
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:1] == b"\x80":
-        return "torch-pickle"
+    # safetensors first: its 8-byte header length may begin with any byte, 0x80 included
     if len(head) >= 9:
         (hlen,) = struct.unpack("<Q", head[:8])
         if 2 <= hlen <= size - 8 and head[8:9] == b"{":
             return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-pickle"
     raise CheckpointError(f"{p}: not a recognised model file (neither a torch checkpoint nor safetensors; {size} bytes)")
 
 
