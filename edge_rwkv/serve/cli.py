@@ -45,8 +45,11 @@ def register(sub) -> None:
                        description="For each precision (fp16, int8, int4): memory needed (weights + state + "
                                    "runtime overhead) against the device's memory, and the decode speed bound "
                                    "set by memory bandwidth.")
-    p.add_argument("model", help="model file (only its shapes are read)")
-    p.add_argument("--device", default="orin-nano-8gb", help="device profile (see --list)")
+    from ..devices import DEVICES, PRESETS
+
+    p.add_argument("model", help=f"model file (only its shapes are read) or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--device", default="orin-nano-8gb", help=f"device profile: {', '.join(DEVICES)}")
+    p.add_argument("--quantize-head", action="store_true", help="plan with the output head quantized too")
     p.add_argument("--slots", type=int, default=1, help="concurrent sequences (state memory per slot)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -94,7 +97,7 @@ def cmd_serve(a) -> int:
 def cmd_plan(a) -> int:
     from ..devices import format_plan, plan_model
 
-    result = plan_model(a.model, a.device, slots=a.slots)
+    result = plan_model(a.model, a.device, slots=a.slots, quantize_head=a.quantize_head)
     if a.json:
         import json
 
