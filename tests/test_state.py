@@ -184,9 +184,13 @@ def test_truncated_data_section_says_truncated(model, state_file, tmp_path):
     _reject(model, bad, "truncated")
 
 
-def test_bit_flip_rejected_by_checksum(model, state_file, tmp_path):
+@pytest.mark.parametrize("where", [0.0, 0.3, 0.77, 1.0])
+def test_bit_flip_rejected_by_checksum(model, state_file, tmp_path, where):
     data = bytearray(state_file.read_bytes())
-    data[-100] ^= 0x10  # inside the tensor data
+    (hlen,) = struct.unpack("<Q", data[:8])
+    start = 8 + hlen  # the tensor data: att_x, wkv, ffn_x
+    pos = start + int(where * (len(data) - 1 - start))
+    data[pos] ^= 0x10
     bad = tmp_path / "flip.state"
     bad.write_bytes(bytes(data))
     _reject(model, bad, "checksum")
