@@ -105,11 +105,11 @@ def main():
     except Exception as exc:  # noqa: BLE001
         print(f"# rwkv op could not be built: {exc!r}"[:300], flush=True)
     try:
+        if args.skip_peers:
+            raise RuntimeError("skipped (--skip-peers)")
         from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
         peers["fla"] = (chunk_rwkv7, fused_recurrent_rwkv7)
-        if args.skip_peers:
-            raise RuntimeError("skipped (--skip-peers)")
     except Exception as exc:  # noqa: BLE001
         print(f"# fla unavailable: {exc!r}"[:300], flush=True)
 

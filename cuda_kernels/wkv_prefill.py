@@ -42,7 +42,7 @@ from ._runtime import (
 
 cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
 SUPPORTED_N = (4, 8, 16, 32, 64)
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 64  # fastest of 16/32/64 on an H200 for T ≥ 1024 except T=1024,H=12 (benchmarks/NOTES.md)
 NSLOT = 9  # prep output slots, see _SLOTS
 # slot order keeps the pairs that feed one product adjacent: [Arel;Rrel] @ [Brel;Krel]ᵀ, [Bbar;Kbar]
 _SLOTS = ("Arel", "Rrel", "Brel", "Krel", "Aabs", "Rabs", "Bbar", "Kbar", "V")
