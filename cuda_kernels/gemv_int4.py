@@ -72,7 +72,7 @@ def kernel_source(M: int, unroll: int = UNROLL) -> str:
 def get_kernel(M: int):
     if not 1 <= M <= U.MAX_ROWS:
         raise ValueError(f"gemv_int4: 1..{U.MAX_ROWS} rows of x, got {M}")
-    return U.build_kernel(("int4", M, UNROLL), kernel_source(M), "gemv_int4_kernel")
+    return U.build_kernel(("int4", M, UNROLL), kernel_source(M, UNROLL), "gemv_int4_kernel")
 
 
 def check_shapes(N: int, K: int, group: int) -> None:

@@ -62,7 +62,7 @@ def kernel_source(M: int, unroll: int = UNROLL) -> str:
 def get_kernel(M: int):
     if not 1 <= M <= U.MAX_ROWS:
         raise ValueError(f"gemv_int8: 1..{U.MAX_ROWS} rows of x, got {M}")
-    return U.build_kernel(("int8", M, UNROLL), kernel_source(M), "gemv_int8_kernel")
+    return U.build_kernel(("int8", M, UNROLL), kernel_source(M, UNROLL), "gemv_int8_kernel")
 
 
 def check_shapes(N: int, K: int) -> None:

@@ -1,0 +1,211 @@
+"""Quantized GEMV (decode) benchmark: our Numba int8 / int4 kernels vs torch fp16 and torch's
+packed-int kernels, on one GPU. Prints one table; writes JSON to --json.
+
+Correctness first (fresh random data, fp64 reference, poisoned outputs), then timing: each case is
+captured in a CUDA graph of many launches that cycle over enough weight copies to defeat the L2,
+replayed several times; time per launch = median replay time / launches (CUDA events). Bytes
+counted are the bytes the kernel must read/write (weights + scales + x + out). The bound is the
+device copy bandwidth measured in the same run (bytes read + written by a large copy).
+
+    python3 benchmarks/bench_gemv.py [--json out.json] [--quick] [--unroll 2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from edge_rwkv.cuda_kernels import gemv_int4, gemv_int8
+from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, quantize_int4_torch,
+                                     quantize_int8_torch)
+
+SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # (N=out, K=in)
+ROWS = (1, 4, 16)
+L2_DEFEAT_BYTES = 512 << 20
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); dst.copy_(src); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e-3)
+    del src, dst
+    return 2 * n / statistics.median(ts)
+
+
+def graph_time(fns, reps: int = 7) -> float:
+    """fns: list of no-arg callables (one per weight copy). Median seconds per call."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns[:2]:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    calls = max(64, 2 * len(fns))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e-3 / calls)
+    return statistics.median(ts)
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def check_correctness(log) -> bool:
+    ok = True
+    for (N, K) in [(4096, 4096), (1000, 1536), (16384, 4096), (4096, 16384)]:
+        w = torch.randn(N, K, device="cuda")
+        q8, s8 = quantize_int8_torch(w)
+        p8 = gemv_int8.PreparedInt8(q8, s8)
+        for g in (128, 64, 32):
+            if K % g:
+                continue
+            q4, s4 = quantize_int4_torch(w, g)
+            p4 = gemv_int4.PreparedInt4(q4, s4, g)
+            for M in (1, 2, 3, 4, 8, 16):
+                for xdt in (torch.float32, torch.float16):
+                    x = torch.randn(M, K, device="cuda").to(xdt)
+                    ref = x.double() @ dequantize_int4_torch(q4, s4, g).double().t()
+                    out = torch.full((M, N), float("nan"), device="cuda",
+                                     dtype=torch.float16 if xdt == torch.float16 else torch.float32)
+                    gemv_int4.gemv_int4(x, p4, out)
+                    e = rel(out, ref)
+                    lim = 1e-3 if xdt == torch.float16 else 1e-5
+                    good = bool(torch.isfinite(out).all()) and e < lim
+                    ok &= good
+                    if not good or M in (1, 16):
+                        log(f"check int4 N={N} K={K} g={g} M={M} x={xdt} rel_err={e:.2e} {'ok' if good else 'FAIL'}")
+                    if g == 128:
+                        ref8 = x.double() @ dequantize_int8_torch(q8, s8).double().t()
+                        out.fill_(float("nan"))
+                        gemv_int8.gemv_int8(x, p8, out)
+                        e = rel(out, ref8)
+                        good = bool(torch.isfinite(out).all()) and e < lim
+                        ok &= good
+                        if not good or M in (1, 16):
+                            log(f"check int8 N={N} K={K} M={M} x={xdt} rel_err={e:.2e} {'ok' if good else 'FAIL'}")
+    return ok
+
+
+def bench(args, log):
+    bw = copy_bandwidth()
+    log(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    rows = []
+    for (N, K) in SHAPES:
+        w = torch.randn(N, K, device="cuda") * 0.02
+        q8, s8 = quantize_int8_torch(w)
+        q4, s4 = quantize_int4_torch(w, 128)
+        w16 = w.half()
+        for M in (ROWS if not args.quick else (1,)):
+            x = torch.randn(M, K, device="cuda")
+            xh = x.half()
+            io = M * K * 4 + M * N * 4
+            cases = {}
+
+            def ncopies(nbytes):
+                return max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes)))
+
+            # ours: int8
+            nb8 = N * K + N * 2
+            c = ncopies(nb8)
+            preps = [gemv_int8.PreparedInt8(q8.clone(), s8.clone()) for _ in range(c)]
+            out = torch.empty(M, N, device="cuda")
+            for unroll in args.unroll:
+                gemv_int8.UNROLL = unroll
+                t = graph_time([lambda p=p: gemv_int8.gemv_int8(x, p, out) for p in preps])
+                cases[f"ours int8 u{unroll}"] = (t, nb8 + io)
+            gemv_int8.UNROLL = args.unroll[0] if len(args.unroll) == 1 else gemv_int8.UNROLL
+            del preps
+            # ours: int4 g128
+            nb4 = N * K // 2 + N * (K // 128) * 2
+            c = ncopies(nb4)
+            preps = [gemv_int4.PreparedInt4(q4.clone(), s4.clone(), 128) for _ in range(c)]
+            for unroll in args.unroll:
+                gemv_int4.UNROLL = unroll
+                t = graph_time([lambda p=p: gemv_int4.gemv_int4(x, p, out) for p in preps])
+                cases[f"ours int4 u{unroll}"] = (t, nb4 + io)
+            del preps
+            # torch fp16
+            nb16 = N * K * 2
+            ws = [w16.clone() for _ in range(ncopies(nb16))]
+            t = graph_time([lambda W=W: F.linear(xh, W) for W in ws])
+            cases["torch fp16"] = (t, nb16 + M * K * 2 + M * N * 2)
+            del ws
+            # torch int8 packed (bf16 activations)
+            try:
+                xb = x.bfloat16()
+                ws = [(q8.clone(), s8.bfloat16()) for _ in range(ncopies(nb8))]
+                torch._weight_int8pack_mm(xb, ws[0][0], ws[0][1])
+                t = graph_time([lambda W=W: torch._weight_int8pack_mm(xb, W[0], W[1]) for W in ws])
+                cases["torch _weight_int8pack_mm"] = (t, nb8 + M * K * 2 + M * N * 2)
+                del ws
+            except Exception as e:  # noqa: BLE001
+                log(f"torch _weight_int8pack_mm unavailable: {type(e).__name__}: {str(e)[:120]}")
+            # torch int4 packed (tinygemm layout, bf16, group 128)
+            try:
+                qi = (torch.clamp(torch.round(w / s4.float().repeat_interleave(128, 1)), -8, 7) + 8).to(torch.int32)
+                packed_in = (qi[:, 0::2] << 4 | qi[:, 1::2]).to(torch.uint8)
+                wp = torch._convert_weight_to_int4pack(packed_in, 8)
+                sz = torch.stack([s4.float().t(), torch.full_like(s4.float().t(), 0.0)], dim=-1).bfloat16().contiguous()
+                xb = x.bfloat16()
+                torch._weight_int4pack_mm(xb, wp, 128, sz)
+                ws = [(wp.clone(), sz.clone()) for _ in range(ncopies(nb4))]
+                t = graph_time([lambda W=W: torch._weight_int4pack_mm(xb, W[0], 128, W[1]) for W in ws])
+                cases["torch _weight_int4pack_mm"] = (t, nb4 + M * K * 2 + M * N * 2)
+                del ws
+            except Exception as e:  # noqa: BLE001
+                log(f"torch _weight_int4pack_mm unavailable: {type(e).__name__}: {str(e)[:120]}")
+            for name, (t, nbytes) in cases.items():
+                rows.append(dict(N=N, K=K, M=M, kernel=name, us=t * 1e6, gbs=nbytes / t / 1e9,
+                                 pct=100 * nbytes / t / bw))
+            torch.cuda.empty_cache()
+    return bw, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--unroll", default="4")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args(argv)
+    args.unroll = [int(u) for u in args.unroll.split(",")]
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    if not args.skip_check and not check_correctness(log):
+        log("CORRECTNESS FAILED")
+        return 1
+    bw, rows = bench(args, log)
+    log(f"\n| N×K | rows | kernel | µs | GB/s | % of copy bw ({bw / 1e12:.2f} TB/s) |")
+    log("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        log(f"| {r['N']}×{r['K']} | {r['M']} | {r['kernel']} | {r['us']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} % |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(copy_bw=bw, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

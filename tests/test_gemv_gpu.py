@@ -1,0 +1,82 @@
+"""Quantized GEMV kernels and QuantLinear on a CUDA GPU (skipped without one)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("numba")
+
+from edge_rwkv.cuda_kernels import gemv_int4, gemv_int8  # noqa: E402
+from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, int4_spec,  # noqa: E402
+                                     int8_spec, quantize_rtn)
+from edge_rwkv.quant.linear import QuantLinear  # noqa: E402
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("N,K", [(256, 512), (300, 1536), (64, 4096 + 1024)])
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("fmt", ["int8", "int4-128", "int4-64", "int4-32"])
+def test_kernel_matches_reference(N, K, M, fmt):
+    w = torch.randn(N, K, device="cuda")
+    x = torch.randn(M, K, device="cuda")
+    if fmt == "int8":
+        qw = quantize_rtn(w, int8_spec())
+        prep = gemv_int8.PreparedInt8(qw.qweight, qw.scale)
+        run = lambda xx, out=None: gemv_int8.gemv_int8(xx, prep, out)  # noqa: E731
+        wd = dequantize_int8_torch(qw.qweight, qw.scale)
+    else:
+        g = int(fmt.split("-")[1])
+        qw = quantize_rtn(w, int4_spec(g))
+        prep = gemv_int4.PreparedInt4(qw.qweight, qw.scale, g)
+        run = lambda xx, out=None: gemv_int4.gemv_int4(xx, prep, out)  # noqa: E731
+        wd = dequantize_int4_torch(qw.qweight, qw.scale, g)
+    ref = x.double() @ wd.double().t()
+    out = torch.full((M, N), float("nan"), device="cuda")
+    run(x, out)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    yh = run(x.half())
+    assert yh.dtype == torch.float16 and rel(yh, ref) < 2e-3
+
+
+def test_cuda_graph_capture_and_replay():
+    N, K = 512, 2048
+    w = torch.randn(N, K, device="cuda")
+    lin8 = QuantLinear(quantize_rtn(w, int8_spec()))
+    lin4 = QuantLinear(quantize_rtn(w, int4_spec(128)))
+    assert lin8.path == "cuda-gemv" and lin4.path == "cuda-gemv"
+    x = torch.randn(1, K, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        lin8(x), lin4(x)  # compile + prepare outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y8 = lin8(x)
+        y4 = lin4(x)
+    for _ in range(3):
+        x.copy_(torch.randn(1, K, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel(y8, x.double() @ lin8.dequantize().double().t()) < 1e-5
+        assert rel(y4, x.double() @ lin4.dequantize().double().t()) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantlinear_cuda_paths(rows, dtype):
+    N, K = 384, 1024
+    w = torch.randn(N, K)
+    for spec in (int8_spec(), int4_spec(64)):
+        lin = QuantLinear(quantize_rtn(w, spec)).to("cuda")
+        lin.scratch_bytes = 64 * K * 2  # force several slabs on the prefill path
+        x = torch.randn(2, rows, K, device="cuda").to(dtype)
+        y = lin(x)
+        assert y.shape == (2, rows, N) and y.dtype == dtype
+        ref = x.double() @ lin.dequantize().double().t()
+        assert rel(y, ref) < (1e-5 if dtype == torch.float32 and rows <= 16 else 1e-2)
