@@ -117,6 +117,10 @@ MSG = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
     (CHAT, b"{not json", 400, None),
     (CHAT, b"[1, 2]", 400, None),
+    (CHAT, b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    (CHAT, {"messages": MSG, "seed": 2**70}, 400, "seed"),
+    (CHAT, {"messages": MSG, "top_k": "x"}, 400, "top_k"),
     (CHAT, {"messages": "hi"}, 400, "messages"),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {}, 400, "messages"),

@@ -105,6 +105,28 @@ def test_disconnect_frees_slot_within_1s(small_server):
     assert time.monotonic() - t0 < 1.0
 
 
+def test_disconnect_mid_turn_leaves_session_unchanged(small_server):
+    srv = small_server
+    sid = httpx.post(srv.url + "/v1/sessions", json={}, headers=srv.headers).json()["id"]
+    cm = httpx.stream("POST", srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60, json={
+        "session": sid, "messages": [{"role": "user", "content": "talk"}], "max_tokens": 100000, "stream": True})
+    r = cm.__enter__()
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    [next(lines) for _ in range(4)]
+    busy = httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, json={
+        "session": sid, "messages": [{"role": "user", "content": "again"}], "max_tokens": 2})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
+    cm.__exit__(None, None, None)
+    _wait_idle(srv, 5)
+    meta = httpx.get(f"{srv.url}/v1/sessions/{sid}", headers=srv.headers).json()
+    assert meta["turns"] == 0 and meta["busy"] is False  # an unfinished turn is not committed
+    ok = httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60, json={
+        "session": sid, "messages": [{"role": "user", "content": "again"}], "max_tokens": 3})
+    assert ok.status_code == 200
+    assert httpx.get(f"{srv.url}/v1/sessions/{sid}", headers=srv.headers).json()["turns"] == 1
+
+
 def test_overload_gets_429_with_retry_after(small_server):
     srv = small_server
     first = _long_stream(srv)  # takes the only slot

@@ -40,10 +40,14 @@ def bad(message: str, param: str | None = None, code: str | None = "invalid_valu
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:  # lone surrogates ("\\ud800") parse but are not text: refuse them before they reach a file
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise APIError(400, "request body contains invalid Unicode text", code="invalid_json") from None
     return body
 
 
@@ -132,7 +136,7 @@ def parse_common(body: dict, limits) -> GenRequest:
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, min(limits.default_max_tokens, limits.max_tokens_limit), 1,
                       limits.max_tokens_limit)
-    seed = _int(body, "seed", None)
+    seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
     sampling = dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
         top_p=_number(body, "top_p", limits.default_top_p, 0.0, 1.0, lo_open=True),
