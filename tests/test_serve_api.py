@@ -193,3 +193,21 @@ def test_web_page_served(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and "<html" in r.text.lower()
     assert "Content-Security-Policy" in r.headers
+
+
+def test_cors_only_for_named_origins(reference, tmp_path):
+    from starlette.testclient import TestClient
+
+    from edge_rwkv.serve.app import ServeConfig, create_app
+
+    pre = {"Origin": "http://app.local", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type"}
+    with_cors = TestClient(create_app(reference, ServeConfig(str(tmp_path / "a"), cors_origins=["http://app.local"])),
+                           base_url="http://localhost")
+    r = with_cors.options("/v1/chat/completions", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.local"
+    r = with_cors.options("/v1/chat/completions", headers=dict(pre, Origin="http://evil.example"))
+    assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+    no_cors = TestClient(create_app(reference, ServeConfig(str(tmp_path / "b"))), base_url="http://localhost")
+    r = no_cors.get("/health", headers={"Origin": "http://app.local"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

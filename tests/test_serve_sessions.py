@@ -174,3 +174,51 @@ def test_kill9_during_saves_never_corrupts(model_path, reference, tmp_path):
             torch.testing.assert_close(st.ffn_x, want.ffn_x, atol=1e-4, rtol=1e-4)
             assert len(meta["messages"]) == 2 * turns
         assert progressed > 0
+
+
+def test_store_reconciles_every_crash_point(reference, tmp_path):
+    """Each point a crash can stop commit_turn at: the session reads back as the old or the new turn."""
+    import json
+
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    sid = store.create(system="sys")["id"]
+    s1 = reference.new_state()
+    s1.tokens = 10
+    store.commit_turn(sid, s1, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    meta_path, state_path = tmp_path / "sessions" / f"{sid}.json", tmp_path / "sessions" / f"{sid}.state"
+    done = json.loads(meta_path.read_text())
+    assert done["turns"] == 1 and done["tokens"] == 10 and "pending" not in done
+
+    s2 = reference.new_state()
+    s2.tokens = 25
+    turn2 = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    # 1) crash after the pending metadata, before the state: the turn is dropped
+    meta_path.write_text(json.dumps(dict(done, pending={"messages": turn2, "state_tokens": 25, "time": 1.0})))
+    fresh = SessionStore(tmp_path, reference)
+    m = fresh.get(sid)
+    assert m["turns"] == 1 and m["tokens"] == 10 and "pending" not in json.loads(meta_path.read_text())
+    # 2) crash after the state, before the final metadata: the turn is applied
+    meta_path.write_text(json.dumps(dict(done, pending={"messages": turn2, "state_tokens": 25, "time": 1.0})))
+    s2.save(state_path)
+    m = SessionStore(tmp_path, reference).get(sid)
+    assert m["turns"] == 2 and m["tokens"] == 25 and m["messages"][-1]["content"] == "d"
+    # 3) metadata unreadable: rebuilt from the state file; 4) metadata gone: the state still makes the session
+    meta_path.write_text("{garbage")
+    m = SessionStore(tmp_path, reference).get(sid)
+    assert m["tokens"] == 25 and m["recovered"]
+    meta_path.unlink()
+    store = SessionStore(tmp_path, reference)
+    assert store.get(sid)["tokens"] == 25 and store.load_state(sid).tokens == 25
+    # leftover temp files from an interrupted atomic write are removed at start-up
+    (tmp_path / "sessions" / f".{sid}.state.abc.tmp").write_bytes(b"partial")
+    SessionStore(tmp_path, reference)
+    assert not list((tmp_path / "sessions").glob(".*.tmp"))
+    # a corrupt state file is refused with a 4xx, never loaded
+    state_path.write_bytes(state_path.read_bytes()[:-10])
+    from edge_rwkv.serve.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        SessionStore(tmp_path, reference).load_state(sid)
+    assert e.value.status == 409
