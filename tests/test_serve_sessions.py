@@ -152,7 +152,6 @@ def test_kill9_during_saves_never_corrupts(model_path, reference, tmp_path):
         stop.set()
         for t in threads:
             t.join()
-        assert not list((data / "sessions").glob(".*.tmp")) or True  # temp files may remain; restart cleans them
 
     # every session loads (checksum, fingerprint) and equals a completed turn, never less than acknowledged
     with ServerProcess(model_path, data) as srv:
