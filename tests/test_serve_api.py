@@ -211,3 +211,15 @@ def test_cors_only_for_named_origins(reference, tmp_path):
     no_cors = TestClient(create_app(reference, ServeConfig(str(tmp_path / "b"))), base_url="http://localhost")
     r = no_cors.get("/health", headers={"Origin": "http://app.local"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_session_through_openai_client(server, client, reference):
+    sid = httpx.post(server.url + "/v1/sessions", json={"title": "client"}).json()["id"]
+    chat = reference.chat(temperature=0, max_tokens=6)
+    for msg in ("first question", "second question"):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": msg}], max_tokens=6,
+                                           temperature=0, extra_body={"session": sid})
+        assert r.choices[0].message.content == "".join(chat.send(msg))
+    meta = httpx.get(f"{server.url}/v1/sessions/{sid}").json()
+    assert meta["turns"] == 2 and meta["title"] == "client"
+    assert sid in {s["id"] for s in httpx.get(server.url + "/v1/sessions").json()["data"]}
