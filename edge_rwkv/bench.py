@@ -141,6 +141,7 @@ class PeakMemory:
     def __init__(self, dev: torch.device):
         self.dev = dev
         self.peak: int | None = None
+        self.base: int | None = None  # CUDA: bytes allocated when the block began (weights, state, ...)
         self.kind = ("cuda max_memory_allocated" if dev.type == "cuda"
                      else "host heap growth (mallinfo2)" if _HEAP_IN_USE else "RSS growth")
 
@@ -148,6 +149,7 @@ class PeakMemory:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = int(torch.cuda.memory_allocated(self.dev))
             return self
         self._base = _host_bytes()
         self._max = self._base or 0
@@ -344,11 +346,11 @@ class Ours:
         return self.timer.each(step, reps=steps, warmup=o.warmup), how
 
     @torch.inference_mode()
-    def prefill(self, n: int, reps: int) -> tuple[float, int | None]:
+    def prefill(self, n: int, reps: int) -> tuple[float, int | None, int | None]:
         from .generate import prefill
 
         toks = _tokens(n, self.o.seed + n)
-        times, peak = [], None
+        times, peak, base = [], None, None
         for r in range(reps):
             st = self.m.new_state(1)
             with PeakMemory(self.dev) as pm:
@@ -358,8 +360,8 @@ class Ours:
                 _sync(self.dev)
                 times.append(time.perf_counter() - t0)
             if r == 0:
-                peak = pm.peak
-        return statistics.median(times), peak
+                peak, base = pm.peak, pm.base
+        return statistics.median(times), peak, base
 
     @torch.inference_mode()
     def logits(self, tokens: list[int]) -> torch.Tensor:
@@ -415,7 +417,7 @@ def _peer_worker(cfg_path: str) -> int:
                 res["prefill"][str(n)] = {"skipped": f"skipped (est. {n / last_rate:.0f} s)"}
                 continue
             toks = _tokens(n, cfg["seed"] + n)
-            times, peak = [], None
+            times, peak, base = [], None, None
             for r in range(cfg["reps"].get(str(n), 1)):
                 with PeakMemory(dev) as pm:
                     _sync(dev)
@@ -426,10 +428,10 @@ def _peer_worker(cfg_path: str) -> int:
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
                 if r == 0:
-                    peak = pm.peak
+                    peak, base = pm.peak, pm.base
             t = statistics.median(times)
             last_rate = n / t
-            res["prefill"][str(n)] = {"s": t, "peak_bytes": peak}
+            res["prefill"][str(n)] = {"s": t, "peak_bytes": peak, "resident_bytes": base}
             dump()
         if cfg.get("quality_tokens"):
             logits, _ = m.forward(cfg["quality_tokens"], None, full_output=True)
@@ -602,9 +604,9 @@ def run_bench(o: BenchOptions, log=print) -> dict:
             if last_rate and n / last_rate > o.item_limit_s:
                 row["ours_note"] = f"skipped (est. {n / last_rate:.0f} s)"
             else:
-                sec, peak = ours.prefill(n, reps[n])
+                sec, peak, base = ours.prefill(n, reps[n])
                 last_rate = n / sec
-                row.update(ours_tok_s=n / sec, ours_peak_bytes=peak)
+                row.update(ours_tok_s=n / sec, ours_peak_bytes=peak, ours_resident_bytes=base)
                 log(f"prefill {n}: {n / sec:.0f} tok/s, peak {_fmt_bytes(peak)}")
             res["prefill"].append(row)
 
@@ -632,7 +634,8 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         for row in res["prefill"]:
             p = (peer.get("prefill") or {}).get(str(row["tokens"]), {})
             if "s" in p:
-                row.update(peer_tok_s=row["tokens"] / p["s"], peer_peak_bytes=p["peak_bytes"])
+                row.update(peer_tok_s=row["tokens"] / p["s"], peer_peak_bytes=p["peak_bytes"],
+                           peer_resident_bytes=p.get("resident_bytes"))
                 if "ours_tok_s" in row:
                     row["ratio"] = row["ours_tok_s"] / row["peer_tok_s"]
                 if row.get("ours_peak_bytes") and p.get("peak_bytes"):
