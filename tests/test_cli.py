@@ -179,3 +179,22 @@ def test_help_for_every_subcommand(capsys):
         assert e.value.code == 0, name
         out = capsys.readouterr().out
         assert out.startswith("usage: edge-rwkv " + name), out[:80]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "{model}", "", "--max-tokens", "2"], "prompt is empty"),
+    (["generate", "{model}", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "{model}", "hi", "--max-tokens", "-1"], "max_tokens"),
+    (["generate", "{model}", "hi", "--device", "tpu"], "device"),
+    (["init", "-o", "{dir}/x.safetensors", "--embd", "30", "--head-size", "16"], "multiple"),
+    (["convert", "{model}", "-o", "{model}"], "overwrite"),
+    (["convert", "{model}", "-o", "{dir}/y.safetensors", "--dtype", "int8"], "dtype"),
+])
+def test_more_bad_inputs_in_process(artifact, capsys, args, needle):
+    """Same error contract, checked in-process (cheaper than a new interpreter per case)."""
+    from edge_rwkv.cli import main
+
+    argv = [a.format(model=artifact, dir=artifact.parent) for a in args]
+    assert main(argv) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("edge-rwkv: error: ") and needle in err[0], err

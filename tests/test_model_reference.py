@@ -180,3 +180,16 @@ def test_layer0_v_params_are_ignored(tmp_path):
     la, _ = edge_rwkv.load(write(sd, tmp_path, "a", "safetensors")).forward(TOKENS)
     lb, _ = edge_rwkv.load(write(sd2, tmp_path, "b", "safetensors")).forward(TOKENS)
     assert torch.equal(la, lb)
+
+
+def test_invalid_token_inputs_rejected(tmp_path):
+    m = edge_rwkv.load(write(random_checkpoint(1, 64, 32, vocab_size=VOCAB, seed=1), tmp_path, "m", "safetensors"))
+    for bad, needle in [([1, VOCAB], "outside the vocabulary"), ([-1], "outside the vocabulary"), ([], "empty"),
+                        (torch.zeros(2, 2, 2, dtype=torch.long), "shape"), (torch.zeros(3), "integers"),
+                        ("hello", "list of ints"), ([1, 2.0], "ints"), ([True], "ints")]:
+        with pytest.raises(edge_rwkv.InputError, match=needle):
+            m.forward(bad)
+    with pytest.raises(edge_rwkv.InputError, match="empty"):
+        m.generate([], max_tokens=2)
+    with pytest.raises(edge_rwkv.InputError, match="outside"):
+        m.generate([VOCAB + 5], max_tokens=2)
