@@ -80,6 +80,17 @@ def test_torch_file_named_safetensors(good_sd, tmp_path, truncate):
         assert edge_rwkv.load(p).config.n_layer == 2
 
 
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.99])
+def test_truncated_legacy_torch_format(good_sd, tmp_path, keep):
+    full = tmp_path / "legacy.pth"
+    torch.save(good_sd, full, _use_new_zipfile_serialization=False)
+    assert edge_rwkv.load(full).config.n_layer == 2  # the pre-zip torch format loads
+    bad = tmp_path / "legacy_trunc.pth"
+    data = full.read_bytes()
+    bad.write_bytes(data[: int(len(data) * keep)])
+    rejected(bad, "truncated or corrupt")
+
+
 def test_truncated_inside_safetensors_header(good_sd, tmp_path):
     data = write(good_sd, tmp_path / "full.safetensors").read_bytes()
     bad = tmp_path / "hdr.safetensors"
