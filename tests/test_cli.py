@@ -17,9 +17,9 @@ PROMPT = "Once upon a time"
 
 
 def cli(*args, stdin=None, cwd=None, timeout=180):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "-m", "edge_rwkv", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
+                          encoding="utf-8", errors="strict", cwd=cwd, env=env, timeout=timeout)
 
 
 def ok(r):
