@@ -242,15 +242,16 @@ def build_kernel(key, source: str, func_name: str):
     return k
 
 
-def reduce_and_store_lines(M: int, ind: str, scale_expr: str | None) -> list[str]:
-    """Warp-reduce accumulators a0..a{M-1}; lane 0 writes out[m, row]."""
-    lines = []
-    for m in range(M):
-        lines.append(f"{ind}a{m} = warp_sum(a{m}, cuda.blockIdx.x, cuda.threadIdx.x)")
+def reduce_and_store_lines(M: int, R: int, ind: str, scaled: bool = False) -> list[str]:
+    """Warp-reduce accumulators a{r}_{m}; lane 0 writes out[m, row0 + r] for rows below N."""
+    lines = [f"{ind}a{r}_{m} = warp_sum(a{r}_{m}, cuda.blockIdx.x, cuda.threadIdx.x)"
+             for r in range(R) for m in range(M)]
     lines.append(f"{ind}if lane == 0:")
-    for m in range(M):
-        val = f"a{m} * {scale_expr}" if scale_expr else f"a{m}"
-        lines.append(f"{ind}    out[{m}, row] = {val}")
+    for r in range(R):
+        lines.append(f"{ind}    if row0 + {r} < N:")
+        for m in range(M):
+            val = f"a{r}_{m} * rs{r}" if scaled else f"a{r}_{m}"
+            lines.append(f"{ind}        out[{m}, row0 + {r}] = {val}")
     return lines
 
 

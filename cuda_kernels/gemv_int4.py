@@ -1,8 +1,9 @@
 """Int4 (group-wise, format ``int4`` of quant/formats.py) GEMV for decode: out[M, N] = x[M, K] @ Wᵀ.
 
 W is stored packed as uint8 [N, K/2] (low nibble = even k) with fp16 scales [N, K/G]. Each warp
-streams one weight row with 16-byte loads (32 weights a lane, 1024 a warp per step, ``UNROLL`` steps
-in flight), unpacks nibbles to exact fp32 integers in registers (one and/or + one fma a weight, see
+streams ``ROWS_PER_WARP`` weight rows together with 16-byte loads (32 weights a lane, 1024 a warp per
+step; each activation vector read from L1 serves all R rows, which keeps L1 traffic under the DRAM
+stream), unpacks nibbles to exact fp32 integers in registers (one and/or + one fma a weight, see
 ``_gemv_util.unpack_s4x8``), multiplies with fp32 activations read as 16-byte vectors (L1-resident),
 applies the group scale once per 32 weights, accumulates in fp32 and reduces with warp shuffles.
 Rows of x: 1..16, compiled once per count. The kernel reads x as fp32; ``gemv_int4`` converts other
@@ -18,61 +19,53 @@ from __future__ import annotations
 from . import _gemv_util as U
 
 WARPS_PER_BLOCK = 4
-UNROLL = 4
+ROWS_PER_WARP = 4  # weight rows a warp streams together: each x vector loaded feeds R rows
+UNROLL = 1  # kept for the benchmark's sweep; the R row loads already give R x 16 B in flight
 LANE_ELEMS = 32  # weights per lane per 16-byte load
 WARP_ELEMS = 32 * LANE_ELEMS
 
 
-def kernel_source(M: int, unroll: int = UNROLL) -> str:
-    L = ["def gemv_int4_kernel(wq, sc, x, out, N, K, G):",
+def kernel_source(M: int, rows: int = ROWS_PER_WARP) -> str:
+    R = rows
+    L = ["def gemv_int4_kernel(wq, sc, x, out, N, K, gshift):",
          "    lane = cuda.threadIdx.x & 31",
-         "    row = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> 5",
-         "    nw = (cuda.gridDim.x * cuda.blockDim.x) >> 5",
+         f"    row0 = ((cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> 5) * {R}",
+         f"    step = ((cuda.gridDim.x * cuda.blockDim.x) >> 5) * {R}",
          "    wpr = K >> 3",
-         "    gpr = K // G",
-         "    while row < N:"]
+         "    gpr = K >> gshift",
+         "    while row0 < N:"]
     ind = " " * 8
-    L += [f"{ind}a{m} = float32(0.0)" for m in range(M)]
-    L += [f"{ind}wbase = row * wpr", f"{ind}sbase = row * gpr", f"{ind}e = lane * {LANE_ELEMS}"]
-
-    def chunk(nu, ind):
-        out = []
-        for u in range(nu):
-            eu = f"(e + {u * WARP_ELEMS})"
-            out.append(f"{ind}w{u}_0, w{u}_1, w{u}_2, w{u}_3 = ld_u32x4(wq, wbase + ({eu} >> 3))")
-        for u in range(nu):
-            eu = f"(e + {u * WARP_ELEMS})"
-            out.append(f"{ind}s{u} = h2f(sc[sbase + {eu} // G])")
-        for u in range(nu):
-            for m in range(M):
-                out.append(f"{ind}p{m} = float32(0.0)")
-            for i in range(4):
-                out.append(f"{ind}d0, d1, d2, d3, d4, d5, d6, d7 = unpack_s4x8(w{u}_{i})")
-                for m in range(M):
-                    xo = f"{m} * K + e + {u * WARP_ELEMS + 8 * i}"
-                    out.append(f"{ind}xa0, xa1, xa2, xa3 = ld_f32x4(x, {xo})")
-                    out.append(f"{ind}xb0, xb1, xb2, xb3 = ld_f32x4(x, {xo} + 4)")
-                    out.append(f"{ind}p{m} += d0 * xa0 + d1 * xa1 + d2 * xa2 + d3 * xa3 + "
-                               f"d4 * xb0 + d5 * xb1 + d6 * xb2 + d7 * xb3")
-            for m in range(M):
-                out.append(f"{ind}a{m} += p{m} * s{u}")
-        return out
-
-    L.append(f"{ind}while e + {(unroll - 1) * WARP_ELEMS} < K:")
-    L += chunk(unroll, ind + "    ")
-    L.append(f"{ind}    e += {unroll * WARP_ELEMS}")
+    for r in range(R):  # rows past N re-read row N-1 and are not stored
+        L.append(f"{ind}r{r} = min(row0 + {r}, N - 1)")
+    L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    L.append(f"{ind}e = lane * {LANE_ELEMS}")
     L.append(f"{ind}while e < K:")
-    L += chunk(1, ind + "    ")
-    L.append(f"{ind}    e += {WARP_ELEMS}")
-    L += U.reduce_and_store_lines(M, ind, None)
-    L.append(f"{ind}row += nw")
+    i2 = ind + "    "
+    for r in range(R):
+        L.append(f"{i2}w{r}_0, w{r}_1, w{r}_2, w{r}_3 = ld_u32x4(wq, r{r} * wpr + (e >> 3))")
+    for r in range(R):
+        L.append(f"{i2}s{r} = h2f(sc[r{r} * gpr + (e >> gshift)])")
+    L += [f"{i2}p{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    for i in range(4):
+        for r in range(R):
+            L.append(f"{i2}d{r}_0, d{r}_1, d{r}_2, d{r}_3, d{r}_4, d{r}_5, d{r}_6, d{r}_7 = unpack_s4x8(w{r}_{i})")
+        for m in range(M):
+            L.append(f"{i2}xa0, xa1, xa2, xa3 = ld_f32x4(x, {m} * K + e + {8 * i})")
+            L.append(f"{i2}xb0, xb1, xb2, xb3 = ld_f32x4(x, {m} * K + e + {8 * i + 4})")
+            for r in range(R):
+                L.append(f"{i2}p{r}_{m} += d{r}_0 * xa0 + d{r}_1 * xa1 + d{r}_2 * xa2 + d{r}_3 * xa3 + "
+                         f"d{r}_4 * xb0 + d{r}_5 * xb1 + d{r}_6 * xb2 + d{r}_7 * xb3")
+    L += [f"{i2}a{r}_{m} += p{r}_{m} * s{r}" for r in range(R) for m in range(M)]
+    L.append(f"{i2}e += {WARP_ELEMS}")
+    L += U.reduce_and_store_lines(M, R, ind)
+    L.append(f"{ind}row0 += step")
     return "\n".join(L) + "\n"
 
 
 def get_kernel(M: int):
     if not 1 <= M <= U.MAX_ROWS:
         raise ValueError(f"gemv_int4: 1..{U.MAX_ROWS} rows of x, got {M}")
-    return U.build_kernel(("int4", M, UNROLL), kernel_source(M, UNROLL), "gemv_int4_kernel")
+    return U.build_kernel(("int4", M, ROWS_PER_WARP), kernel_source(M, ROWS_PER_WARP), "gemv_int4_kernel")
 
 
 def check_shapes(N: int, K: int, group: int) -> None:
@@ -81,7 +74,8 @@ def check_shapes(N: int, K: int, group: int) -> None:
 
 
 def grid_for(N: int) -> int:
-    return max(1, min((N + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 65535))
+    per_block = WARPS_PER_BLOCK * ROWS_PER_WARP
+    return max(1, min((N + per_block - 1) // per_block, 65535))
 
 
 def launch_int4(wq, sc, x, out, N: int, K: int, group: int, stream=0) -> None:
@@ -89,7 +83,7 @@ def launch_int4(wq, sc, x, out, N: int, K: int, group: int, stream=0) -> None:
     x: float32 [M*K] (16-byte aligned), out: float32 or float16 [M, N]."""
     M = out.shape[0]
     k = get_kernel(M)
-    k[grid_for(N), 32 * WARPS_PER_BLOCK, stream](wq, sc, x, out, N, K, group)
+    k[grid_for(N), 32 * WARPS_PER_BLOCK, stream](wq, sc, x, out, N, K, group.bit_length() - 1)
 
 
 class PreparedInt4:

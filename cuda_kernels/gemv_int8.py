@@ -1,8 +1,8 @@
 """Int8 (per-output-channel, format ``int8`` of quant/formats.py) GEMV for decode:
 out[M, N] = x[M, K] @ Wᵀ with W int8 [N, K] and fp16 row scales [N].
 
-Each warp streams one weight row with 16-byte loads (16 weights a lane, 512 a warp per step,
-``UNROLL`` steps in flight), turns bytes into exact fp32 integers in registers (one ``prmt`` + one
+Each warp streams ``ROWS_PER_WARP`` weight rows together with 16-byte loads (16 weights a lane,
+512 a warp per step; each activation vector read from L1 serves all R rows), turns bytes into exact fp32 integers in registers (one ``prmt`` + one
 add a weight, see ``_gemv_util.unpack_s8x4``), multiplies with fp32 activations read as 16-byte
 vectors (L1-resident), accumulates in fp32, reduces with warp shuffles and applies the row scale
 once. Rows of x: 1..16, compiled once per count. The kernel reads x as fp32; ``gemv_int8``
@@ -18,51 +18,48 @@ from __future__ import annotations
 from . import _gemv_util as U
 
 WARPS_PER_BLOCK = 4
-UNROLL = 4
+ROWS_PER_WARP = 4  # weight rows a warp streams together: each x vector loaded feeds R rows
+UNROLL = 1
 LANE_ELEMS = 16
 WARP_ELEMS = 32 * LANE_ELEMS
 
 
-def kernel_source(M: int, unroll: int = UNROLL) -> str:
+def kernel_source(M: int, rows: int = ROWS_PER_WARP) -> str:
+    R = rows
     L = ["def gemv_int8_kernel(wq, sc, x, out, N, K):",
          "    lane = cuda.threadIdx.x & 31",
-         "    row = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> 5",
-         "    nw = (cuda.gridDim.x * cuda.blockDim.x) >> 5",
+         f"    row0 = ((cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> 5) * {R}",
+         f"    step = ((cuda.gridDim.x * cuda.blockDim.x) >> 5) * {R}",
          "    wpr = K >> 2",
-         "    while row < N:"]
+         "    while row0 < N:"]
     ind = " " * 8
-    L += [f"{ind}a{m} = float32(0.0)" for m in range(M)]
-    L += [f"{ind}wbase = row * wpr", f"{ind}e = lane * {LANE_ELEMS}"]
-
-    def chunk(nu, ind):
-        out = []
-        for u in range(nu):
-            out.append(f"{ind}w{u}_0, w{u}_1, w{u}_2, w{u}_3 = "
-                       f"ld_u32x4(wq, wbase + ((e + {u * WARP_ELEMS}) >> 2))")
-        for u in range(nu):
-            for i in range(4):
-                out.append(f"{ind}d0, d1, d2, d3 = unpack_s8x4(w{u}_{i})")
-                for m in range(M):
-                    out.append(f"{ind}xa0, xa1, xa2, xa3 = ld_f32x4(x, {m} * K + e + {u * WARP_ELEMS + 4 * i})")
-                    out.append(f"{ind}a{m} += d0 * xa0 + d1 * xa1 + d2 * xa2 + d3 * xa3")
-        return out
-
-    L.append(f"{ind}while e + {(unroll - 1) * WARP_ELEMS} < K:")
-    L += chunk(unroll, ind + "    ")
-    L.append(f"{ind}    e += {unroll * WARP_ELEMS}")
+    for r in range(R):
+        L.append(f"{ind}r{r} = min(row0 + {r}, N - 1)")
+    L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    L.append(f"{ind}e = lane * {LANE_ELEMS}")
     L.append(f"{ind}while e < K:")
-    L += chunk(1, ind + "    ")
-    L.append(f"{ind}    e += {WARP_ELEMS}")
-    L.append(f"{ind}rs = h2f(sc[row])")
-    L += U.reduce_and_store_lines(M, ind, "rs")
-    L.append(f"{ind}row += nw")
+    i2 = ind + "    "
+    for r in range(R):
+        L.append(f"{i2}w{r}_0, w{r}_1, w{r}_2, w{r}_3 = ld_u32x4(wq, r{r} * wpr + (e >> 2))")
+    for i in range(4):
+        for r in range(R):
+            L.append(f"{i2}d{r}_0, d{r}_1, d{r}_2, d{r}_3 = unpack_s8x4(w{r}_{i})")
+        for m in range(M):
+            L.append(f"{i2}xa0, xa1, xa2, xa3 = ld_f32x4(x, {m} * K + e + {4 * i})")
+            for r in range(R):
+                L.append(f"{i2}a{r}_{m} += d{r}_0 * xa0 + d{r}_1 * xa1 + d{r}_2 * xa2 + d{r}_3 * xa3")
+    L.append(f"{i2}e += {WARP_ELEMS}")
+    for r in range(R):
+        L.append(f"{ind}rs{r} = h2f(sc[r{r}])")
+    L += U.reduce_and_store_lines(M, R, ind, scaled=True)
+    L.append(f"{ind}row0 += step")
     return "\n".join(L) + "\n"
 
 
 def get_kernel(M: int):
     if not 1 <= M <= U.MAX_ROWS:
         raise ValueError(f"gemv_int8: 1..{U.MAX_ROWS} rows of x, got {M}")
-    return U.build_kernel(("int8", M, UNROLL), kernel_source(M, UNROLL), "gemv_int8_kernel")
+    return U.build_kernel(("int8", M, ROWS_PER_WARP), kernel_source(M, ROWS_PER_WARP), "gemv_int8_kernel")
 
 
 def check_shapes(N: int, K: int) -> None:
@@ -71,7 +68,8 @@ def check_shapes(N: int, K: int) -> None:
 
 
 def grid_for(N: int) -> int:
-    return max(1, min((N + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 65535))
+    per_block = WARPS_PER_BLOCK * ROWS_PER_WARP
+    return max(1, min((N + per_block - 1) // per_block, 65535))
 
 
 def launch_int8(wq, sc, x, out, N: int, K: int, stream=0) -> None:
