@@ -227,6 +227,30 @@ class _InferenceIter:
         return getattr(self._gen, name)
 
 
+def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, device: torch.device):
+    """(tensors with lookup tables dequantized, make_linear) for a quantized artifact.
+
+    Matrices stay quantized behind QuantLinear (GEMV kernels on CUDA, dequantize+matmul on CPU); the
+    embedding is a lookup table, so an int8 embedding is dequantized once here.
+    """
+    from .artifact import load_quantized
+    from .model import DenseLinear
+    from .quant.linear import QuantLinear
+
+    tensors = dict(ckpt.tensors)
+    for name in ("emb.weight",):
+        if name in specs:
+            tensors[name] = load_quantized(name, specs[name], ckpt.tensors, ckpt.path).dequantize(torch.float32)
+
+    def make_linear(name: str):
+        if name in specs:
+            qw = load_quantized(name, specs[name], ckpt.tensors, ckpt.path)
+            return QuantLinear(qw).to(device)
+        return DenseLinear(tensors[name].to(device=device, dtype=dtype))
+
+    return tensors, make_linear
+
+
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
          progress: bool = False) -> Model:
     """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
@@ -238,13 +262,12 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     dt = parse_dtype(dtype)
     fingerprint = model_fingerprint(ckpt.config, ckpt.tensors)
     wkv, backend = pick_wkv(dev)
-    make_linear = None
-    if ckpt.quant.get("tensors"):
-        from .quant.linear import linear_factory
-
-        make_linear = linear_factory(ckpt.tensors, ckpt.quant["tensors"], dt, dev)
+    tensors, make_linear = ckpt.tensors, None
+    specs = ckpt.quant.get("tensors") or {}
+    if specs:
+        tensors, make_linear = quantized_build_inputs(ckpt, specs, dt, dev)
     with torch.inference_mode():
-        net = build_model(ckpt.config, ckpt.tensors, dt, dev, make_linear=make_linear, wkv=wkv)
+        net = build_model(ckpt.config, tensors, dt, dev, make_linear=make_linear, wkv=wkv)
     return Model(net, ckpt, fingerprint, backend)
 
 

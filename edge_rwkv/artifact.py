@@ -59,31 +59,47 @@ def quantized_names(meta: dict) -> dict[str, dict]:
     return specs
 
 
+def quantized_parts(name: str, tensors: dict) -> list[str]:
+    """Stored tensor names of quantized weight `name` (values, scale, optional input scale)."""
+    from .quant.formats import INPUT_SCALE_SUFFIX, SCALE_SUFFIX
+
+    return [k for k in (name, name + SCALE_SUFFIX, name + INPUT_SCALE_SUFFIX) if k in tensors]
+
+
+def load_quantized(name: str, spec: dict, tensors: dict, path: str):
+    """The validated QuantizedWeight for `name` (errors name the file)."""
+    from .quant.formats import QuantizedWeight
+
+    try:
+        return QuantizedWeight.from_stored(name, spec, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def check_artifact(tensors: dict[str, torch.Tensor], meta: dict, cfg: ModelConfig, path: str, progress=False) -> None:
     """Keys and shapes against the config; quantized parts against their format; floats finite."""
-    specs = quantized_names(meta)
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    quant_parts = {}
-    for name in specs:
-        parts = {k: v for k, v in tensors.items() if k.startswith(name + ".") and k[len(name) + 1:].isidentifier()}
-        quant_parts[name] = parts
-        for k in parts:
-            shapes.pop(k)
-        if name in shapes:
-            raise CheckpointError(f"{path}: tensor '{name}' is listed as quantized but is also stored dense")
-        shapes[name] = None  # placeholder; shape checked by the format below
     from .checkpoint import expected_shapes
 
+    specs = quantized_names(meta)
     want = expected_shapes(cfg)
-    check_keys_and_shapes({k: (v if v is not None else want.get(k, ())) for k, v in shapes.items()}, cfg, path)
-    if specs:
-        from .quant import formats
-
-        for name, spec in specs.items():
-            if name not in want:
-                raise CheckpointError(f"{path}: quantized tensor '{name}' is not part of the model")
-            formats.validate_stored(name, spec, quant_parts[name], want[name], path)
-    check_values({k: v for k, v in tensors.items() if k in shapes}, path, progress=progress)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    float_names = set(shapes)
+    for name, spec in specs.items():
+        if name not in want:
+            raise CheckpointError(f"{path}: quantized tensor '{name}' is not part of the model")
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{path}: quantization spec of '{name}' must be an object")
+        qw = load_quantized(name, spec, tensors, path)
+        if tuple(qw.shape) != tuple(want[name]):
+            raise CheckpointError(f"{path}: quantized tensor '{name}' has logical shape {list(qw.shape)}, "
+                                  f"expected {list(want[name])}")
+        for part in quantized_parts(name, tensors):
+            shapes.pop(part, None)
+            float_names.discard(part)
+        shapes[name] = tuple(want[name])
+        float_names.update(k for k in quantized_parts(name, tensors) if k != name)  # scales must be finite
+    check_keys_and_shapes(shapes, cfg, path)
+    check_values({k: tensors[k] for k in float_names if k in tensors}, path, progress=progress)
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -29,10 +29,12 @@ from .synthetic import random_checkpoint
 from .tokenizer import default_tokenizer
 
 
-def stdlib_docstrings(root: Path) -> list[tuple[str, str]]:
-    """(relative path, docstrings joined by blank lines) for every parsable stdlib module."""
-    out = []
+def stdlib_docstrings(root: Path, max_chars: int | None = None) -> list[tuple[str, str]]:
+    """(relative path, docstrings joined by blank lines) for every parsable stdlib module, in path order."""
+    out, total = [], 0
     for path in sorted(root.rglob("*.py")):
+        if max_chars is not None and total >= max_chars:
+            break
         rel = str(path.relative_to(root))
         if any(part in rel for part in ("site-packages", "test", "idlelib", "lib2to3", "__phello__")):
             continue
@@ -48,6 +50,7 @@ def stdlib_docstrings(root: Path) -> list[tuple[str, str]]:
                     docs.append(doc.strip())
         if docs:
             out.append((rel, "\n\n".join(docs)))
+            total += len(out[-1][1])
     return out
 
 

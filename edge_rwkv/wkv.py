@@ -34,9 +34,9 @@ def wkv7_reference(r, w, k, v, a, b, state):
     S = state.float().clone()
     d = decay_from_logit(w)
     r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
-    ys = []
+    y = torch.empty(B, T, H, N, dtype=torch.float32, device=r.device)
     for t in range(T):
-        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
-        S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
-        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
-    return torch.stack(ys, dim=1), S
+        sa = S @ a[:, t, :, :, None]  # [B,H,N,1]
+        S = S * d[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        y[:, t] = (S @ r[:, t, :, :, None])[..., 0]
+    return y, S

@@ -1,0 +1,113 @@
+"""Offline quantization of a checkpoint into an artifact (the first of quantization's two steps).
+
+Which tensors and how: quant/policy.py; formats: quant/formats.py; algorithms: quant/calibrate.py.
+Activation-aware methods (awq, gptq) see the real inputs of each matrix, recorded by running the
+full-precision model over calibration text with recording linears swapped in.
+"""
+from __future__ import annotations
+
+import torch
+
+from .artifact import make_metadata
+from .checkpoint import Checkpoint
+from .model import DenseLinear, build_model
+from .progress import progress_iter
+from .state import State
+
+CALIB_WINDOW = 256
+
+
+class RecordingLinear(DenseLinear):
+    """A dense linear that keeps a bounded, uniformly thinned sample of the rows it is fed."""
+
+    def __init__(self, weight: torch.Tensor, max_rows: int, generator: torch.Generator):
+        super().__init__(weight)
+        self.max_rows, self.g = max_rows, generator
+        self.rows: list[torch.Tensor] = []
+        self.seen = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self.seen += flat.shape[0]
+        keep = max(1, self.max_rows * flat.shape[0] // max(self.seen, 1))
+        if flat.shape[0] > keep:
+            flat = flat[torch.randperm(flat.shape[0], generator=self.g)[:keep]]
+        self.rows.append(flat)
+        return super().__call__(x)
+
+    def sample(self) -> torch.Tensor:
+        x = torch.cat(self.rows)
+        if x.shape[0] > self.max_rows:
+            x = x[torch.randperm(x.shape[0], generator=self.g)[: self.max_rows]]
+        return x
+
+
+@torch.no_grad()
+def record_activations(ckpt: Checkpoint, names: set[str], tokens: list[int], max_rows: int = 2048,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
+    """Inputs [n, K] of each named matrix while the fp32 model reads `tokens` (state carried across windows)."""
+    g = torch.Generator().manual_seed(0)
+    recorders: dict[str, RecordingLinear] = {}
+
+    def make_linear(name):
+        w = ckpt.tensors[name].float()
+        if name in names:
+            recorders[name] = RecordingLinear(w, max_rows, g)
+            return recorders[name]
+        return DenseLinear(w)
+
+    cfg = ckpt.config
+    net = build_model(cfg, ckpt.tensors, torch.float32, "cpu", make_linear=make_linear)
+    state = State.zeros(cfg.n_layer, 1, cfg.n_embd, cfg.n_head, cfg.head_size)
+    starts = range(0, len(tokens), CALIB_WINDOW)
+    for s in progress_iter(starts, desc="calibrating", enabled=progress, total=len(starts)):
+        ids = torch.tensor([tokens[s:s + CALIB_WINDOW]], dtype=torch.long)
+        _, state = net.forward(ids, state, all_logits=False)
+    return {n: r.sample() for n, r in recorders.items()}
+
+
+def quantize_checkpoint(ckpt: Checkpoint, policy, calib_tokens: list[int] | None = None,
+                        dense_dtype: torch.dtype = torch.float16, progress: bool = False,
+                        source_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(stored tensors, artifact metadata) of `ckpt` quantized under `policy` (a quant.QuantPolicy)."""
+    from .quant.calibrate import quantize_weight
+    from .quant.policy import quant_format_for
+
+    specs = {}
+    for name, t in ckpt.tensors.items():
+        spec = quant_format_for(name, tuple(t.shape), policy.bits, policy.group, policy.quantize_head,
+                                policy.quantize_embedding, policy.keep_layer0_output)
+        if spec is not None:
+            specs[name] = spec
+    method = policy.method
+    acts = {}
+    if method != "rtn":
+        if not calib_tokens:
+            raise ValueError(f"method {method!r} needs calibration text")
+        # the embedding is a lookup table: it has no input activations, so it is always rounded to nearest
+        acts = record_activations(ckpt, set(specs) - {"emb.weight"}, calib_tokens, progress=progress)
+    out: dict[str, torch.Tensor] = {}
+    quant_meta = {}
+    for name in progress_iter(sorted(ckpt.tensors), desc="quantizing", enabled=progress):
+        w = ckpt.tensors[name]
+        if name not in specs:
+            out[name] = w.to(dense_dtype)
+            continue
+        m = method if name in acts else "rtn"
+        qw = quantize_weight(w.float(), specs[name], m, x=acts.get(name))
+        out.update(qw.stored_tensors(name))
+        quant_meta[name] = qw.metadata()
+    meta = make_metadata(ckpt.config, str(dense_dtype).replace("torch.", ""), source_sha256,
+                         {"policy": policy.to_dict(), "tensors": quant_meta})
+    return out, meta
+
+
+def default_calibration_tokens(tokenizer, n_tokens: int = 8192) -> list[int]:
+    """Built-in calibration text (offline): Python standard-library docstrings, as used in training."""
+    import sysconfig
+    from pathlib import Path
+
+    from .training import stdlib_docstrings
+
+    files = stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]), max_chars=n_tokens * 6)
+    return tokenizer.encode("\n\n".join(t for _, t in files))[:n_tokens]
