@@ -314,13 +314,18 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                 busy.pop(sid, None)
 
         if not req.stream:
+            commit = None
             try:
                 await wait_done(job, request)
                 if sid is not None:
-                    await asyncio.shield(_commit(sid, job, transcript()))
+                    commit = asyncio.ensure_future(_commit(sid, job, transcript()))
+                    await asyncio.shield(commit)
             finally:
                 job.cancel()
-                release()
+                if commit is not None and not commit.done():  # keep the session busy until it is saved
+                    commit.add_done_callback(lambda _: release())
+                else:
+                    release()
             return P.chat_response(rid, req.model or model_name, job.text, job.finish_reason,
                                    P.usage(job.prompt_tokens, len(job.generated)), sid)
 
@@ -340,7 +345,11 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                     else:
                         if sid is not None:
                             commit = asyncio.ensure_future(_commit(sid, job, transcript()))
-                            await asyncio.shield(commit)
+                            try:
+                                await asyncio.shield(commit)
+                            except APIError as e:
+                                yield P.sse(e.body())
+                                break
                         yield P.sse(P.chat_chunk(rid, created, name, {}, job.finish_reason, session=sid))
                         if req.include_usage:
                             yield P.sse(P.chat_chunk(rid, created, name, None, None,
@@ -358,7 +367,14 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _commit(sid: str, job: Job, messages: list[dict]) -> None:
-        await run(store.commit_turn, sid, job.final_state, messages)
+        try:
+            await run(store.commit_turn, sid, job.final_state, messages)
+        except APIError:
+            raise
+        except Exception as e:  # disk full, permissions: the turn is not saved, and the client is told
+            log.exception("saving session %s failed", sid)
+            raise APIError(500, f"the reply could not be saved to the session: {e}", "server_error", "session",
+                           "session_save_failed") from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
