@@ -66,6 +66,13 @@ def build_corpus(root: Path | None = None, heldout_fraction: float = 0.05):
     return train, held, info
 
 
+def tokenized_corpus():
+    tok = default_tokenizer()
+    train_text, held_text, corpus = build_corpus()
+    return (torch.tensor(tok.encode(train_text), dtype=torch.long),
+            torch.tensor(tok.encode(held_text), dtype=torch.long), corpus)
+
+
 def trainable(sd: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device).float().requires_grad_(True) for k, v in sd.items()}
 
@@ -105,10 +112,12 @@ def train(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    tok = default_tokenizer()
-    train_text, held_text, corpus = build_corpus()
-    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
-    held_ids = torch.tensor(tok.encode(held_text), dtype=torch.long)
+    if args.corpus_file:
+        # pre-tokenized corpus (see --dump-corpus): train on a machine other than the one that built it
+        saved = torch.load(args.corpus_file, weights_only=True)
+        train_ids, held_ids, corpus = saved["train"], saved["heldout"], json.loads(saved["info"])
+    else:
+        train_ids, held_ids, corpus = tokenized_corpus()
     print(f"corpus: {corpus['files']} files, {len(train_ids):,} train / {len(held_ids):,} held-out tokens", flush=True)
 
     sd = random_checkpoint(args.layers, args.embd, args.head_size, 65536, seed=args.seed)
@@ -150,7 +159,9 @@ def train(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="artifact to write (or the corpus file with --dump-corpus)")
+    p.add_argument("--dump-corpus", action="store_true", help="only tokenize the corpus and save it to OUTPUT")
+    p.add_argument("--corpus-file", help="pre-tokenized corpus written by --dump-corpus")
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--embd", type=int, default=128)
@@ -162,7 +173,13 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--eval-tokens", type=int, default=200000)
     p.add_argument("--seed", type=int, default=0)
-    train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.dump_corpus:
+        train_ids, held_ids, info = tokenized_corpus()
+        torch.save({"train": train_ids, "heldout": held_ids, "info": json.dumps(info)}, args.output)
+        print(f"saved {len(train_ids):,} + {len(held_ids):,} tokens to {args.output}")
+        return
+    train(args)
 
 
 if __name__ == "__main__":
