@@ -85,6 +85,13 @@ def test_resume_after_restart_fork_delete(model_path, reference, tmp_path):
         fork = httpx.post(f"{srv.url}/v1/sessions/{sid}/fork", json={"id": "fork-1"}).json()
         assert fork["id"] == "fork-1" and fork["parent"] == sid and fork["turns"] == 2
         assert httpx.post(f"{srv.url}/v1/sessions/{sid}/fork", json={"id": "fork-1"}).status_code == 409
+        # a second daemon on the same data folder is refused
+        import subprocess
+        import sys
+
+        second = subprocess.run([sys.executable, "-m", "edge_rwkv", "serve", str(model_path), "--port", "1",
+                                 "--data-dir", str(data)], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "already using" in second.stderr
     # a new process: the conversation continues from the saved state, as if never interrupted
     with ServerProcess(model_path, data) as srv:
         ids = {s["id"] for s in httpx.get(srv.url + "/v1/sessions").json()["data"]}

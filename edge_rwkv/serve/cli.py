@@ -79,8 +79,10 @@ def cmd_serve(a) -> int:
     if not is_loopback(a.host) and not key:
         print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
               f"machine can use the model and read sessions", file=sys.stderr)
+    data_dir = a.data_dir or default_data_dir()
+    lock = lock_data_dir(data_dir)  # held until the process ends (kill -9 included)
     model = load(a.model, device=a.device, dtype=a.dtype)
-    cfg = ServeConfig(data_dir=a.data_dir or default_data_dir(), host=a.host, port=a.port, api_key=key,
+    cfg = ServeConfig(data_dir=data_dir, host=a.host, port=a.port, api_key=key,
                       max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
                       max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
@@ -91,7 +93,24 @@ def cmd_serve(a) -> int:
           f"{cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level in ("info", "debug"),
                 timeout_graceful_shutdown=3)
+    lock.close()
     return 0
+
+
+def lock_data_dir(data_dir: str):
+    """One daemon per data folder: a second one would race the first on the same session files."""
+    os.makedirs(data_dir, exist_ok=True)
+    f = open(os.path.join(data_dir, ".lock"), "a+")
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise EdgeRWKVError(f"another edge-rwkv serve is already using {data_dir} (choose another --data-dir)") from None
+    return f
 
 
 def cmd_plan(a) -> int:
