@@ -4,7 +4,7 @@ All take x [..., K] and return [..., out] in x's dtype. ``QuantLinear`` paths, c
 
 * CPU: dequantize (to fp32) + matmul on every call; nothing large is cached unless
   ``cache_dequantized=True``.
-* CUDA, at most ``gemv_max_rows`` (16) rows of x: our Numba GEMV kernels (cuda_kernels/gemv_int8.py,
+* CUDA, at most ``gemv_max_rows`` rows of x (default 4, the measured crossover; kernels take up to 16): our Numba GEMV kernels (cuda_kernels/gemv_int8.py,
   gemv_int4.py), reading the packed weight once. ``input_scale`` (activation-aware formats) is
   multiplied into x first.
 * CUDA, more rows (prefill): dequantize to fp16 slab by slab into a bounded scratch
@@ -30,7 +30,8 @@ from .formats import QuantizedWeight, QuantSpec
 
 log = logging.getLogger("edge_rwkv.quant")
 DEFAULT_SCRATCH_BYTES = 64 << 20
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = 16  # what the kernels support
+DEFAULT_GEMV_ROWS = 4  # measured crossover on H200 (benchmarks/NOTES.md, "GEMV kernels")
 _warned: set = set()
 
 
@@ -74,7 +75,7 @@ class QuantLinear(nn.Module):
     """Linear layer over a ``QuantizedWeight`` (format int8 or int4, see quant/formats.py)."""
 
     def __init__(self, qw: QuantizedWeight, cache_dequantized: bool = False,
-                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, gemv_max_rows: int = GEMV_MAX_ROWS):
+                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, gemv_max_rows: int = DEFAULT_GEMV_ROWS):
         super().__init__()
         qw.validate()
         self.spec: QuantSpec = qw.spec
