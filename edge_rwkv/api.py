@@ -58,17 +58,17 @@ def model_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str
 
 def pick_wkv(device: torch.device):
     """The fastest WKV implementation this device supports (kernels on CUDA, torch reference elsewhere)."""
-    from .wkv import wkv7_reference
+    from .wkv import wkv7_torch
 
     if device.type == "cuda":
         try:
             from .cuda_kernels import cuda_available, wkv7
         except ImportError:
-            return wkv7_reference, "torch reference (Numba-CUDA kernels not importable)"
+            return wkv7_torch, "torch (Numba-CUDA kernels not importable)"
         if cuda_available():
             return wkv7, "numba-cuda"
-        return wkv7_reference, "torch reference (Numba-CUDA unavailable)"
-    return wkv7_reference, "torch reference"
+        return wkv7_torch, "torch (Numba-CUDA unavailable)"
+    return wkv7_torch, "torch (chunked for long inputs)"
 
 
 class Model:

@@ -103,9 +103,9 @@ def pick_training_wkv(device: torch.device):
         from .cuda_kernels import wkv7
 
         return wkv7, "numba-cuda autograd kernel"
-    from .wkv import wkv7_reference
+    from .wkv import wkv7_torch
 
-    return wkv7_reference, "torch reference"
+    return wkv7_torch, "torch chunked (CPU)"
 
 
 def train(args) -> dict:
