@@ -58,15 +58,16 @@ def wkv7_chunked(r, w, k, v, a, b, state, chunk: int = 16):
     if state.shape != (B, H, N, N):
         raise ValueError(f"state shape {tuple(state.shape)} does not match inputs (B={B}, H={H}, N={N})")
     L = chunk
+    acc = torch.float64 if r.dtype == torch.float64 else torch.float32  # fp64 in, fp64 math (tests)
     nc = -(-T // L)
     pad = nc * L - T
 
     def blocks(x):  # [B,T,H,N] → [B,H,nc,L,N], zero-padded (padding leaves the state unchanged)
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        x = torch.nn.functional.pad(x.to(acc), (0, 0, 0, 0, 0, pad))
         return x.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4)
 
     r_, k_, v_, a_, b_ = (blocks(x) for x in (r, k, v, a, b))
-    logd = blocks(-DECAY_SCALE * torch.sigmoid(w.float()))
+    logd = blocks(-DECAY_SCALE * torch.sigmoid(w.to(acc)))
     lc = torch.cumsum(logd, dim=-2)
     lc_prev = lc - logd
     mid = lc[..., (L - 1) // 2:(L - 1) // 2 + 1, :]
@@ -92,7 +93,7 @@ def wkv7_chunked(r, w, k, v, a, b, state, chunk: int = 16):
     M = torch.diag_embed(torch.exp(end[..., 0, :])) + tr(W_) @ b_bar
     C = tr(U_) @ b_bar + tr(v_) @ k_bar
 
-    S = state.float()
+    S = state.to(acc)
     ys = []
     for c in range(nc):
         ys.append(Q[:, :, c] @ tr(S) + Y0[:, :, c])
