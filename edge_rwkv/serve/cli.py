@@ -1,7 +1,6 @@
 """`edge-rwkv serve` (the offline assistant daemon) and `edge-rwkv plan` (what fits on a device)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
