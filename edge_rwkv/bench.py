@@ -228,52 +228,29 @@ def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device,
 # =========================================================================== quantization (optional)
 
 def quantizer():
-    """(quantize function, None) if edge_rwkv.quant can quantize a loaded checkpoint, else (None, reason)."""
+    """(quantize function, None) when quantization is importable, else (None, reason)."""
     try:
-        from . import quant  # noqa: F401
-        q = __import__("edge_rwkv.quant", fromlist=["*"])
-    except Exception as e:  # noqa: BLE001
-        return None, f"edge_rwkv.quant not importable ({type(e).__name__})"
-    for name in ("quantize_checkpoint", "quantize_loaded", "quantize_tensors"):
-        fn = getattr(q, name, None)
-        if callable(fn):
-            return fn, None
-    return None, "edge_rwkv.quant has no quantize_checkpoint()"
+        from .quantize import quantize_checkpoint
+    except Exception as e:  # noqa: BLE001 — report, don't fail the whole table
+        return None, f"quantization not importable ({type(e).__name__}: {e})"
+    return quantize_checkpoint, None
 
 
 def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype):
-    """Load `path`, quantize it in memory with edge_rwkv.quant, and build a Model (or raise)."""
-    from .api import Model, model_fingerprint, pick_wkv
-    from .checkpoint import Checkpoint, load_checkpoint
-    from .model import build_model
+    """Quantize `path` (round to nearest, default policy) into a temporary artifact and load it."""
+    import tempfile
 
-    fn, why = quantizer()
-    if fn is None:
-        raise RuntimeError(why)
-    ckpt = load_checkpoint(path)
-    params = inspect.signature(fn).parameters
-    if "bits" in params:
-        out = fn(ckpt, bits=bits)
-    elif "policy" in params:
-        from .quant.policy import QuantPolicy
+    from .api import load
+    from .artifact import write_artifact
+    from .checkpoint import load_checkpoint
+    from .quant.policy import QuantPolicy
+    from .quantize import quantize_checkpoint
 
-        out = fn(ckpt, policy=QuantPolicy(bits=bits))
-    else:
-        out = fn(ckpt, bits)
-    if isinstance(out, Checkpoint) or (hasattr(out, "tensors") and hasattr(out, "quant")):
-        tensors, qmeta = out.tensors, out.quant
-    elif isinstance(out, tuple) and len(out) == 2:
-        tensors, qmeta = out
-    else:
-        raise RuntimeError(f"unexpected result of {fn.__name__}: {type(out).__name__}")
-    qtensors = qmeta.get("tensors", qmeta) if isinstance(qmeta, dict) else qmeta
-    from .quant.linear import linear_factory
-
-    make_linear = linear_factory(tensors, qtensors, dtype, dev)
-    wkv, backend = pick_wkv(dev)
-    with torch.inference_mode():
-        net = build_model(ckpt.config, tensors, dtype, dev, make_linear=make_linear, wkv=wkv)
-    return Model(net, ckpt, model_fingerprint(ckpt.config, ckpt.tensors), backend)
+    tensors, meta = quantize_checkpoint(load_checkpoint(path), QuantPolicy(bits=bits))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/q{bits}.safetensors"
+        write_artifact(out, tensors, meta)
+        return load(out, device=str(dev), dtype=dtype)
 
 
 # =========================================================================== bytes per step

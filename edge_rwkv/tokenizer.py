@@ -72,7 +72,10 @@ def _token_bytes(vocab_path: str) -> dict[int, bytes]:
             continue
         idx = int(line[: line.index(" ")])
         literal = line[line.index(" ") + 1: line.rindex(" ")]
-        value = ast.literal_eval(literal)
+        if literal[:1] in "'\"" and "\\" not in literal:
+            value = literal[1:-1]  # plain quoted text: no need for the (slow) literal parser
+        else:
+            value = ast.literal_eval(literal)
         table[idx] = value.encode("utf-8") if isinstance(value, str) else value
     return table
 
