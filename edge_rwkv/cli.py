@@ -67,6 +67,11 @@ def human_bytes(n: float) -> str:
 def cmd_info(a) -> int:
     from .checkpoint import load_checkpoint, sniff_format
 
+    if Path(a.model).is_dir() and (Path(a.model) / "manifest.json").is_file():
+        from .export.manifest import describe, load_manifest
+
+        print(json.dumps(load_manifest(a.model), indent=2) if a.json else describe(a.model))
+        return 0
     fmt = sniff_format(a.model)
     ckpt = load_checkpoint(a.model, progress=True)
     cfg = ckpt.config
@@ -263,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("info", help="describe a model file", description="Show config, sizes, precision and state size of a model file.")
+    s = sub.add_parser("info", help="describe a model file or an export folder",
+                       description="Show config, sizes, precision and state size of a model file, "
+                                   "or the graphs of an `edge-rwkv export` folder.")
     add_model_arg(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--tensors", action="store_true", help="list per-tensor quantization formats")
