@@ -41,7 +41,9 @@ def _worker(rank, world, port, q):
     x = _data().chunk(world)[rank]
     model(x).backward()
     if rank == 0:
-        q.put({n: p.grad.clone() for n, p in model.module.named_parameters()})
+        # numpy arrays travel by value; torch tensors would be shared through a descriptor that
+        # vanishes if this process exits before the parent reads the queue
+        q.put({n: p.grad.detach().numpy().copy() for n, p in model.module.named_parameters()})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -67,6 +69,6 @@ def test_ddp_grads_match_single_process():
         p.join(timeout=60)
         assert p.exitcode == 0
     for n, g in ref.items():
-        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(got[n]), g, rtol=1e-5, atol=1e-6)
 
 
