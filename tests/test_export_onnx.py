@@ -40,7 +40,7 @@ def _official(tmp_path_factory):
     return path
 
 
-def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool = False, group: int = 32,
+def _quantized_artifact(path, fmt: str, input_scale: bool = False, group: int = 32,
                         head_and_emb: bool = False):
     """An fp16 artifact whose big matrices are quantized by quant.formats' reference quantizers."""
     sd = random_checkpoint(LAYERS, EMBD, HEAD, vocab_size=VOCAB, seed=5)
@@ -64,8 +64,6 @@ def _quantized_artifact(path, fmt: str, layout: str = "bare", input_scale: bool 
                 spec = formats.int4_spec(group, input_scale)
             qw = formats.QuantizedWeight(spec, tuple(w.shape), torch.from_numpy(q), torch.from_numpy(s), ins)
             stored = qw.stored_tensors(name)
-            if layout == "qweight":
-                stored[name + ".qweight"] = stored.pop(name)
             tensors.update(stored)
             specs[name] = qw.metadata()
     if head_and_emb:  # int8 per row, as quant/policy.py allows for these two
@@ -99,8 +97,7 @@ def exports(tmp_path_factory, official):
             model = official
         else:
             fmt, _, rest = kind.partition("-")
-            model = _quantized_artifact(models / f"{kind}.safetensors", fmt, layout="qweight" if "qweight" in rest else "bare",
-                                        input_scale="awq" in rest, head_and_emb="head" in rest)
+            model = _quantized_artifact(models / f"{kind}.safetensors", fmt, input_scale="awq" in rest, head_and_emb="head" in rest)
         out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}")
         export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False), log=lambda m: None)
         cache[key] = (model, out)
@@ -195,7 +192,7 @@ def test_fp32_decode_matches_torch_runtime(exports):
     (("int8", "float16", 1), TOL_FP16),
     (("int4", "float16", 1), TOL_FP16),
     (("int8-awq", "float32", 1), TOL_FP32),     # input_scale; exact same weights, fp32 math
-    (("int4-qweight", "float32", 1), TOL_FP32),  # `X.qweight` storage layout
+    (("int4", "float32", 1), TOL_FP32),          # int4, fp32 math
     (("int8-head", "float16", 1), TOL_FP16),     # int8 head and embedding too
     (("dense", "float32", 2), TOL_FP32),         # fixed batch 2
 ])
