@@ -136,7 +136,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _read_state_meta(data: bytes, name: str) -> dict:
+def read_header_meta(data: bytes, name: str, meta_key: str, fmt: str, version: int,
+                     what: str = "edge-rwkv state file") -> tuple[dict, dict]:
+    """(safetensors header, our metadata) of a state-like file, checked for size, format and version."""
     if len(data) < 8:
         raise StateError(f"{name}: truncated state file ({len(data)} bytes)")
     (hlen,) = struct.unpack("<Q", data[:8])
@@ -144,14 +146,20 @@ def _read_state_meta(data: bytes, name: str) -> dict:
         raise StateError(f"{name}: truncated state file (header claims {hlen} bytes, file has {len(data)})")
     try:
         header = json.loads(data[8:8 + hlen])
-        meta = json.loads(header["__metadata__"][_META_KEY])
+        meta = json.loads(header["__metadata__"][meta_key])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise StateError(f"{name}: not an edge-rwkv state file (no valid state metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        raise StateError(f"{name}: not an edge-rwkv state file")
-    if meta.get("format_version") != STATE_VERSION:
-        raise StateError(f"{name}: state format version {meta.get('format_version')!r} is not supported "
-                         f"(this runtime reads {STATE_VERSION})")
+        raise StateError(f"{name}: not an {what} (no valid metadata)") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise StateError(f"{name}: not an {what}")
+    if meta.get("format_version") != version:
+        raise StateError(f"{name}: {what} format version {meta.get('format_version')!r} is not supported "
+                         f"(this runtime reads {version})")
+    meta["_header_len"] = hlen
+    return header, meta
+
+
+def _read_state_meta(data: bytes, name: str) -> dict:
+    header, meta = read_header_meta(data, name, _META_KEY, STATE_FORMAT, STATE_VERSION)
     dims = ("n_layer", "batch", "n_embd", "n_head", "head_size", "tokens")
     if not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in dims) or not isinstance(meta.get("sha256"), str):
         raise StateError(f"{name}: state metadata is incomplete or invalid")
@@ -166,7 +174,6 @@ def _read_state_meta(data: bytes, name: str) -> dict:
         info = header.get(k)
         if not isinstance(info, dict) or info.get("dtype") != "F32" or info.get("shape") != shape:
             raise StateError(f"{name}: tensor '{k}' is missing or has the wrong shape/dtype (expected F32 {shape})")
-    meta["_header_len"] = hlen
     return meta
 
 

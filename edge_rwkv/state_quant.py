@@ -175,21 +175,10 @@ def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | Non
 
 
 def _read_meta(data: bytes, name: str) -> tuple[dict, dict]:
-    if len(data) < 8:
-        raise StateError(f"{name}: truncated state file ({len(data)} bytes)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise StateError(f"{name}: truncated state file (header claims {hlen} bytes, file has {len(data)})")
-    try:
-        header = json.loads(data[8:8 + hlen])
-        meta = json.loads(header["__metadata__"][_META_KEY])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise StateError(f"{name}: not an edge-rwkv int8 state file (no valid metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format") != QSTATE_FORMAT:
-        raise StateError(f"{name}: not an edge-rwkv int8 state file")
-    if meta.get("format_version") != QSTATE_VERSION:
-        raise StateError(f"{name}: int8 state format version {meta.get('format_version')!r} is not supported "
-                         f"(this runtime reads {QSTATE_VERSION})")
+    from .state import read_header_meta
+
+    header, meta = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, QSTATE_VERSION, "edge-rwkv int8 state file")
+    hlen = meta["_header_len"]
     if meta.get("quant") != "int8" or meta.get("granularity") not in GRANULARITIES:
         raise StateError(f"{name}: unsupported state quantization {meta.get('quant')!r}/{meta.get('granularity')!r}")
     dims = ("n_layer", "batch", "n_embd", "n_head", "head_size", "tokens")
