@@ -20,9 +20,7 @@ Bandwidth: bytes of weights (and state) read per decode step / step time, agains
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import math
 import os
 import platform
 import statistics

@@ -31,7 +31,7 @@ _STRIP_PREFIXES = ("_orig_mod.", "module.", "model.")
 
 def layer_keys(i: int) -> list[str]:
     """All tensor names of layer i in the official layout."""
-    keys = [f"ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"]
+    keys = ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"]
     if i == 0:
         keys += ["ln0.weight", "ln0.bias"]
     keys += [f"att.{n}" for n in ATT_VECTORS]

@@ -129,9 +129,6 @@ def parameter_count(cfg) -> int:
 # --------------------------------------------------------------------------- convert / init
 
 def cmd_convert(a) -> int:
-    import torch
-
-    from .api import parse_dtype
     from .artifact import make_metadata, write_artifact
     from .checkpoint import load_checkpoint
     from .fileio import sha256_file

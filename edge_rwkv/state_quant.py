@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
