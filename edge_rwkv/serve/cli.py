@@ -17,7 +17,8 @@ def register(sub) -> None:
                        description="Serve a model over OpenAI-compatible HTTP on 127.0.0.1 with durable chat "
                                    "sessions (each conversation is a state file under --data-dir) and a web chat "
                                    "page at /.")
-    s.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
+    s.add_argument("model", nargs="?", default=None,
+                   help="model file: official .pth, safetensors, or an edge-rwkv artifact (default: the embedded model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
@@ -80,7 +81,9 @@ def cmd_serve(a) -> int:
               f"machine can use the model and read sessions", file=sys.stderr)
     data_dir = a.data_dir or default_data_dir()
     lock = lock_data_dir(data_dir)  # held until the process ends (kill -9 included)
-    model = load(a.model, device=a.device, dtype=a.dtype)
+    from edge_rwkv.default_model import resolve_model
+
+    model = load(resolve_model(a.model), device=a.device, dtype=a.dtype)
     cfg = ServeConfig(data_dir=data_dir, host=a.host, port=a.port, api_key=key,
                       max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
