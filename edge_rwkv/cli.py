@@ -66,7 +66,9 @@ def human_bytes(n: float) -> str:
 
 def cmd_info(a) -> int:
     from .checkpoint import load_checkpoint, sniff_format
+    from .default_model import resolve_model
 
+    a.model = resolve_model(a.model)
     if Path(a.model).is_dir() and (Path(a.model) / "manifest.json").is_file():
         from .export.manifest import describe, load_manifest
 
@@ -92,6 +94,8 @@ def cmd_info(a) -> int:
         info["quantized_tensors"] = {k: v.get("format") if isinstance(v, dict) else v for k, v in (q.get("tensors") or {}).items()}
         if "default_model" in ckpt.metadata:
             info["default_model"] = ckpt.metadata["default_model"]
+        if "training" in ckpt.metadata:
+            info["training"] = ckpt.metadata["training"]
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -105,6 +109,10 @@ def cmd_info(a) -> int:
     print(f"state           {human_bytes(cfg.state_bytes(1))} per sequence, whatever the context length")
     if ckpt.metadata:
         print(f"dtype           {info['dtype']}")
+        if "default_model" in info:
+            d = info["default_model"]
+            print(f"model           {d['name']}: trained on {d['trained_on']}; held-out perplexity "
+                  f"{d['heldout_ppl']:.1f} ({d['quantization']})")
         qt = info["quantized_tensors"]
         if qt:
             counts: dict[str, int] = {}
@@ -268,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a model file or an export folder",
                        description="Show config, sizes, precision and state size of a model file, "
                                    "or the graphs of an `edge-rwkv export` folder.")
-    add_model_arg(s)
+    add_model_arg(s, optional=True)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--tensors", action="store_true", help="list per-tensor quantization formats")
     s.set_defaults(func=cmd_info)
