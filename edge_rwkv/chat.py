@@ -30,7 +30,7 @@ class Chat:
     def __init__(self, model, system: str | None = None, state: State | None = None, **sampling):
         self.model = model
         self.system = system
-        self.sampling = {"max_tokens": 500, "temperature": 1.0, "top_p": 0.3, **sampling}
+        self.sampling = {"max_tokens": 500, "temperature": 1.0, "top_p": 0.3, "require_text": True, **sampling}
         self.sampling["stop"] = tuple(self.sampling.get("stop") or ()) + (TURN_END,)
         self.state = state.clone() if state is not None else None
         self.turns = 0

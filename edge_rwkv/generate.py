@@ -107,6 +107,18 @@ class Generation:
             pass
         return self.text
 
+    def _without_stops(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with end-of-text and every token that could complete a stop string masked out."""
+        if not hasattr(self, "_stop_ids"):
+            ids = {END_OF_TEXT}
+            for s in self.params.stop:
+                ids.update(self.tok.ids_containing(s.encode("utf-8")))
+                ids.update(self.tok.ids_containing(s.encode("utf-8")[:1]) if len(s) > 1 else ())
+            self._stop_ids = torch.tensor(sorted(ids), device=logits.device)
+        logits = logits.clone()
+        logits[self._stop_ids] = float("-inf")
+        return logits
+
     def _run(self) -> Iterator[str]:
         p = self.params
         logits, state = prefill(self.net, self.prompt_tokens, self.state)
@@ -117,6 +129,8 @@ class Generation:
         matched_stop = False
         self.finish_reason = "length"
         for _ in range(p.max_tokens):
+            if p.require_text and not (self.text + pending).strip():
+                logits = self._without_stops(logits)
             token = sampler.sample(logits)
             if token == END_OF_TEXT:
                 self.finish_reason = "stop"

@@ -20,6 +20,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ban_end_of_text: bool = False
+    require_text: bool = False  # no stop (end of text, a stop string's tokens) before some visible text
 
     def __post_init__(self):
         checks = [

@@ -46,6 +46,10 @@ class WorldTokenizer:
     def decode(self, tokens) -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
 
+    def ids_containing(self, fragment: bytes) -> list[int]:
+        """Every token whose bytes contain `fragment` (e.g. the turn separator b"\\n\\n")."""
+        return _ids_containing(self._enc.vocab_filepath, fragment)
+
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
@@ -78,6 +82,11 @@ def _token_bytes(vocab_path: str) -> dict[int, bytes]:
             value = ast.literal_eval(literal)
         table[idx] = value.encode("utf-8") if isinstance(value, str) else value
     return table
+
+
+@lru_cache(maxsize=16)
+def _ids_containing(vocab_path: str, fragment: bytes) -> list[int]:
+    return [i for i, b in _token_bytes(vocab_path).items() if fragment in b]
 
 
 @lru_cache(maxsize=1)
