@@ -39,3 +39,12 @@ def test_cli_uses_it_when_no_model_is_given():
     assert len(out.stdout.strip()) > 5
     m = edge_rwkv.load(default_model_path())
     assert out.stdout == m.generate("Return the", max_tokens=12, temperature=0) + "\n"
+
+
+def test_chat_replies_are_never_empty():
+    m = edge_rwkv.load(default_model_path())
+    chat = m.chat(seed=0, max_tokens=24)
+    for message in ("What does the socket module do?", "And the os module?"):
+        reply = chat.ask(message)
+        assert reply.strip() and "\n\n" not in reply
+    assert chat.turns == 2
