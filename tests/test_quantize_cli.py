@@ -1,0 +1,59 @@
+"""`edge-rwkv quantize` end to end, and its bad inputs (one-line errors, nothing written)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edge_rwkv
+from edge_rwkv.synthetic import random_checkpoint
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "edge_rwkv", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    p = tmp_path_factory.mktemp("qcli") / "m.pth"
+    torch.save(random_checkpoint(1, 64, 32, 65536, seed=2), p)
+    return p
+
+
+def test_quantize_int4_gptq_then_load_and_generate(model, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "q4.safetensors"
+    r = run("quantize", model, "-o", out, "--bits", "4", "--group-size", "32", "--method", "gptq", "--calib", calib)
+    assert r.returncode == 0, r.stderr
+    assert "int4 g32, gptq" in r.stdout
+    m = edge_rwkv.load(out)
+    assert {s["format"] for s in m.metadata["quant"]["tensors"].values()} == {"int4"}
+    assert m.metadata["quant"]["policy"]["method"] == "gptq"
+    assert "blocks.0.att.output.weight" not in m.metadata["quant"]["tensors"]  # kept fp16 by default
+    assert isinstance(m.generate("Hello", max_tokens=4, temperature=0), str)
+    info = run("info", out, "--tensors")
+    assert info.returncode == 0 and "int4" in info.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--calib", "/nonexistent/calib.txt", "--method", "awq"], "cannot read calibration text"),
+    (["--calib-tokens", "3", "--method", "gptq"], "--calib-tokens must be at least 16"),
+])
+def test_bad_calibration_input(model, tmp_path, extra, message):
+    out = tmp_path / "q.safetensors"
+    r = run("quantize", model, "-o", out, "--bits", "8", *extra)
+    assert r.returncode != 0
+    assert r.stderr.startswith("edge-rwkv: error:") and message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_refuses_missing_input_and_requantizing(model, tmp_path):
+    r = run("quantize", tmp_path / "missing.pth", "-o", tmp_path / "x.safetensors", "--bits", "8")
+    assert r.returncode != 0 and "no such file" in r.stderr
+    q8 = tmp_path / "q8.safetensors"
+    assert run("quantize", model, "-o", q8, "--bits", "8").returncode == 0
+    r = run("quantize", q8, "-o", tmp_path / "again.safetensors", "--bits", "4")
+    assert r.returncode != 0 and "already quantized" in r.stderr
+    assert not (tmp_path / "again.safetensors").exists()
