@@ -183,9 +183,7 @@ class Model:
                 self._graph_error = f"CUDA-graph capture failed, decoding eagerly: {type(e).__name__}: {e}"
                 warnings.warn(self._graph_error, RuntimeWarning, stacklevel=3)
                 return None
-        dec = GraphDecoder(self._graph)
-        dec.fingerprint = self.fingerprint
-        return dec
+        return GraphDecoder(self._graph)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 1.0,
                  state: State | None = None, return_state: bool = False, **sampling):

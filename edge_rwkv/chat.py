@@ -52,7 +52,7 @@ class Chat:
             if piece:
                 yield piece
         state = gen.state
-        if gen.finish_reason != "stop" or not gen.text.endswith(TURN_END) and not _ended_turn(gen):
+        if gen.stop_matched != TURN_END:
             # The reply ended without a blank line (length limit / end of text): close the turn ourselves.
             _, state = self.model.forward(self.model.tokenizer.encode(TURN_END), state)
         self.state = state
@@ -70,7 +70,3 @@ class Chat:
         self.state = self.model.load_state(path)
         self.turns = 1
 
-
-def _ended_turn(gen) -> bool:
-    tail = gen._gen.tok.decode(gen.tokens[-4:]) if gen.tokens else ""
-    return TURN_END in tail

@@ -64,9 +64,7 @@ class GraphDecoder:
         return self.g.step(self._ids)[0]
 
     def final_state(self) -> State:
-        st = self.g.state.clone()
-        st.fingerprint = self.fingerprint
-        return st
+        return self.g.state.clone()  # load_state() copied the fingerprint in
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -91,6 +89,7 @@ class Generation:
         self.state = state
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_matched: str | None = None  # the stop string that ended the text, if one did
         self.pieces: list[str] = []
 
     @property
@@ -138,8 +137,9 @@ class Generation:
             self.tokens.append(token)
             logits = self.decoder.step(token)
             pending += decoder.feed(token)
-            hit = min((i for i in (pending.find(s) for s in p.stop) if i >= 0), default=-1)
+            hit, stop = min(((i, s) for s in p.stop if (i := pending.find(s)) >= 0), default=(-1, None))
             if hit >= 0:
+                self.stop_matched = stop
                 if hit:
                     yield pending[:hit]
                 matched_stop = True

@@ -108,13 +108,7 @@ class State:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu", expect_fingerprint: str | None = None) -> "State":
-        p = Path(path)
-        if not p.is_file():
-            raise StateError(f"{p}: no such state file")
-        size = p.stat().st_size
-        if size > MAX_STATE_FILE:
-            raise StateError(f"{p}: {size} bytes is larger than any state file")
-        return cls.from_bytes(p.read_bytes(), str(p), device, expect_fingerprint)
+        return cls.from_bytes(read_state_file(path), str(path), device, expect_fingerprint)
 
     @classmethod
     def from_bytes(cls, data: bytes, name="<bytes>", device="cpu", expect_fingerprint: str | None = None) -> "State":
@@ -127,6 +121,17 @@ class State:
                              f"this model is {expect_fingerprint[:12]}…)")
         st = cls(tensors["att_x"], tensors["wkv"], tensors["ffn_x"], meta["fingerprint"], int(meta["tokens"]))
         return st.to(device)
+
+
+def read_state_file(path: str | os.PathLike) -> bytes:
+    """A state file's bytes, after checking it exists and is of a plausible size."""
+    p = Path(path)
+    if not p.is_file():
+        raise StateError(f"{p}: no such state file")
+    size = p.stat().st_size
+    if size > MAX_STATE_FILE:
+        raise StateError(f"{p}: {size} bytes is larger than any state file")
+    return p.read_bytes()
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

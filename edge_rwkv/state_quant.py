@@ -25,13 +25,12 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .errors import StateError
 from .fileio import atomic_write_bytes
-from .state import MAX_STATE_FILE, State
+from .state import State, read_state_file
 
 QSTATE_FORMAT = "edge-rwkv-qstate"
 QSTATE_VERSION = 1
@@ -137,13 +136,7 @@ def save_quantized(state: State | QuantizedState, path: str | os.PathLike, granu
 def load_quantized(path: str | os.PathLike, device="cpu", expect_fingerprint: str | None = None,
                    dequantize: bool = True) -> State | QuantizedState:
     """Read an int8 state file; returns an fp32 State (or the QuantizedState with dequantize=False)."""
-    p = Path(path)
-    if not p.is_file():
-        raise StateError(f"{p}: no such state file")
-    size = p.stat().st_size
-    if size > MAX_STATE_FILE:
-        raise StateError(f"{p}: {size} bytes is larger than any state file")
-    q = from_bytes(p.read_bytes(), str(p), expect_fingerprint)
+    q = from_bytes(read_state_file(path), str(path), expect_fingerprint)
     if dequantize:
         return dequantize_state(q).to(device)
     for k in _ORDER:

@@ -27,3 +27,17 @@ def state_from_outputs(outputs: dict[str, torch.Tensor | np.ndarray], n_layer: i
 
     stacked = {p: torch.stack([get(f"{p}_out.{i}") for i in range(n_layer)]) for p in PARTS}
     return State(stacked["att_x"], stacked["wkv"], stacked["ffn_x"], like.fingerprint, like.tokens)
+
+
+def run_sequence(decode, prefill, tokens, state: State):
+    """Feed tokens [T] or [B,T] through a pair of graphs: whole prefill chunks where they fit, then decode
+    steps. Each graph has `.tokens` (per call) and `.step(ids, state) -> (logits, state)`."""
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    t, logits = 0, None
+    while t < ids.shape[1]:
+        g = prefill if prefill and ids.shape[1] - t >= prefill.tokens else decode
+        logits, state = g.step(ids[:, t:t + g.tokens], state)
+        t += g.tokens
+    return logits, state

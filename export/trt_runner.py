@@ -16,7 +16,7 @@ import torch
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
-from .state_io import state_feeds, state_from_outputs
+from .state_io import run_sequence, state_feeds, state_from_outputs
 from .tensorrt import TensorRTUnavailable, tensorrt_available
 
 
@@ -98,12 +98,4 @@ class TrtModel:
         self.prefill = TrtGraph(folder / engines["prefill"], device) if "prefill" in engines else None
 
     def forward(self, tokens, state: State) -> tuple[torch.Tensor, State]:
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        t, logits = 0, None
-        while t < ids.shape[1]:
-            g = self.prefill if self.prefill and ids.shape[1] - t >= self.prefill.tokens else self.decode
-            logits, state = g.step(ids[:, t:t + g.tokens], state)
-            t += g.tokens
-        return logits, state
+        return run_sequence(self.decode, self.prefill, tokens, state)
