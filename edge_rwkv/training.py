@@ -108,6 +108,15 @@ def pick_training_wkv(device: torch.device):
     return wkv7_torch, "torch chunked (CPU)"
 
 
+def _keep_best(best, params, cfg, val_ids, ctx, wkv, step):
+    """(ppl, step, fp16 params) of whichever is better on the validation tokens: `best` or now."""
+    ppl = heldout_perplexity(params, cfg, val_ids, ctx, wkv)
+    print(f"step {step:5d}  validation ppl {ppl:.2f}", flush=True)
+    if ppl < best[0]:
+        return ppl, step, {k: v.detach().to(torch.float16).cpu() for k, v in params.items()}
+    return best
+
+
 def train(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -120,6 +129,8 @@ def train(args) -> dict:
         train_ids, held_ids, corpus = tokenized_corpus()
     print(f"corpus: {corpus['files']} files, {len(train_ids):,} train / {len(held_ids):,} held-out tokens", flush=True)
 
+    # the tail of the training tokens validates (picks the step to keep); the held-out files stay unseen
+    val_ids, train_ids = train_ids[-args.val_tokens:], train_ids[:-args.val_tokens]
     sd = random_checkpoint(args.layers, args.embd, args.head_size, 65536, seed=args.seed)
     sd["emb.weight"] *= 0.1
     sd["head.weight"] *= 0.1
@@ -129,6 +140,7 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     start, step, losses = time.time(), 0, []
+    best = (math.inf, 0, None)  # validation ppl, step, fp16 params
     budget = args.minutes * 60
     while time.time() - start < budget and step < args.max_steps:
         frac = min(1.0, (time.time() - start) / budget)
@@ -145,12 +157,16 @@ def train(args) -> dict:
         step += 1
         if step % 50 == 0:
             print(f"step {step:5d}  loss {sum(losses[-50:]) / 50:.3f}  {time.time() - start:.0f}s", flush=True)
+        if step % args.val_every == 0:
+            best = _keep_best(best, params, cfg, val_ids.to(device), args.ctx, wkv, step)
+    best = _keep_best(best, params, cfg, val_ids.to(device), args.ctx, wkv, step)
+    val_ppl, best_step, final = best
+    params = trainable(final, device)
     ppl = heldout_perplexity(params, cfg, held_ids[: args.eval_tokens].to(device), args.ctx, wkv)
-    result = {"steps": step, "tokens_seen": step * args.batch * args.ctx, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    result = {"steps": step, "kept_step": best_step, "validation_ppl": val_ppl, "validation_tokens": len(val_ids), "tokens_seen": step * args.batch * args.ctx, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
               "heldout_ppl": ppl, "heldout_tokens": min(len(held_ids), args.eval_tokens), "ctx": args.ctx,
               "wkv": backend, "corpus": corpus, "seconds": time.time() - start, "seed": args.seed}
     print(json.dumps(result, indent=1), flush=True)
-    final = {k: v.detach().to(torch.float16).cpu() for k, v in params.items()}
     meta = make_metadata(cfg, "float16")
     meta["training"] = result
     write_artifact(args.output, final, meta)
@@ -173,6 +189,8 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--eval-tokens", type=int, default=200000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-tokens", type=int, default=16000, help="tail of the training tokens used to pick the step kept")
+    p.add_argument("--val-every", type=int, default=250, help="steps between validation passes")
     args = p.parse_args(argv)
     if args.dump_corpus:
         train_ids, held_ids, info = tokenized_corpus()
