@@ -301,7 +301,16 @@ class _Prep(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def _masks(L: int, dtype: torch.dtype, device_str: str):
-    """Mask for the 2L×2L product [Arel;Rrel]·[Brel;Krel]ᵀ: strict lower for A rows, lower for R rows."""
+    """Mask for the 2L×2L product [Arel;Rrel]·[Brel;Krel]ᵀ: strict lower for A rows, lower for R rows.
+
+    Cached, so built as an ordinary tensor even when first asked for under inference mode: autograd
+    may save it later.
+    """
+    with torch.inference_mode(False):
+        return _build_masks(L, dtype, device_str)
+
+
+def _build_masks(L: int, dtype: torch.dtype, device_str: str):
     idx = torch.arange(L)
     strict = (idx[:, None] > idx[None, :]).to(dtype)
     incl = (idx[:, None] >= idx[None, :]).to(dtype)

@@ -82,6 +82,18 @@ def _checks():
         g2 = torch.autograd.grad((yr * gy).sum() + (sr * gs).sum(), xs)
         record(f"backward_T{T}_L{L}", max(rel_err(p, q) for p, q in zip(g1, g2)), 1e-12)
 
+    # a forward under inference mode first (as serving does) must not poison later training passes
+    xs = make_inputs(1, 3, 1, 4, torch.float64, seed=6)
+    with torch.inference_mode():
+        wkv7_prefill(*xs, chunk_len=2)
+    xs = [x.requires_grad_(True) for x in xs]
+    try:
+        y, s = WKV7Function.apply(*xs, 2)
+        (y.sum() + s.sum()).backward()
+        res["inference_then_backward"] = [all(x.grad is not None for x in xs), "grads after an inference-mode forward"]
+    except Exception as exc:  # noqa: BLE001
+        res["inference_then_backward"] = [False, repr(exc)[:400]]
+
     # float64 gradcheck of the autograd Function on a tiny shape
     xs = [x.requires_grad_(True) for x in make_inputs(1, 3, 1, 4, torch.float64, seed=2)]
     try:
@@ -113,7 +125,7 @@ NAMES = (
     [f"decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
     + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
     + ["prefill_f32_N4", "prefill_strong_decay", "prefill_equals_decode", "backward_T5_L4",
-       "backward_T17_L4", "gradcheck_f64", "wkv7_public"]
+       "backward_T17_L4", "inference_then_backward", "gradcheck_f64", "wkv7_public"]
 )
 
 
