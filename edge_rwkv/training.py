@@ -1,8 +1,10 @@
 """Train a small RWKV-7 from scratch: how the embedded default model is made (reproducible).
 
-Corpus: the docstrings of the Python standard library of the interpreter running this script
-(Python Software Foundation License 2.0), extracted with `ast`, files in sorted order; the last 5 %
-of files form the held-out set. The corpus digest and Python version go into the artifact metadata.
+Corpus: docstrings extracted with `ast`, files in sorted order, from the Python standard library of
+the interpreter running this script (PSF License 2.0) and from the installed numpy and torch packages
+(both BSD-3-Clause; both are dependencies, so present wherever this runs). The last 5 % of the stdlib
+files form the held-out set; the tail of the training tokens validates (picks the step kept). Source
+versions and the corpus digest go into the artifact metadata.
 
     python -m edge_rwkv.training -o default-fp16.safetensors --device cuda --minutes 4
 """
@@ -54,14 +56,26 @@ def stdlib_docstrings(root: Path, max_chars: int | None = None) -> list[tuple[st
     return out
 
 
-def build_corpus(root: Path | None = None, heldout_fraction: float = 0.05):
+EXTRA_SOURCES = (("numpy", "BSD-3-Clause"), ("torch", "BSD-3-Clause"))
+
+
+def build_corpus(root: Path | None = None, heldout_fraction: float = 0.05, extra=EXTRA_SOURCES):
     root = root or Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_docstrings(root)
     n_held = max(1, int(len(files) * heldout_fraction))
-    train = "\n\n".join(t for _, t in files[:-n_held])
+    train_parts = [t for _, t in files[:-n_held]]
     held = "\n\n".join(t for _, t in files[-n_held:])
-    info = {"source": "Python standard library docstrings", "license": "PSF-2.0",
-            "python": sys.version.split()[0], "files": len(files), "heldout_files": n_held,
+    sources = [{"name": "python-stdlib", "version": sys.version.split()[0], "license": "PSF-2.0",
+                "files": len(files)}]
+    for name, license_ in extra:
+        module = __import__(name)
+        more = stdlib_docstrings(Path(module.__file__).parent)
+        train_parts += [t for _, t in more]
+        sources.append({"name": name, "version": module.__version__, "license": license_, "files": len(more)})
+    train = "\n\n".join(train_parts)
+    info = {"source": "docstrings of " + ", ".join(s["name"] for s in sources), "sources": sources,
+            "license": "PSF-2.0 (stdlib), BSD-3-Clause (numpy, torch)", "python": sys.version.split()[0],
+            "files": sum(s["files"] for s in sources), "heldout_files": n_held, "heldout_from": "python-stdlib",
             "sha256": hashlib.sha256((train + "\0" + held).encode()).hexdigest()}
     return train, held, info
 
@@ -124,7 +138,7 @@ def train(args) -> dict:
     if args.corpus_file:
         # pre-tokenized corpus (see --dump-corpus): train on a machine other than the one that built it
         saved = torch.load(args.corpus_file, weights_only=True)
-        train_ids, held_ids, corpus = saved["train"], saved["heldout"], json.loads(saved["info"])
+        train_ids, held_ids, corpus = saved["train"].long(), saved["heldout"].long(), json.loads(saved["info"])
     else:
         train_ids, held_ids, corpus = tokenized_corpus()
     print(f"corpus: {corpus['files']} files, {len(train_ids):,} train / {len(held_ids):,} held-out tokens", flush=True)
@@ -173,6 +187,46 @@ def train(args) -> dict:
     return result
 
 
+DEFAULT_NAME = "edge-rwkv default (RWKV-7 x070, L{n_layer} D{n_embd}, World tokenizer)"
+
+
+def package_default(fp16_path: str, output: str, held_ids: torch.Tensor, device: str, how: str) -> dict:
+    """Quantize a trained fp16 artifact the way the embedded default model ships, and record its quality.
+
+    int4 g128 GPTQ for the layers and the head, int8 embedding, layer-0 attention output kept fp16;
+    held-out perplexity of both at ctx 512, top-1 agreement and KL vs fp16.
+    """
+    from .api import load
+    from .checkpoint import load_checkpoint
+    from .fileio import sha256_file
+    from .quality import compare
+    from .quant.policy import QuantPolicy
+    from .quantize import default_calibration_tokens, quantize_checkpoint
+
+    ckpt = load_checkpoint(fp16_path)
+    policy = QuantPolicy(bits=4, group=128, quantize_head=True, quantize_embedding=True,
+                         keep_layer0_output=True, method="gptq")
+    calib = default_calibration_tokens(default_tokenizer(), 8192)
+    tensors, meta = quantize_checkpoint(ckpt, policy, calib, source_sha256=sha256_file(fp16_path))
+    held = held_ids.tolist()
+    tmp = Path(output).with_suffix(".unrated.safetensors")
+    write_artifact(tmp, tensors, meta)
+    q = compare(load(fp16_path, device=device, dtype="float32"), load(tmp, device=device, dtype="float32"), held, ctx=512)
+    tmp.unlink()
+    cfg = ckpt.config
+    meta["training"] = ckpt.metadata.get("training")
+    meta["default_model"] = {
+        "name": DEFAULT_NAME.format(n_layer=cfg.n_layer, n_embd=cfg.n_embd), "how": how,
+        "trained_on": f"{meta['training']['corpus']['source']}, {meta['training']['tokens_seen']:,} tokens seen",
+        "quantization": "int4 g128 GPTQ (layers and head), int8 embedding, layer-0 attention output fp16",
+        "heldout_ppl": round(q["ppl"], 3), "heldout_ppl_fp16": round(q["ppl_ref"], 3), "heldout_ctx": 512,
+        "heldout_tokens": q["tokens"], "top1_agreement_vs_fp16_pct": round(q["top1_agreement_pct"], 2),
+        "mean_kl_vs_fp16": round(q["mean_kl"], 4)}
+    write_artifact(output, tensors, meta)
+    print(json.dumps(meta["default_model"], indent=1), flush=True)
+    return meta["default_model"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", required=True, help="artifact to write (or the corpus file with --dump-corpus)")
@@ -189,15 +243,21 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--eval-tokens", type=int, default=200000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--package", help="also write the shipped form (int4 GPTQ + quality metadata) here")
     p.add_argument("--val-tokens", type=int, default=16000, help="tail of the training tokens used to pick the step kept")
     p.add_argument("--val-every", type=int, default=250, help="steps between validation passes")
     args = p.parse_args(argv)
     if args.dump_corpus:
         train_ids, held_ids, info = tokenized_corpus()
-        torch.save({"train": train_ids, "heldout": held_ids, "info": json.dumps(info)}, args.output)
+        torch.save({"train": train_ids.to(torch.int32), "heldout": held_ids.to(torch.int32), "info": json.dumps(info)}, args.output)
         print(f"saved {len(train_ids):,} + {len(held_ids):,} tokens to {args.output}")
         return
     train(args)
+    if args.package:
+        saved = torch.load(args.corpus_file, weights_only=True) if args.corpus_file else None
+        held = saved["heldout"].long() if saved is not None else tokenized_corpus()[1]
+        how = "python -m edge_rwkv.training " + " ".join(argv if argv is not None else sys.argv[1:])
+        package_default(args.output, args.package, held, args.device, how)
 
 
 if __name__ == "__main__":
