@@ -197,11 +197,18 @@ class Model:
 
         return Chat(self, system=system, **sampling)
 
+    def _decode_how(self) -> str:
+        if self.device.type != "cuda":
+            return "eager"
+        if self._graph_error:
+            return self._graph_error
+        return self._graph.how if self._graph is not None else "cuda-graph (captured on first use)"
+
     def describe(self) -> dict:
         c = self.config
         return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
-                "decode": "eager" if self.device.type != "cuda" else (self._graph_error or "cuda-graph"), "fingerprint": self.fingerprint,
+                "decode": self._decode_how(), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}
 
 

@@ -20,6 +20,7 @@ Bandwidth: bytes of weights (and state) read per decode step / step time, agains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,7 +53,7 @@ class BenchOptions:
     prefill: list[int] = field(default_factory=lambda: [1024, 8192, 32768])
     memory_ctx: list[int] = field(default_factory=lambda: [8192, 32768, 131072])
     peer: bool = True
-    chunk: int = 256
+    chunk: int | None = None  # None: our default for the model (generate.prefill_chunk_for), both runtimes
     quality: bool = False
     decode_steps: int = 100
     warmup: int = 20
@@ -302,9 +303,10 @@ class Ours:
                 g = GraphStep(self.net, batch=batch)
                 ids = torch.randint(0, VOCAB, (batch,), device=self.dev)
                 t = self.timer.each(lambda: g.step(ids), reps=steps, warmup=o.warmup)
+                how = g.how
                 del g
                 torch.cuda.empty_cache()
-                return t, "cuda-graph"
+                return t, how
             except Exception as e:  # noqa: BLE001  (visible in the table's note)
                 how = f"eager (graph capture failed: {type(e).__name__})"
         else:
@@ -499,6 +501,10 @@ def run_bench(o: BenchOptions, log=print) -> dict:
             log(f"weights: {label} written to {path} in {time.perf_counter() - t0:.1f} s")
         model = api.load(path, device=str(dev), dtype=dtype)
         cfg = model.config
+        if o.chunk is None:
+            from .generate import prefill_chunk_for
+
+            o = dataclasses.replace(o, chunk=prefill_chunk_for(model.net))
         ours = Ours(model, o)
         meta.update(model=label, config=cfg.to_dict(), device=str(dev),
                     device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
@@ -677,8 +683,7 @@ def format_table(res: dict) -> str:
         ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
         g = f"{r['gbs']:.3g}" + (f" / {r['peer_gbs']:.3g}" if "peer_gbs" in r else "")
         pct = f"{r['pct_bound']:.1f}%" + (f" / {r['peer_pct_bound']:.1f}%" if "peer_pct_bound" in r else "")
-        how = "" if r.get("how") in ("cuda-graph", "eager") else f" [{r.get('how')}]"
-        lines.append(f"| decode tok/s, B=1 | {r['precision']} ({r.get('how')}){how} | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | {g} | {pct} |")
+        lines.append(f"| decode tok/s, B=1 | {r['precision']} ({r.get('how')}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | {g} | {pct} |")
     for r in res["batched"]:
         if "ours_tok_s" not in r:
             lines.append(f"| decode tok/s, batched | B={r['batch']} | {r.get('note')} | | | | |")
@@ -769,7 +774,7 @@ def add_bench_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefill", type=_int_list, default=[1024, 8192, 32768])
     s.add_argument("--memory-ctx", type=_int_list, default=[8192, 32768, 131072])
     s.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the rwkv pip package")
-    s.add_argument("--chunk", type=int, default=None, help="prefill chunk, both runtimes (default: generate.PREFILL_CHUNK)")
+    s.add_argument("--chunk", type=int, default=None, help="prefill chunk, both runtimes (default: ours for the model, generate.prefill_chunk_for)")
     s.add_argument("--steps", type=int, default=None, help="timed decode steps (default 100 on cuda, 30 on cpu)")
     s.add_argument("--item-limit", type=float, default=60.0, help="skip a prefill length estimated to take longer (s)")
     s.add_argument("--seed", type=int, default=0)
@@ -781,13 +786,11 @@ def add_bench_args(s: argparse.ArgumentParser) -> None:
 
 def options_from_args(a) -> BenchOptions:
     from .errors import InputError
-    from .generate import PREFILL_CHUNK
-
     cpu = str(a.device).startswith("cpu")
     if a.model and not Path(a.model).is_file():
         raise InputError(f"{a.model}: no such model file")
-    chunk = a.chunk or PREFILL_CHUNK
-    if chunk < 1:
+    chunk = a.chunk  # None: generate.prefill_chunk_for(model), decided once the model is loaded
+    if chunk is not None and chunk < 1:
         raise InputError("--chunk must be positive")
     return BenchOptions(
         model=a.model, preset=a.preset, device=a.device,

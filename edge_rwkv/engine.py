@@ -15,9 +15,14 @@ from its logits with the slot's own Sampler, and all sampled tokens go through O
 being read (as in `generate.Generation`). With greedy sampling a slot produces the same tokens as the
 sequence run alone.
 
-This is the eager engine: it gathers the rows of the slots that decode this step, runs them, and
-scatters the new state back. A graph-replay engine keeps the same interface (static `max_slots`,
-slot indices, `state` / `logits` buffers updated in place) and runs all rows every step.
+On CUDA a decode step replays a captured CUDA graph (cuda_graph.GraphStep) over the first b rows
+of the engine's state, b the smallest power of two (or max_slots) covering the highest decoding
+slot (free slots are taken lowest first, so b follows the number of sessions); rows that do not
+decode this step run through the graph with `live` = 0, which leaves their state as it was. One
+graph is captured per b, on first use. Elsewhere (CPU, or if capture fails: `decode_how` says
+why) the eager path gathers the decoding rows, runs them and scatters the new state back.
+Greedy slots without repetition penalties take their tokens in one argmax over the batch on the
+device; the others sample one by one on the host.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from .generate import PREFILL_CHUNK
+from .generate import prefill_chunk_for
 from .sampling import Sampler, SamplingParams
 from .state import State
 from .tokenizer import END_OF_TEXT
@@ -43,18 +48,20 @@ class Slot:
 
 
 class BatchEngine:
-    def __init__(self, model, max_slots: int, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, max_slots: int, prefill_chunk: int | None = None):
         if not isinstance(max_slots, int) or max_slots < 1:
             raise InputError(f"max_slots must be a positive integer, got {max_slots!r}")
         self.model = model
         self.net = model.net
         self.max_slots = max_slots
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk or prefill_chunk_for(model.net)
         self.vocab_size = model.config.vocab_size
         self.state: State = model.new_state(max_slots)  # row i = slot i
         self.logits = torch.zeros(max_slots, self.vocab_size, dtype=torch.float32, device=self.net.device)
         self.slots: list[Slot | None] = [None] * max_slots
         self.forward_calls = 0  # batched decode forwards (for tests and stats)
+        self._graphs: dict = {}
+        self.decode_how = "cuda-graph" if self.net.device.type == "cuda" else "eager"
 
     # ------------------------------------------------------------------ slots
     @property
@@ -118,10 +125,8 @@ class BatchEngine:
                 self._prefill_chunk(i, s)
         out: dict[int, int] = {}
         rows, ids = [], []
-        for i, s in enumerate(self.slots):
-            if s is None or not s.ready or s.ended or s.pending:
-                continue
-            token = s.sampler.sample(self.logits[i])
+        for i, token in self._sample_ready().items():
+            s = self.slots[i]
             out[i] = token
             if token == END_OF_TEXT:
                 s.ended, s.ready = True, False
@@ -132,8 +137,62 @@ class BatchEngine:
             self._decode(rows, ids)
         return out
 
+    def _sample_ready(self) -> dict[int, int]:
+        """{slot: next token} for every slot whose logits are ready, in slot order."""
+        ready = [i for i, s in enumerate(self.slots) if s is not None and s.ready and not s.ended and not s.pending]
+        greedy = [i for i in ready if self.slots[i].sampler.plain_greedy]
+        picked: dict[int, int] = {}
+        if len(greedy) > 1:
+            idx = torch.tensor(greedy, dtype=torch.long, device=self.logits.device)
+            rows = self.logits.index_select(0, idx)
+            banned = torch.tensor([self.slots[i].sampler.params.ban_end_of_text for i in greedy], device=rows.device)
+            rows[:, END_OF_TEXT].masked_fill_(banned, float("-inf"))
+            for i, token in zip(greedy, rows.argmax(-1).tolist()):
+                self.slots[i].sampler.observe(token)
+                picked[i] = token
+        for i in ready:
+            if i not in picked:
+                picked[i] = self.slots[i].sampler.sample(self.logits[i])
+        return dict(sorted(picked.items()))
+
+    def _graph_for(self, rows: list[int]):
+        """The captured step covering these rows (None when graphs are off or capture failed)."""
+        if self.decode_how != "cuda-graph":
+            return None
+        b = 1
+        while b < max(rows) + 1:
+            b *= 2
+        b = min(b, self.max_slots)
+        g = self._graphs.get(b)
+        if g is None:
+            from .cuda_graph import GraphStep
+
+            st = self.state
+            view = State(st.att_x[:, :b], st.wkv[:, :b], st.ffn_x[:, :b], st.fingerprint)
+            try:
+                with torch.inference_mode():
+                    g = GraphStep(self.net, batch=b, state=view)
+            except Exception as e:  # noqa: BLE001 - capture impossible here: decode eagerly, say why
+                self.decode_how = f"eager (CUDA-graph capture failed: {type(e).__name__}: {e})"
+                return None
+            self._graphs[b] = g
+        return g
+
     def _decode(self, rows: list[int], ids: list[int]) -> None:
         dev = self.net.device
+        g = self._graph_for(rows)
+        if g is not None:
+            tok = torch.zeros(g.batch, dtype=torch.long)
+            live = torch.zeros(g.batch, dtype=torch.int32)
+            tok[rows] = torch.tensor(ids, dtype=torch.long)
+            live[rows] = 1
+            logits = g.step(tok.to(dev, non_blocking=True), live.to(dev, non_blocking=True))
+            idx = torch.tensor(rows, dtype=torch.long, device=dev)
+            self.logits.index_copy_(0, idx, logits.index_select(0, idx))
+            self.forward_calls += 1
+            for i in rows:
+                self.slots[i].tokens += 1
+            return
         tok = torch.tensor(ids, dtype=torch.long, device=dev)[:, None]
         if rows == list(range(self.max_slots)):
             logits, new = self.net.forward(tok, self.state, all_logits=False)

@@ -9,11 +9,24 @@ from .sampling import Sampler, SamplingParams
 from .state import State
 from .tokenizer import END_OF_TEXT
 
-PREFILL_CHUNK = 256  # tokens per forward while reading a prompt: bounds activation memory
+PREFILL_CHUNK = 256  # tokens per forward while reading a prompt on the CPU: bounds activation memory
+GPU_CHUNK_ELEMENTS = 1 << 22  # on a GPU, tokens × width per forward (16 MB per fp32 activation)
+GPU_CHUNK_MAX = 4096
 
 
-def prefill(net, tokens: list[int], state: State, chunk: int = PREFILL_CHUNK):
+def prefill_chunk_for(net) -> int:
+    """Tokens per prefill forward: on a GPU as many as keep one activation ≤ 16 MB (a power of two,
+    ≤ 4096: 4096 at width 768, 1024 at 4096), so per-launch costs are paid per thousands of tokens
+    while memory stays O(chunk); PREFILL_CHUNK elsewhere."""
+    if net.device.type != "cuda":
+        return PREFILL_CHUNK
+    n = GPU_CHUNK_ELEMENTS // net.cfg.n_embd
+    return max(PREFILL_CHUNK, min(GPU_CHUNK_MAX, 1 << (n.bit_length() - 1)))
+
+
+def prefill(net, tokens: list[int], state: State, chunk: int | None = None):
     """Consume tokens; return the last token's logits [V] and the new state."""
+    chunk = chunk or prefill_chunk_for(net)
     logits = None
     for start in range(0, len(tokens), chunk):
         ids = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=net.device)

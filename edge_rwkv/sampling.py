@@ -68,6 +68,13 @@ class Sampler:
             logits[0] = float("-inf")
         return logits
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no repetition penalty: the token is an argmax (end-of-text masked when banned),
+        which a batch engine can take for many rows at once on the device."""
+        p = self.params
+        return p.temperature == 0 and not (p.presence_penalty or p.frequency_penalty)
+
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] (any device) → token id; updates the occurrence counts."""
         token = sample_token(self.penalize(logits.float().cpu()), self.params, self.generator)

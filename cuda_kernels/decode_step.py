@@ -1,0 +1,244 @@
+"""Fused Numba-CUDA kernels of one RWKV-7 decode step (T=1): the small-vector work around the matmuls.
+
+Per layer the step needs only three of these launches (plus the matmuls):
+
+* `norm_mix`     x += dx; h = LayerNorm(x); for each of M mix vectors: out[m] = h + (prev − h)·mix[m];
+                 prev = h. The time-mix prologue (M=6: r k v w a g), the channel-mix prologue (M=1)
+                 and, with a zero mix, the final norm before the head. One block per batch row.
+* `time_mix_wkv` everything between the r/k/v/LoRA products and the output projection: decay, the a
+                 gate, kk normalisation, the k and v corrections (v_first), the WKV state update in
+                 place, group norm, the r·k bonus and the output gate. One block per (row, head),
+                 the head's N×N state held in registers, per-head reductions in shared memory.
+
+They launch on torch's current stream and allocate nothing, so a torch CUDA graph captures them.
+Math in fp32 (fp64 for fp64 inputs under the simulator). The model-level reference is
+`edge_rwkv.model.RWKV7.forward` with T=1; tests compare against it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, simulator
+
+LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
+GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
+NORM_THREADS = 256  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
+
+
+def _norm_threads() -> int:
+    return 32 if simulator() else NORM_THREADS
+KK_EPS = 1e-12  # F.normalize's floor on the norm
+cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
+
+
+def _threads_per_row(N: int) -> int:
+    return min(16, N)
+
+
+@functools.lru_cache(maxsize=None)
+def norm_mix_kernel(acc_name: str):
+    global cuda
+    cuda = numba_cuda()
+    from numba import float32, float64
+
+    acc = float64 if acc_name == "float64" else float32
+    npacc = np.float64 if acc_name == "float64" else np.float32
+    NT = _norm_threads()
+    EPS = npacc(LN_EPS)
+    ZERO = npacc(0.0)
+
+    @cuda.jit(device=True)
+    def block_sum(buf, v, t):
+        buf[t] = v
+        cuda.syncthreads()
+        s = NT // 2
+        while s > 0:
+            if t < s:
+                buf[t] += buf[t + s]
+            cuda.syncthreads()
+            s //= 2
+        total = buf[0]
+        cuda.syncthreads()
+        return total
+
+    @cuda.jit(fastmath=False)
+    def kern(x, dx, add, lnw, lnb, prev, live, mix, out):
+        # x [B,C] acc, in/out; dx [B,C] added first when add != 0; prev [B,C] in/out (rows with live[b]
+        # == 0 keep theirs); mix [M,C]; out [M,B,C]
+        b = cuda.blockIdx.x
+        keep = live[b] == 0
+        t = cuda.threadIdx.x
+        C = x.shape[1]
+        M = mix.shape[0]
+        buf = cuda.shared.array(NT, acc)
+        s = ZERO
+        for c in range(t, C, NT):
+            xv = x[b, c]
+            if add != 0:
+                xv += acc(dx[b, c])
+                x[b, c] = xv
+            s += xv
+        mean = block_sum(buf, s, t) / C
+        s = ZERO
+        for c in range(t, C, NT):
+            d = x[b, c] - mean
+            s += d * d
+        inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)
+        for c in range(t, C, NT):
+            h = (x[b, c] - mean) * inv * acc(lnw[c]) + acc(lnb[c])
+            xx = acc(prev[b, c]) - h
+            if not keep:
+                prev[b, c] = h
+            for m in range(M):
+                out[m, b, c] = h + xx * acc(mix[m, c])
+
+    return kern
+
+
+@functools.lru_cache(maxsize=None)
+def time_mix_wkv_kernel(N: int, acc_name: str):
+    global cuda
+    cuda = numba_cuda()
+    from numba import float32, float64
+
+    acc = float64 if acc_name == "float64" else float32
+    npacc = np.float64 if acc_name == "float64" else np.float32
+    TPR = _threads_per_row(N)
+    CPT = N // TPR
+    DS = npacc(DECAY_SCALE)
+    ONE = npacc(1.0)
+    ZERO = npacc(0.0)
+    GEPS = npacc(GROUP_NORM_EPS)
+    KEPS = npacc(KK_EPS)
+
+    @cuda.jit(device=True)
+    def head_sum(buf, t):
+        """Sum of buf[0:N] (all threads call; threads below N own one entry each)."""
+        s = N // 2
+        while s > 0:
+            cuda.syncthreads()
+            if t < s:
+                buf[t] += buf[t + s]
+            s //= 2
+        cuda.syncthreads()
+        total = buf[0]
+        cuda.syncthreads()
+        return total
+
+    @cuda.jit(fastmath=False)
+    def kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out):
+        # r,k,v,g [B,C]; lora [3,B,C] = (v, w, a) LoRA outputs; v_first [B,C] acc (written when first);
+        # state [B,H,N,N] acc in place for rows with live[b] != 0; out [B,C] = (GroupNorm(y) + bonus)·g
+        H = state.shape[1]
+        bh = cuda.blockIdx.x
+        bi = bh // H
+        keep = live[bi] == 0
+        h = bh - bi * H
+        t = cuda.threadIdx.x
+        base = h * N
+        sr = cuda.shared.array(N, acc)
+        sd = cuda.shared.array(N, acc)
+        sk = cuda.shared.array(N, acc)
+        sv = cuda.shared.array(N, acc)
+        sa = cuda.shared.array(N, acc)
+        sb = cuda.shared.array(N, acc)
+        buf = cuda.shared.array(N, acc)
+        red = cuda.shared.array((N, TPR), acc)
+        kk = ZERO
+        ag = ZERO
+        kj = ZERO
+        rj = ZERO
+        if t < N:
+            c = base + t
+            rj = acc(r[bi, c])
+            kj = acc(k[bi, c])
+            wl = acc(w0[c]) + acc(lora[1, bi, c])
+            sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
+            ag = ONE / (ONE + math.exp(-(acc(a0[c]) + acc(lora[2, bi, c]))))
+            kk = kj * acc(k_k[c])
+            buf[t] = kk * kk
+            vj = acc(v[bi, c])
+            if first != 0:
+                v_first[bi, c] = vj
+            else:
+                gate = ONE / (ONE + math.exp(-(acc(v0[c]) + acc(lora[0, bi, c]))))
+                vj = vj + (acc(v_first[bi, c]) - vj) * gate
+            sv[t] = vj
+            sr[t] = rj
+        nrm = math.sqrt(head_sum(buf, t))
+        if nrm < KEPS:
+            nrm = KEPS
+        if t < N:
+            kk = kk / nrm
+            kj = kj * (ONE + (ag - ONE) * acc(k_a[base + t]))
+            sk[t] = kj
+            sa[t] = -kk
+            sb[t] = kk * ag
+            buf[t] = rj * kj * acc(r_k[h, t])
+        bonus = head_sum(buf, t)  # also orders the shared writes above before the state pass
+        # state pass: row i of the head's N×N state, TPR threads per row
+        i = t // TPR
+        p = t - i * TPR
+        s = cuda.local.array(CPT, acc)
+        x = ZERO
+        for q in range(CPT):
+            j = p + q * TPR
+            s[q] = state[bi, h, i, j]
+            x += s[q] * sa[j]
+        red[i, p] = x
+        cuda.syncthreads()
+        x = ZERO
+        for q in range(TPR):
+            x += red[i, q]
+        vi = sv[i]
+        y = ZERO
+        for q in range(CPT):
+            j = p + q * TPR
+            sn = s[q] * sd[j] + x * sb[j] + vi * sk[j]
+            if not keep:
+                state[bi, h, i, j] = sn
+            y += sn * sr[j]
+        cuda.syncthreads()
+        red[i, p] = y
+        cuda.syncthreads()
+        y = ZERO
+        if t < N:
+            for q in range(TPR):
+                y += red[t, q]
+            buf[t] = y
+        mean = head_sum(buf, t) / N
+        if t < N:
+            buf[t] = (y - mean) * (y - mean)
+        var = head_sum(buf, t) / N
+        if t < N:
+            c = base + t
+            o = (y - mean) / math.sqrt(var + GEPS) * acc(lnw[c]) + acc(lnb[c]) + bonus * sv[t]
+            out[bi, c] = o * acc(g[bi, c])
+
+    return kern, N * TPR
+
+
+def _acc_name(t: torch.Tensor) -> str:
+    return "float64" if t.dtype == torch.float64 else "float32"
+
+
+def norm_mix(x, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
+    """In place: x += dx (if add); h = LN(x); out[m] = h + (prev − h)·mix[m]; prev = h where live[b]."""
+    kern = norm_mix_kernel(_acc_name(x))
+    arrays = [kernel_array(t) for t in (x, dx)] + [np.int32(1 if add else 0)] + \
+             [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)]
+    kern[x.shape[0], _norm_threads(), current_stream()](*arrays)
+
+
+def time_mix_wkv(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first: bool, v_first, state, live,
+                 out) -> None:
+    """In place: state advanced one token where live[b], out = the gated, normalised WKV output."""
+    B, H, N = state.shape[0], state.shape[1], state.shape[-1]
+    kern, nthreads = time_mix_wkv_kernel(N, _acc_name(state))
+    arrays = [kernel_array(t) for t in (r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb)] + \
+             [np.int32(1 if first else 0)] + [kernel_array(t) for t in (v_first, state, live, out)]
+    kern[B * H, nthreads, current_stream()](*arrays)
