@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import OrderedDict
 
 import torch
 
@@ -65,28 +64,16 @@ def kernel_device_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and _gpu_ok()
 
 
-_VIEW_CACHE: OrderedDict = OrderedDict()
-_VIEW_CACHE_SIZE = 256
-
-
 def kernel_array(t: torch.Tensor):
-    """Zero-copy Numba view of a tensor (cached by pointer/shape/strides/dtype for low launch cost).
+    """Zero-copy Numba view of a tensor.
 
-    A cached view holds a reference to its tensor; the cache is a bounded LRU, so at most
-    `_VIEW_CACHE_SIZE` stale tensors stay alive.
+    Not cached: a view keeps its tensor alive, and a cache of views kept every transient prefill
+    intermediate (and the batch-256 decode state of a finished benchmark) allocated — gigabytes.
+    Launch cost only matters eagerly; the decode step runs as a CUDA graph.
     """
     if simulator():
         return t.detach().numpy()
-    key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device.index)
-    arr = _VIEW_CACHE.get(key)
-    if arr is not None:
-        _VIEW_CACHE.move_to_end(key)
-        return arr
-    arr = numba_cuda().as_cuda_array(t.detach())
-    _VIEW_CACHE[key] = arr
-    if len(_VIEW_CACHE) > _VIEW_CACHE_SIZE:
-        _VIEW_CACHE.popitem(last=False)
-    return arr
+    return numba_cuda().as_cuda_array(t.detach())
 
 
 _STREAMS: dict = {}

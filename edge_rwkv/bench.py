@@ -261,11 +261,15 @@ def _obj_bytes(obj, seen: set) -> int:
             return 0
         seen.add(key)
         return obj.numel() * obj.element_size()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
     if isinstance(obj, (tuple, list)):
         return sum(_obj_bytes(o, seen) for o in obj)
     if isinstance(obj, dict):  # nn.Module keeps its tensors in _parameters / _buffers
         return sum(_obj_bytes(o, seen) for o in obj.values())
-    if hasattr(obj, "__dict__"):
+    # our objects and torch modules only: kernel handles (Numba device arrays) hold cyclic graphs
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith(("edge_rwkv", "torch")):
         return sum(_obj_bytes(v, seen) for v in vars(obj).values())
     return 0
 

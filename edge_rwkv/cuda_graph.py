@@ -59,6 +59,7 @@ class GraphStep:
     def load_state(self, state: State) -> None:
         self.state.copy_(state.to(self.state.device))
 
+    @torch.inference_mode()  # the static buffers are inference tensors (made under inference mode)
     def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B] (device); live [B] int32 (device) or None for all rows."""
         self.tokens.copy_(tokens.view(self.batch, 1))

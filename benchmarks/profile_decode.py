@@ -1,0 +1,78 @@
+"""Where one fused decode step spends its GPU time: per-kernel durations from torch.profiler (CUPTI).
+
+    python3 benchmarks/profile_decode.py [--presets 0.1b,1.5b] [--batch 1]
+
+Runs the fused step (edge_rwkv.fused_decode.FusedStep) eagerly a few times under the profiler on random
+official-shape fp16 weights and prints, per preset, the kernels by total GPU time per step, then the
+graph-replayed step time (CUDA events, median of 50) for comparison with the sum of kernel times.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import torch
+
+from edge_rwkv.api import load
+from edge_rwkv.bench import PRESETS, bench_weights
+from edge_rwkv.cuda_graph import GraphStep
+from edge_rwkv.fused_decode import FusedStep
+
+
+def profile(preset: str, batch: int, steps: int = 5) -> None:
+    L, D = PRESETS[preset]
+    dev = torch.device("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(bench_weights(L, D, 0, dev, torch.float16), f"{tmp}/m.pth")
+        m = load(f"{tmp}/m.pth", device="cuda", dtype="float16")
+    net = m.net
+    st = m.new_state(batch)
+    live = torch.ones(batch, dtype=torch.int32, device=dev)
+    tok = torch.randint(0, 65536, (batch, 1), device=dev)
+    with torch.inference_mode():
+        f = FusedStep(net, batch)
+        for _ in range(3):
+            f(tok, st, live)
+        torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                f(tok, st, live)
+            torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:60]
+            t, n = rows.get(name, (0.0, 0))
+            rows[name] = (t + e.device_time, n + 1)
+    total = sum(t for t, _ in rows.values()) / steps
+    print(f"\n## {preset} B={batch}: kernels per step {sum(n for _, n in rows.values()) / steps:.0f}, "
+          f"summed kernel time {total:.1f} µs/step")
+    print("| kernel | µs/step | launches/step | µs/launch |\n|---|---|---|---|")
+    for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:14]:
+        print(f"| {name} | {t / steps:.1f} | {n / steps:.0f} | {t / n:.2f} |")
+    g = GraphStep(net, batch)
+    ids = torch.randint(0, 65536, (batch,), device=dev)
+    times = []
+    for _ in range(60):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.step(ids)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    print(f"graph-replayed step: {statistics.median(times[10:]):.1f} µs (median of 50)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="0.1b,1.5b")
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args()
+    for p in a.presets.split(","):
+        profile(p, a.batch)
+
+
+if __name__ == "__main__":
+    main()
