@@ -2,7 +2,8 @@
 
 Per layer the step needs only three of these launches (plus the matmuls):
 
-* `norm_mix`     x += dx; h = LayerNorm(x); for each of M mix vectors: out[m] = h + (prev − h)·mix[m];
+* `norm_mix`     x += dx; h = LayerNorm(x) (x held in registers, one block of up to 1024 threads
+                 per row); for each of M mix vectors: out[m] = h + (prev − h)·mix[m];
                  prev = h. The time-mix prologue (M=6: r k v w a g), the channel-mix prologue (M=1)
                  and, with a zero mix, the final norm before the head. One block per batch row.
 * `time_mix_wkv` everything between the r/k/v/LoRA products and the output projection: decay, the a
@@ -26,28 +27,28 @@ from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, sim
 
 LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
-NORM_THREADS = 256  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
+NORM_MAX_THREADS = 1024  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
 
 
-def _norm_threads() -> int:
-    return 32 if simulator() else NORM_THREADS
-KK_EPS = 1e-12  # F.normalize's floor on the norm
-cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
-
-
-def _threads_per_row(N: int) -> int:
-    return min(16, N)
+def _norm_threads(C: int) -> int:
+    """Threads per row: enough that each holds few elements in registers (one block per row)."""
+    if simulator():
+        return 32
+    nt = 32
+    while nt < C and nt < NORM_MAX_THREADS:
+        nt *= 2
+    return nt
 
 
 @functools.lru_cache(maxsize=None)
-def norm_mix_kernel(acc_name: str):
+def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
+    """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers."""
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    NT = _norm_threads()
     EPS = npacc(LN_EPS)
     ZERO = npacc(0.0)
 
@@ -75,26 +76,34 @@ def norm_mix_kernel(acc_name: str):
         C = x.shape[1]
         M = mix.shape[0]
         buf = cuda.shared.array(NT, acc)
+        xs = cuda.local.array(EPT, acc)
         s = ZERO
-        for c in range(t, C, NT):
-            xv = x[b, c]
-            if add != 0:
-                xv += acc(dx[b, c])
-                x[b, c] = xv
+        for e in range(EPT):
+            c = t + e * NT
+            xv = ZERO
+            if c < C:
+                xv = x[b, c]
+                if add != 0:
+                    xv += acc(dx[b, c])
+                    x[b, c] = xv
+            xs[e] = xv
             s += xv
         mean = block_sum(buf, s, t) / C
         s = ZERO
-        for c in range(t, C, NT):
-            d = x[b, c] - mean
-            s += d * d
+        for e in range(EPT):
+            if t + e * NT < C:
+                d = xs[e] - mean
+                s += d * d
         inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)
-        for c in range(t, C, NT):
-            h = (x[b, c] - mean) * inv * acc(lnw[c]) + acc(lnb[c])
-            xx = acc(prev[b, c]) - h
-            if not keep:
-                prev[b, c] = h
-            for m in range(M):
-                out[m, b, c] = h + xx * acc(mix[m, c])
+        for e in range(EPT):
+            c = t + e * NT
+            if c < C:
+                h = (xs[e] - mean) * inv * acc(lnw[c]) + acc(lnb[c])
+                xx = acc(prev[b, c]) - h
+                if not keep:
+                    prev[b, c] = h
+                for m in range(M):
+                    out[m, b, c] = h + xx * acc(mix[m, c])
 
     return kern
 
@@ -228,10 +237,12 @@ def _acc_name(t: torch.Tensor) -> str:
 
 def norm_mix(x, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
     """In place: x += dx (if add); h = LN(x); out[m] = h + (prev − h)·mix[m]; prev = h where live[b]."""
-    kern = norm_mix_kernel(_acc_name(x))
+    C = x.shape[1]
+    nt = _norm_threads(C)
+    kern = norm_mix_kernel(_acc_name(x), nt, -(-C // nt))
     arrays = [kernel_array(t) for t in (x, dx)] + [np.int32(1 if add else 0)] + \
              [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)]
-    kern[x.shape[0], _norm_threads(), current_stream()](*arrays)
+    kern[x.shape[0], nt, current_stream()](*arrays)
 
 
 def time_mix_wkv(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first: bool, v_first, state, live,
