@@ -27,6 +27,11 @@ from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, sim
 
 LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
+KK_EPS = 1e-12  # F.normalize's floor on the norm
+def _threads_per_row(N: int) -> int:
+    return min(16, N)
+
+
 NORM_MAX_THREADS = 1024  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
 
 
