@@ -21,8 +21,8 @@ slot (free slots are taken lowest first, so b follows the number of sessions); r
 decode this step run through the graph with `live` = 0, which leaves their state as it was. One
 graph is captured per b, on first use. Elsewhere (CPU, or if capture fails: `decode_how` says
 why) the eager path gathers the decoding rows, runs them and scatters the new state back.
-Greedy slots without repetition penalties take their tokens in one argmax over the batch on the
-device; the others sample one by one on the host.
+All ready slots draw their next tokens together (sampling.sample_batch: penalties, temperature,
+top-k, top-p and one uniform per slot from the slot's own generator, batched on the device).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 
 from .errors import InputError
 from .generate import prefill_chunk_for
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, sample_batch
 from .state import State
 from .tokenizer import END_OF_TEXT
 
@@ -138,22 +138,13 @@ class BatchEngine:
         return out
 
     def _sample_ready(self) -> dict[int, int]:
-        """{slot: next token} for every slot whose logits are ready, in slot order."""
+        """{slot: next token} for every slot whose logits are ready, in slot order (one batched draw)."""
         ready = [i for i, s in enumerate(self.slots) if s is not None and s.ready and not s.ended and not s.pending]
-        greedy = [i for i in ready if self.slots[i].sampler.plain_greedy]
-        picked: dict[int, int] = {}
-        if len(greedy) > 1:
-            idx = torch.tensor(greedy, dtype=torch.long, device=self.logits.device)
-            rows = self.logits.index_select(0, idx)
-            banned = torch.tensor([self.slots[i].sampler.params.ban_end_of_text for i in greedy], device=rows.device)
-            rows[:, END_OF_TEXT].masked_fill_(banned, float("-inf"))
-            for i, token in zip(greedy, rows.argmax(-1).tolist()):
-                self.slots[i].sampler.observe(token)
-                picked[i] = token
-        for i in ready:
-            if i not in picked:
-                picked[i] = self.slots[i].sampler.sample(self.logits[i])
-        return dict(sorted(picked.items()))
+        if not ready:
+            return {}
+        idx = torch.tensor(ready, dtype=torch.long, device=self.logits.device)
+        tokens = sample_batch(self.logits.index_select(0, idx), [self.slots[i].sampler for i in ready])
+        return dict(zip(ready, tokens))
 
     def _graph_for(self, rows: list[int]):
         """The captured step covering these rows (None when graphs are off or capture failed)."""

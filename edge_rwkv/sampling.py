@@ -68,13 +68,6 @@ class Sampler:
             logits[0] = float("-inf")
         return logits
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no repetition penalty: the token is an argmax (end-of-text masked when banned),
-        which a batch engine can take for many rows at once on the device."""
-        p = self.params
-        return p.temperature == 0 and not (p.presence_penalty or p.frequency_penalty)
-
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] (any device) → token id; updates the occurrence counts."""
         token = sample_token(self.penalize(logits.float().cpu()), self.params, self.generator)
@@ -91,15 +84,76 @@ class Sampler:
 def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> int:
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_k and p.top_k < probs.numel():
-        kth = torch.topk(probs, p.top_k).values[-1]
+    return sample_rows(logits[None], [p], [_uniform(generator)])[0]
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """The one uniform draw a sampled token consumes (so batched and single sampling agree)."""
+    return float(torch.rand((), generator=generator))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
+    """Sample one token per row of logits [R,V] (any device; penalties already applied) at once.
+
+    Per row: softmax(logits / temperature), keep the top_k most likely and the smallest top_p mass
+    (every token at least as likely as the cut-off one), then invert the CDF at the row's uniform.
+    Rows with temperature 0 take the argmax. One pass of batched ops, whatever R is.
+    """
+    R, V = logits.shape
+    dev = logits.device
+    x = logits.float()
+    greedy = torch.tensor([q.temperature == 0 for q in params], device=dev)
+    temps = torch.tensor([q.temperature or 1.0 for q in params], device=dev)
+    probs = torch.softmax(x / temps[:, None], dim=-1)
+    ks = [q.top_k if 0 < q.top_k < V else 0 for q in params]
+    if any(ks):
+        top = torch.topk(probs, max(ks), dim=-1).values
+        k_idx = torch.tensor([max(k, 1) - 1 for k in ks], device=dev)
+        kth = top.gather(1, k_idx[:, None])
+        kth = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, kth, torch.zeros_like(kth))
         probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if p.top_p < 1:
-        sorted_probs, _ = torch.sort(probs, descending=True)
+    top_p = torch.tensor([q.top_p for q in params], device=dev, dtype=probs.dtype)
+    if bool((top_p < 1).any()):
+        sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # smallest set whose mass reaches top_p: keep every token at least as likely as the cut-off one
-        cut = int(torch.searchsorted(cumulative, torch.tensor(p.top_p * float(cumulative[-1]))))
-        cutoff = sorted_probs[min(cut, sorted_probs.numel() - 1)]
+        target = (top_p * cumulative[:, -1])[:, None]
+        cut = torch.searchsorted(cumulative, target).clamp(max=V - 1)
+        cutoff = sorted_probs.gather(1, cut)
+        cutoff = torch.where(top_p[:, None] < 1, cutoff, torch.zeros_like(cutoff))
         probs = torch.where(probs >= cutoff, probs, torch.zeros_like(probs))
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)[:, 0]
+    tokens = torch.where(greedy, x.argmax(-1), drawn)
+    return tokens.tolist()
+
+
+def penalized_rows(logits: torch.Tensor, samplers: list["Sampler"]) -> torch.Tensor:
+    """logits [R,V] with each row's repetition penalties and end-of-text ban applied (a copy)."""
+    rows, ids, amounts = [], [], []
+    for r, smp in enumerate(samplers):
+        p = smp.params
+        if smp.occurrence and (p.presence_penalty or p.frequency_penalty):
+            for t, c in smp.occurrence.items():
+                rows.append(r), ids.append(t), amounts.append(p.presence_penalty + c * p.frequency_penalty)
+    x = logits.float().clone()
+    if rows:
+        dev = x.device
+        x.index_put_((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                     -torch.tensor(amounts, device=dev, dtype=x.dtype), accumulate=True)
+    banned = [r for r, smp in enumerate(samplers) if smp.params.ban_end_of_text]
+    if banned:
+        x[torch.tensor(banned, device=x.device), 0] = float("-inf")
+    return x
+
+
+def sample_batch(logits: torch.Tensor, samplers: list["Sampler"]) -> list[int]:
+    """One token per row of logits [R,V] for R sequences, each with its own Sampler (settings,
+    random generator, occurrence counts): the same draws as `Sampler.sample` row by row, in a few
+    batched ops on the logits' device instead of R host round trips."""
+    x = penalized_rows(logits, samplers)
+    uniforms = [0.0 if smp.params.temperature == 0 else _uniform(smp.generator) for smp in samplers]
+    tokens = sample_rows(x, [smp.params for smp in samplers], uniforms)
+    for smp, t in zip(samplers, tokens):
+        smp.observe(t)
+    return tokens

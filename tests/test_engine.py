@@ -137,3 +137,17 @@ def test_bad_input(model):
         eng.leave(0)
     with pytest.raises(InputError):
         BatchEngine(model, max_slots=0)
+
+
+def test_gpu_prefill_chunk_scales_with_width():
+    """GPU prompts are read in chunks of ~4M activations (pow2, 256..4096 tokens); CPU keeps 256."""
+    from types import SimpleNamespace
+
+    from edge_rwkv.generate import PREFILL_CHUNK, prefill_chunk_for
+
+    def net(dev, width):
+        return SimpleNamespace(device=torch.device(dev), cfg=SimpleNamespace(n_embd=width))
+
+    assert prefill_chunk_for(net("cpu", 768)) == PREFILL_CHUNK
+    assert [prefill_chunk_for(net("cuda", c)) for c in (128, 768, 2048, 2560, 4096, 8192)] == \
+        [4096, 4096, 2048, 1024, 1024, 512]

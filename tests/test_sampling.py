@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import edge_rwkv
 from edge_rwkv import InputError, SamplingParams
 from edge_rwkv.generate import Generation, held_back
-from edge_rwkv.sampling import Sampler, sample_token
+from edge_rwkv.sampling import Sampler, sample_batch, sample_token
 from edge_rwkv.state import State
 from edge_rwkv.synthetic import random_checkpoint
 from edge_rwkv.tokenizer import END_OF_TEXT, default_tokenizer
@@ -124,6 +124,30 @@ def test_ban_end_of_text():
     lg = torch.tensor([5.0, 1.0, 0.0])
     assert Sampler(SamplingParams(temperature=0)).sample(lg) == END_OF_TEXT
     assert Sampler(SamplingParams(temperature=0, ban_end_of_text=True)).sample(lg) == 1
+
+
+def test_batch_sampling_equals_row_by_row():
+    """sample_batch (what the batch engine uses) draws exactly what each Sampler draws alone."""
+    g = torch.Generator().manual_seed(5)
+    settings = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, ban_end_of_text=True),
+        SamplingParams(temperature=1.0, top_p=1.0),
+        SamplingParams(temperature=0.7, top_p=0.5),
+        SamplingParams(temperature=1.3, top_p=0.9, top_k=5),
+        SamplingParams(temperature=1.0, top_p=1.0, top_k=1),
+        SamplingParams(temperature=0.9, presence_penalty=0.5, frequency_penalty=0.3, penalty_decay=0.9),
+        SamplingParams(temperature=0, frequency_penalty=2.0, penalty_decay=1.0),
+    ]
+    alone = [Sampler(p.with_(seed=i)) for i, p in enumerate(settings)]
+    batch = [Sampler(p.with_(seed=i)) for i, p in enumerate(settings)]
+    for step in range(30):
+        logits = torch.randn(len(settings), V, generator=g) * 2
+        logits[:, END_OF_TEXT] += 3 if step % 3 == 0 else 0  # make the ban matter
+        want = [s.sample(logits[i]) for i, s in enumerate(alone)]
+        assert sample_batch(logits, batch) == want
+    assert [b.occurrence for b in batch] == [a.occurrence for a in alone]
+    assert len({t for t in want}) > 1
 
 
 @pytest.mark.parametrize("kw", [
