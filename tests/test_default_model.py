@@ -48,3 +48,23 @@ def test_chat_replies_are_never_empty():
         reply = chat.ask(message)
         assert reply.strip() and "\n\n" not in reply
     assert chat.turns == 2
+
+
+def test_cpu_keeps_small_models_dequantized(monkeypatch):
+    """On a CPU a small quantized model keeps its matrices dequantized (no per-token int4 unpacking);
+    above the size limit it dequantizes per call, with the same logits."""
+    from edge_rwkv import api
+    from edge_rwkv.quant.linear import QuantLinear
+
+    def quant_linears(m):
+        return [x for L in m.net.layers for x in vars(L).values() if isinstance(x, QuantLinear)]
+
+    cached = edge_rwkv.load(default_model_path())
+    assert quant_linears(cached) and all(q.cache_dequantized for q in quant_linears(cached))
+    monkeypatch.setattr(api, "CPU_DEQUANT_CACHE_BYTES", 0)
+    per_call = edge_rwkv.load(default_model_path())
+    assert not any(q.cache_dequantized for q in quant_linears(per_call))
+    tokens = cached.tokenizer.encode("The socket module")
+    a, _ = cached.forward(tokens)
+    b, _ = per_call.forward(tokens)
+    assert torch.equal(a, b)
