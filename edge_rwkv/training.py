@@ -144,6 +144,9 @@ def train(args) -> dict:
     print(f"corpus: {corpus['files']} files, {len(train_ids):,} train / {len(held_ids):,} held-out tokens", flush=True)
 
     # the tail of the training tokens validates (picks the step to keep); the held-out files stay unseen
+    if len(train_ids) <= args.val_tokens + args.ctx + 1:
+        raise SystemExit(f"--val-tokens {args.val_tokens} leaves too few of the {len(train_ids):,} training "
+                         f"tokens for ctx {args.ctx}")
     val_ids, train_ids = train_ids[-args.val_tokens:], train_ids[:-args.val_tokens]
     sd = random_checkpoint(args.layers, args.embd, args.head_size, 65536, seed=args.seed)
     sd["emb.weight"] *= 0.1
@@ -247,6 +250,12 @@ def main(argv=None):
     p.add_argument("--val-tokens", type=int, default=16000, help="tail of the training tokens used to pick the step kept")
     p.add_argument("--val-every", type=int, default=250, help="steps between validation passes")
     args = p.parse_args(argv)
+    for flag, value in (("--val-tokens", args.val_tokens), ("--val-every", args.val_every),
+                        ("--minutes", args.minutes), ("--ctx", args.ctx), ("--batch", args.batch)):
+        if value <= 0:
+            p.error(f"{flag} must be positive, got {value}")
+    if args.package and Path(args.package).resolve() == Path(args.output).resolve():
+        p.error("--package must name a file other than --output")
     if args.dump_corpus:
         train_ids, held_ids, info = tokenized_corpus()
         torch.save({"train": train_ids.to(torch.int32), "heldout": held_ids.to(torch.int32), "info": json.dumps(info)}, args.output)
