@@ -14,30 +14,20 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import traceback
 
 import torch
+
+from edge_rwkv.bench import Timer
 
 N = 64
 DS = math.exp(-0.5)
 
 
 def timed(fn, reps=30, warm=3, inner=1):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(inner):
-            fn()
-        e1.record()
-        e1.synchronize()
-        out.append(e0.elapsed_time(e1) * 1e3 / inner)  # µs
-    return statistics.median(out)
+    """Median µs of fn() (CUDA events, after warm-up)."""
+    return Timer(torch.device("cuda")).each(fn, reps, warmup=warm, inner=inner) * 1e6
 
 
 def graph_timed(fn, steps=100, reps=20):
@@ -215,7 +205,7 @@ def main():
         if r["impl"].startswith("ours") and "eager" not in r["impl"]:
             key = (r["case"], r["T"], r["H"])
             best[key] = min(best.get(key, float("inf")), r["us"])
-    print(f"\n| case | T | H | impl | time (µs) | GB/s | % copy BW | this / ours-best |")
+    print("\n| case | T | H | impl | time (µs) | GB/s | % copy BW | this / ours-best |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = best.get((r["case"], r["T"], r["H"]))

@@ -9,13 +9,12 @@ graph-replayed step time (CUDA events, median of 50) for comparison with the sum
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 
 import torch
 
 from edge_rwkv.api import load
-from edge_rwkv.bench import PRESETS, bench_weights
+from edge_rwkv.bench import PRESETS, Timer, bench_weights
 from edge_rwkv.cuda_graph import GraphStep
 from edge_rwkv.fused_decode import FusedStep
 
@@ -54,15 +53,8 @@ def profile(preset: str, batch: int, steps: int = 5) -> None:
         print(f"| {name} | {t / steps:.1f} | {n / steps:.0f} | {t / n:.2f} |")
     g = GraphStep(net, batch)
     ids = torch.randint(0, 65536, (batch,), device=dev)
-    times = []
-    for _ in range(60):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.step(ids)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    print(f"graph-replayed step: {statistics.median(times[10:]):.1f} µs (median of 50)")
+    step_s = Timer(dev).each(lambda: g.step(ids), reps=50, warmup=10)
+    print(f"graph-replayed step: {step_s * 1e6:.1f} µs (median of 50)")
 
 
 def main() -> None:

@@ -91,6 +91,11 @@ def current_stream():
     return s
 
 
+def threads_per_row(N: int) -> int:
+    """Threads sharing one row of an N×N head state in the per-(row, head) WKV kernels."""
+    return min(16, N)
+
+
 def kernel_input(t: torch.Tensor) -> torch.Tensor:
     """Input as a dtype the kernels read directly (bf16 has no array-interface form: widen to fp32)."""
     if t.dtype == torch.bfloat16:

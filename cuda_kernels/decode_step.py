@@ -23,15 +23,11 @@ import math
 import numpy as np
 import torch
 
-from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, simulator
+from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, simulator, threads_per_row
 
 LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
 KK_EPS = 1e-12  # F.normalize's floor on the norm
-def _threads_per_row(N: int) -> int:
-    return min(16, N)
-
-
 NORM_MAX_THREADS = 1024  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
 
 
@@ -121,7 +117,7 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    TPR = _threads_per_row(N)
+    TPR = threads_per_row(N)
     CPT = N // TPR
     DS = npacc(DECAY_SCALE)
     ONE = npacc(1.0)

@@ -27,14 +27,11 @@ from ._runtime import (
     kernel_device_ok,
     kernel_input,
     numba_cuda,
+    threads_per_row,
 )
 
 SUPPORTED_N = (4, 8, 16, 32, 64)
 cuda = None  # numba.cuda, bound on first kernel build
-
-
-def _threads_per_row(N: int) -> int:
-    return min(16, N)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +39,7 @@ def decode_kernel(N: int, acc):
     """Compiled-on-first-use decode kernel for head size N and accumulation type `acc`."""
     global cuda  # a module global (not a closure cell) so the simulator can swap it
     cuda = numba_cuda()
-    TPR = _threads_per_row(N)
+    TPR = threads_per_row(N)
     CPT = N // TPR
     npacc = np.float64 if acc.bitwidth == 64 else np.float32
     DS = npacc(DECAY_SCALE)
@@ -123,7 +120,6 @@ def wkv7_decode(r, w, k, v, a, b, state, out=None):
     Returns y fp32 with the input's shape (written into `out` when given).
     Unsupported inputs (e.g. CPU tensors, N not in SUPPORTED_N) run the torch reference, logged once.
     """
-    squeeze = r.dim() == 4
     B, H, N = state.shape[0], state.shape[1], state.shape[-1]
     reason = decode_supported(r, state)
     if reason is not None:

@@ -190,8 +190,6 @@ def scan_kernel(N: int, acc, reverse: bool):
     """
     _bind()
     R = _scan_rows(N)
-    npacc = _np(acc)
-    ZERO = npacc(0.0)
     MPT = N // R  # M elements each of the R*N threads loads per chunk (per row of threads)
     NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
 
@@ -307,16 +305,12 @@ def _masks(L: int, dtype: torch.dtype, device_str: str):
     may save it later.
     """
     with torch.inference_mode(False):
-        return _build_masks(L, dtype, device_str)
-
-
-def _build_masks(L: int, dtype: torch.dtype, device_str: str):
-    idx = torch.arange(L)
-    strict = (idx[:, None] > idx[None, :]).to(dtype)
-    incl = (idx[:, None] >= idx[None, :]).to(dtype)
-    top = torch.cat([strict, strict], 1)
-    bot = torch.cat([incl, incl], 1)
-    return torch.cat([top, bot], 0).to(device_str)
+        idx = torch.arange(L)
+        strict = (idx[:, None] > idx[None, :]).to(dtype)
+        incl = (idx[:, None] >= idx[None, :]).to(dtype)
+        top = torch.cat([strict, strict], 1)
+        bot = torch.cat([incl, incl], 1)
+        return torch.cat([top, bot], 0).to(device_str)
 
 
 def chunk_algebra(P: torch.Tensor, gL: torch.Tensor):

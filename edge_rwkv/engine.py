@@ -170,37 +170,42 @@ class BatchEngine:
         return g
 
     def _decode(self, rows: list[int], ids: list[int]) -> None:
-        dev = self.net.device
+        """Read one token into each of `rows`: their state advances and their logits row is replaced."""
         g = self._graph_for(rows)
         if g is not None:
-            tok = torch.zeros(g.batch, dtype=torch.long)
-            live = torch.zeros(g.batch, dtype=torch.int32)
-            tok[rows] = torch.tensor(ids, dtype=torch.long)
-            live[rows] = 1
-            logits = g.step(tok.to(dev, non_blocking=True), live.to(dev, non_blocking=True))
-            idx = torch.tensor(rows, dtype=torch.long, device=dev)
-            self.logits.index_copy_(0, idx, logits.index_select(0, idx))
-            self.forward_calls += 1
-            for i in rows:
-                self.slots[i].tokens += 1
-            return
+            self._decode_graph(g, rows, ids)
+        else:
+            self._decode_eager(rows, ids)
+        self.forward_calls += 1
+        for i in rows:
+            self.slots[i].tokens += 1
+
+    def _decode_graph(self, g, rows: list[int], ids: list[int]) -> None:
+        dev = self.net.device
+        tok = torch.zeros(g.batch, dtype=torch.long)
+        live = torch.zeros(g.batch, dtype=torch.int32)
+        tok[rows] = torch.tensor(ids, dtype=torch.long)
+        live[rows] = 1
+        logits = g.step(tok.to(dev, non_blocking=True), live.to(dev, non_blocking=True))
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.logits.index_copy_(0, idx, logits.index_select(0, idx))
+
+    def _decode_eager(self, rows: list[int], ids: list[int]) -> None:
+        dev = self.net.device
         tok = torch.tensor(ids, dtype=torch.long, device=dev)[:, None]
         if rows == list(range(self.max_slots)):
             logits, new = self.net.forward(tok, self.state, all_logits=False)
             self.state.att_x.copy_(new.att_x), self.state.wkv.copy_(new.wkv), self.state.ffn_x.copy_(new.ffn_x)
             self.logits.copy_(logits)
-        else:
-            idx = torch.tensor(rows, dtype=torch.long, device=dev)
-            sub = State(self.state.att_x.index_select(1, idx), self.state.wkv.index_select(1, idx),
-                        self.state.ffn_x.index_select(1, idx), self.state.fingerprint)
-            logits, new = self.net.forward(tok, sub, all_logits=False)
-            self.state.att_x.index_copy_(1, idx, new.att_x)
-            self.state.wkv.index_copy_(1, idx, new.wkv)
-            self.state.ffn_x.index_copy_(1, idx, new.ffn_x)
-            self.logits.index_copy_(0, idx, logits)
-        self.forward_calls += 1
-        for i in rows:
-            self.slots[i].tokens += 1
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        sub = State(self.state.att_x.index_select(1, idx), self.state.wkv.index_select(1, idx),
+                    self.state.ffn_x.index_select(1, idx), self.state.fingerprint)
+        logits, new = self.net.forward(tok, sub, all_logits=False)
+        self.state.att_x.index_copy_(1, idx, new.att_x)
+        self.state.wkv.index_copy_(1, idx, new.wkv)
+        self.state.ffn_x.index_copy_(1, idx, new.ffn_x)
+        self.logits.index_copy_(0, idx, logits)
 
     def _prefill_chunk(self, i: int, s: Slot) -> None:
         chunk, s.pending = s.pending[:self.prefill_chunk], s.pending[self.prefill_chunk:]

@@ -93,7 +93,6 @@ class FusedStep:
         self.net, self.batch = net, batch
         cfg, dev, dt = net.cfg, net.device, net.dtype
         B, C = batch, cfg.n_embd
-        self.dt = dt
         if not hasattr(net, "_packed"):
             net._packed = [pack_layer(L) for L in net.layers]
         self.packed = net._packed
@@ -114,7 +113,7 @@ class FusedStep:
         dx = self.x
         for i, (L, p) in enumerate(zip(net.layers, P)):
             k.norm_mix(self.x, dx, L.ln1[0], L.ln1[1], state.att_x[i], live, p.mix, self.xin, add=i > 0)
-            xr, xk, xv, xw, xa, xg = self.xin
+            xr, xk, xv, _, _, xg = self.xin  # w, a go through the batched LoRA below
             if p.rkv is not None:
                 r, kk, v = torch.bmm(self.xin[0:3], p.rkv.transpose(1, 2))
             else:

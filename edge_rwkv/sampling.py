@@ -57,22 +57,12 @@ class Sampler:
                 self.generator.seed()
 
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if self.occurrence and (p.presence_penalty or p.frequency_penalty):
-            ids = torch.tensor(list(self.occurrence), dtype=torch.long)
-            counts = torch.tensor(list(self.occurrence.values()), dtype=logits.dtype)
-            logits = logits.clone()
-            logits[ids] -= p.presence_penalty + counts * p.frequency_penalty
-        if p.ban_end_of_text:
-            logits = logits.clone()
-            logits[0] = float("-inf")
-        return logits
+        """logits [V] with this sequence's repetition penalties and end-of-text ban applied (a copy)."""
+        return penalized_rows(logits[None], [self])[0]
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] (any device) → token id; updates the occurrence counts."""
-        token = sample_token(self.penalize(logits.float().cpu()), self.params, self.generator)
-        self.observe(token)
-        return token
+        return sample_batch(logits.float().cpu()[None], [self])[0]
 
     def observe(self, token: int) -> None:
         decay = self.params.penalty_decay

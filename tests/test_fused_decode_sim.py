@@ -6,16 +6,10 @@ with it set (`python tests/test_fused_decode_sim.py` runs them directly).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
-
+from _simulator import report, simulator_results
 
 def _checks() -> dict:
     import torch
@@ -106,13 +100,7 @@ def _checks() -> dict:
 
 @pytest.fixture(scope="module")
 def sim_results():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIMRESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"simulator run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("SIMRESULTS "):])
+    return simulator_results(__file__)
 
 
 NAMES = ["fused_float32_B2", "fused_float64_B2", "packed_forward_unchanged", "idle_rows_untouched", "fused_int4_B2"]
@@ -125,4 +113,4 @@ def test_fused_decode_sim(sim_results, name):
 
 
 if __name__ == "__main__":
-    print("SIMRESULTS " + json.dumps(_checks()))
+    report(_checks())

@@ -6,13 +6,11 @@ asserts one of the results it reports.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _simulator import report, simulator_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -112,17 +110,11 @@ def _checks():
 
 @pytest.fixture(scope="module")
 def sim_results():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIMRESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"simulator run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("SIMRESULTS "):])
+    return simulator_results(__file__)
 
 
 NAMES = (
-    [f"decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
+    ["decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
     + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
     + ["prefill_f32_N4", "prefill_strong_decay", "prefill_equals_decode", "backward_T5_L4",
        "backward_T17_L4", "inference_then_backward", "gradcheck_f64", "wkv7_public"]
@@ -136,7 +128,4 @@ def test_sim(sim_results, name):
 
 
 if __name__ == "__main__":
-    results = _checks()
-    for k, (ok, detail) in results.items():
-        print(("PASS " if ok else "FAIL ") + k + ": " + detail)
-    print("SIMRESULTS " + json.dumps(results))
+    report(_checks())
