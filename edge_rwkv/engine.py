@@ -51,6 +51,8 @@ class BatchEngine:
     def __init__(self, model, max_slots: int, prefill_chunk: int | None = None):
         if not isinstance(max_slots, int) or max_slots < 1:
             raise InputError(f"max_slots must be a positive integer, got {max_slots!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise InputError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         self.model = model
         self.net = model.net
         self.max_slots = max_slots

@@ -49,3 +49,12 @@ def test_bench_help_lists_options():
     assert proc.returncode == 0
     for opt in ("--preset", "--precisions", "--batch", "--prefill", "--memory-ctx", "--no-peer", "--json", "--plot", "--quality"):
         assert opt in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [(["--chunk", "0"], "--chunk must be positive"),
+                                          (["no-such-model.pth"], "no such model file")])
+def test_bench_bad_options(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "edge_rwkv", "bench", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -137,6 +137,9 @@ def test_bad_input(model):
         eng.leave(0)
     with pytest.raises(InputError):
         BatchEngine(model, max_slots=0)
+    for bad in (0, -4, 2.5):
+        with pytest.raises(InputError, match="prefill_chunk must be a positive integer"):
+            BatchEngine(model, max_slots=1, prefill_chunk=bad)
 
 
 def test_gpu_prefill_chunk_scales_with_width():
