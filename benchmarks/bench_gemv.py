@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from edge_rwkv.cuda_kernels import gemv_int4, gemv_int8
+from edge_rwkv.cuda_kernels import gemv_a8, gemv_int4, gemv_int8
 from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, quantize_int4_torch,
                                      quantize_int8_torch)
 
@@ -96,8 +96,22 @@ def check_correctness(log) -> bool:
                     ok &= good
                     if not good or M in (1, 16):
                         log(f"check int4 N={N} K={K} g={g} M={M} x={xdt} rel_err={e:.2e} {'ok' if good else 'FAIL'}")
+                    if M <= gemv_a8.MAX_ROWS:  # int8 activations: vs the kernel's own reference
+                        y = gemv_a8.gemv_a8(x, p4)
+                        e = rel(y, gemv_a8.gemv_a8_reference(x.float(), dequantize_int4_torch(q4, s4, g)))
+                        good = bool(torch.isfinite(y).all()) and e < (2e-3 if xdt == torch.float16 else 1e-4)
+                        ok &= good
+                        log(f"check int4-a8 N={N} K={K} g={g} M={M} x={xdt} rel_err={e:.2e} "
+                            f"(vs unrounded x {rel(y, ref):.2e}) {'ok' if good else 'FAIL'}")
                     if g == 128:
                         ref8 = x.double() @ dequantize_int8_torch(q8, s8).double().t()
+                        if M <= gemv_a8.MAX_ROWS:
+                            y = gemv_a8.gemv_a8(x, p8)
+                            e = rel(y, gemv_a8.gemv_a8_reference(x.float(), dequantize_int8_torch(q8, s8)))
+                            good = bool(torch.isfinite(y).all()) and e < (2e-3 if xdt == torch.float16 else 1e-4)
+                            ok &= good
+                            log(f"check int8-a8 N={N} K={K} M={M} x={xdt} rel_err={e:.2e} "
+                                f"(vs unrounded x {rel(y, ref8):.2e}) {'ok' if good else 'FAIL'}")
                         out.fill_(float("nan"))
                         gemv_int8.gemv_int8(x, p8, out)
                         e = rel(out, ref8)
@@ -141,6 +155,15 @@ def bench(args, log):
             t = graph_time([lambda p=p: gemv_int4.gemv_int4(x, p, out) for p in preps])
             cases["ours int4 g128"] = (t, nb4 + io)
             del preps
+            if M <= gemv_a8.MAX_ROWS:  # int8 activations (the x rounding launch included)
+                io8 = M * K * 2 + M * N * 2 + M * K * 2  # fp16 x in, int8 x out + read, fp16 out
+                preps = [gemv_int8.PreparedInt8(q8.clone(), s8.clone()) for _ in range(ncopies(nb8))]
+                t = graph_time([lambda p=p: gemv_a8.gemv_a8(xh, p) for p in preps])
+                cases["ours int8 a8"] = (t, nb8 + io8)
+                preps = [gemv_int4.PreparedInt4(q4.clone(), s4.clone(), 128) for _ in range(ncopies(nb4))]
+                t = graph_time([lambda p=p: gemv_a8.gemv_a8(xh, p) for p in preps])
+                cases["ours int4 g128 a8"] = (t, nb4 + io8)
+                del preps
             # torch fp16
             nb16 = N * K * 2
             ws = [w16.clone() for _ in range(ncopies(nb16))]

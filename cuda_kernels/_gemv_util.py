@@ -79,23 +79,56 @@ def _sim_helpers() -> dict:
     table: dict = {}
     tlock = threading.Lock()
 
-    def warp_sum(v, block, thread):
+    def warp_reduce(v, block, thread, op, cast):
         key = (int(block), int(thread) >> 5)
         with tlock:
             ent = table.get(key)
             if ent is None:
                 ent = table[key] = (threading.Barrier(32), [None] * 32)
         bar, slots = ent
-        slots[int(thread) & 31] = f32(v)
+        slots[int(thread) & 31] = cast(v)
         bar.wait()
-        total = f32(0.0)
-        for s in slots:
-            total = f32(total + s)
+        total = slots[0]
+        for s in slots[1:]:
+            total = cast(op(total, s))
         bar.wait()
         return total
 
-    return dict(ld_u32x4=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
-                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, float32=f32)
+    def warp_sum(v, block, thread):
+        return warp_reduce(v, block, thread, lambda a, b: a + b, f32)
+
+    def warp_max(v, block, thread):
+        return warp_reduce(v, block, thread, max, f32)
+
+    def warp_sum_i(v, block, thread):
+        return warp_reduce(v, block, thread, lambda a, b: a + b, int)
+
+    def _bytes(w, signed):
+        w = int(w) & 0xFFFFFFFF
+        b = [(w >> (8 * j)) & 0xFF for j in range(4)]
+        return [x - 256 if signed and x >= 128 else x for x in b]
+
+    def _dp4a(a, b, c, a_signed):
+        return int(np.int32(int(c) + sum(p * q for p, q in zip(_bytes(a, a_signed), _bytes(b, True)))))
+
+    def dp4a_us(a, b, c):
+        return _dp4a(a, b, c, False)
+
+    def dp4a_ss(a, b, c):
+        return _dp4a(a, b, c, True)
+
+    def h2x2f(u):
+        u = int(u) & 0xFFFFFFFF
+        return tuple(f32(np.array([v], dtype=np.uint16).view(np.float16)[0]) for v in (u & 0xFFFF, u >> 16))
+
+    def nibbles_u8x4(w):
+        w = int(w) & 0xFFFFFFFF
+        return (w & 0x0F0F0F0F) ^ 0x08080808, ((w >> 4) & 0x0F0F0F0F) ^ 0x08080808
+
+    return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
+                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
+                warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
+                h2x2f=h2x2f, float32=f32, int32=np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +172,45 @@ def _gpu_helpers() -> dict:
                     "=r,=r,=r,=r,l")
     ld_f32x4 = _ld4(f32t, types.float32, "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];",
                     "=f,=f,=f,=f,l")
+    # activations are re-read by every warp: cache them in L1
+    ld_u32x4_l1 = _ld4(i32, types.uint32, "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
+
+    def _as_i32(builder, v):
+        if v.type == i32:
+            return v
+        return builder.trunc(v, i32) if v.type.width > 32 else builder.zext(v, i32)
+
+    def _dp4a(asm_text):
+        @intrinsic
+        def dp4a(typingctx, a, b, c):
+            sig = types.int32(a, b, c)
+
+            def codegen(context, builder, sig, args):
+                fn = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), asm_text, "=r,r,r,r")
+                return builder.call(fn, [_as_i32(builder, v) for v in args])
+
+            return sig, codegen
+
+        return dp4a
+
+    # four byte products summed into c; a's bytes unsigned (nibbles + 8) or signed, b's signed
+    dp4a_us = _dp4a("dp4a.u32.s32 $0, $1, $2, $3;")
+    dp4a_ss = _dp4a("dp4a.s32.s32 $0, $1, $2, $3;")
+
+    @intrinsic
+    def nibbles_u8x4(typingctx, w):
+        # even / odd nibbles of a packed int4 word as four bytes each, two's complement → q + 8
+        rett = types.UniTuple(types.int32, 2)
+        sig = rett(w)
+
+        def codegen(context, builder, sig, args):
+            v = _as_i32(builder, args[0])
+            m, o = ir.Constant(i32, 0x0F0F0F0F), ir.Constant(i32, 0x08080808)
+            lo = builder.xor(builder.and_(v, m), o)
+            hi = builder.xor(builder.and_(builder.lshr(v, ir.Constant(i32, 4)), m), o)
+            return context.make_tuple(builder, rett, [lo, hi])
+
+        return sig, codegen
 
     @intrinsic
     def unpack_s8x4(typingctx, w):
@@ -186,6 +258,21 @@ def _gpu_helpers() -> dict:
         return sig, codegen
 
     @intrinsic
+    def h2x2f(typingctx, u):
+        # the two fp16 halves of a 32-bit word (low = the even element) as fp32
+        rett = types.UniTuple(types.float32, 2)
+        sig = rett(u)
+
+        def codegen(context, builder, sig, args):
+            v = _as_i32(builder, args[0])
+            fn = ir.InlineAsm(ir.FunctionType(f32t, [i16]), "cvt.f32.f16 $0, $1;", "=f,h")
+            lo = builder.call(fn, [builder.trunc(v, i16)])
+            hi = builder.call(fn, [builder.trunc(builder.lshr(v, ir.Constant(i32, 16)), i16)])
+            return context.make_tuple(builder, rett, [lo, hi])
+
+        return sig, codegen
+
+    @intrinsic
     def h2f(typingctx, u):
         sig = types.float32(u)
 
@@ -209,8 +296,23 @@ def _gpu_helpers() -> dict:
         v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
         return v
 
-    return dict(ld_u32x4=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
-                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, float32=types.float32)
+    @cuda.jit(device=True)
+    def warp_max(v, block, thread):
+        for off in (16, 8, 4, 2, 1):
+            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
+        return v
+
+    @cuda.jit(device=True)
+    def warp_sum_i(v, block, thread):
+        v = types.int32(v)
+        for off in (16, 8, 4, 2, 1):
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        return v
+
+    return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4_l1, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
+                unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
+                warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
+                h2x2f=h2x2f, float32=types.float32, int32=types.int32)
 
 
 def helpers() -> dict:

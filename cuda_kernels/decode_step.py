@@ -29,21 +29,69 @@ LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
 KK_EPS = 1e-12  # F.normalize's floor on the norm
 NORM_MAX_THREADS = 1024  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
+NORM_ELEMS = 4  # elements of x a thread holds in registers (fewer threads: cheaper block reductions)
+FULL_MASK = 0xFFFFFFFF
 
 
 def _norm_threads(C: int) -> int:
-    """Threads per row: enough that each holds few elements in registers (one block per row)."""
+    """Threads per row: enough that each holds at most NORM_ELEMS elements (one block per row)."""
     if simulator():
         return 32
     nt = 32
-    while nt < C and nt < NORM_MAX_THREADS:
+    while nt * NORM_ELEMS < C and nt < NORM_MAX_THREADS:
         nt *= 2
     return nt
 
 
+def _block_sum_fn(NT: int, ZERO):
+    """Device function `block_sum(buf, v, t)`: the sum of v over the block's NT threads, in all of them.
+
+    On a GPU: warp shuffles, one shared slot per warp, two barriers (a shared-memory tree took
+    2·log2(NT) barriers and dominated the small kernels). The simulator has no shuffles, and blocks
+    of fewer than 32 threads cannot use full-warp ones: a shared-memory tree (NT a power of two)."""
+    global cuda  # a module global: the simulator swaps it for its own per-thread module
+    cuda = numba_cuda()
+    if simulator() or NT % 32:
+        @cuda.jit(device=True)
+        def block_sum(buf, v, t):
+            buf[t] = v
+            cuda.syncthreads()
+            s = NT // 2
+            while s > 0:
+                if t < s:
+                    buf[t] += buf[t + s]
+                cuda.syncthreads()
+                s //= 2
+            total = buf[0]
+            cuda.syncthreads()
+            return total
+
+        return block_sum
+
+    NW = NT // 32
+
+    @cuda.jit(device=True)
+    def block_sum(buf, v, t):
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 16)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 8)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
+        if (t & 31) == 0:
+            buf[t >> 5] = v
+        cuda.syncthreads()
+        total = ZERO
+        for w in range(NW):
+            total += buf[w]
+        cuda.syncthreads()  # buf is reused by the next call
+        return total
+
+    return block_sum
+
+
 @functools.lru_cache(maxsize=None)
-def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
-    """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers."""
+def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
+    """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers, and M mixes."""
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
@@ -52,20 +100,7 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
     npacc = np.float64 if acc_name == "float64" else np.float32
     EPS = npacc(LN_EPS)
     ZERO = npacc(0.0)
-
-    @cuda.jit(device=True)
-    def block_sum(buf, v, t):
-        buf[t] = v
-        cuda.syncthreads()
-        s = NT // 2
-        while s > 0:
-            if t < s:
-                buf[t] += buf[t + s]
-            cuda.syncthreads()
-            s //= 2
-        total = buf[0]
-        cuda.syncthreads()
-        return total
+    block_sum = _block_sum_fn(NT, ZERO)
 
     @cuda.jit(fastmath=False)
     def kern(x, dx, add, lnw, lnb, prev, live, mix, out):
@@ -75,9 +110,14 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
         keep = live[b] == 0
         t = cuda.threadIdx.x
         C = x.shape[1]
-        M = mix.shape[0]
         buf = cuda.shared.array(NT, acc)
         xs = cuda.local.array(EPT, acc)
+        ws = cuda.local.array(EPT, acc)
+        bs = cuda.local.array(EPT, acc)
+        ps = cuda.local.array(EPT, acc)
+        ms = cuda.local.array(EPT * M, acc)
+        # every load first, stores last: stores may alias later loads as far as the compiler knows,
+        # which serialised ~6 global round trips per thread (the kernel took ~5 µs for one 768 row)
         s = ZERO
         for e in range(EPT):
             c = t + e * NT
@@ -86,7 +126,11 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
                 xv = x[b, c]
                 if add != 0:
                     xv += acc(dx[b, c])
-                    x[b, c] = xv
+                ws[e] = acc(lnw[c])
+                bs[e] = acc(lnb[c])
+                ps[e] = acc(prev[b, c])
+                for m in range(M):
+                    ms[e * M + m] = acc(mix[m, c])
             xs[e] = xv
             s += xv
         mean = block_sum(buf, s, t) / C
@@ -99,12 +143,14 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int):
         for e in range(EPT):
             c = t + e * NT
             if c < C:
-                h = (xs[e] - mean) * inv * acc(lnw[c]) + acc(lnb[c])
-                xx = acc(prev[b, c]) - h
+                if add != 0:
+                    x[b, c] = xs[e]
+                h = (xs[e] - mean) * inv * ws[e] + bs[e]
+                xx = ps[e] - h
                 if not keep:
                     prev[b, c] = h
                 for m in range(M):
-                    out[m, b, c] = h + xx * acc(mix[m, c])
+                    out[m, b, c] = h + xx * ms[e * M + m]
 
     return kern
 
@@ -125,19 +171,8 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
     GEPS = npacc(GROUP_NORM_EPS)
     KEPS = npacc(KK_EPS)
 
-    @cuda.jit(device=True)
-    def head_sum(buf, t):
-        """Sum of buf[0:N] (all threads call; threads below N own one entry each)."""
-        s = N // 2
-        while s > 0:
-            cuda.syncthreads()
-            if t < s:
-                buf[t] += buf[t + s]
-            s //= 2
-        cuda.syncthreads()
-        total = buf[0]
-        cuda.syncthreads()
-        return total
+    NT = N * TPR
+    block_sum = _block_sum_fn(NT, ZERO)  # threads at or above N contribute zeros
 
     @cuda.jit(fastmath=False)
     def kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out):
@@ -156,8 +191,14 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
         sv = cuda.shared.array(N, acc)
         sa = cuda.shared.array(N, acc)
         sb = cuda.shared.array(N, acc)
-        buf = cuda.shared.array(N, acc)
+        buf = cuda.shared.array(NT, acc)
         red = cuda.shared.array((N, TPR), acc)
+        # this thread's share of the state row, loaded first so its latency overlaps the vector work
+        i = t // TPR
+        p = t - i * TPR
+        s = cuda.local.array(CPT, acc)
+        for q in range(CPT):
+            s[q] = state[bi, h, i, p + q * TPR]
         kk = ZERO
         ag = ZERO
         kj = ZERO
@@ -170,7 +211,6 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
             sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
             ag = ONE / (ONE + math.exp(-(acc(a0[c]) + acc(lora[2, bi, c]))))
             kk = kj * acc(k_k[c])
-            buf[t] = kk * kk
             vj = acc(v[bi, c])
             if first != 0:
                 v_first[bi, c] = vj
@@ -179,7 +219,7 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
                 vj = vj + (acc(v_first[bi, c]) - vj) * gate
             sv[t] = vj
             sr[t] = rj
-        nrm = math.sqrt(head_sum(buf, t))
+        nrm = math.sqrt(block_sum(buf, kk * kk, t))  # kk is zero at t >= N
         if nrm < KEPS:
             nrm = KEPS
         if t < N:
@@ -188,17 +228,14 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
             sk[t] = kj
             sa[t] = -kk
             sb[t] = kk * ag
-            buf[t] = rj * kj * acc(r_k[h, t])
-        bonus = head_sum(buf, t)  # also orders the shared writes above before the state pass
+            rk = rj * kj * acc(r_k[h, t])
+        else:
+            rk = ZERO
+        bonus = block_sum(buf, rk, t)  # its barrier also orders the shared writes above before the state pass
         # state pass: row i of the head's N×N state, TPR threads per row
-        i = t // TPR
-        p = t - i * TPR
-        s = cuda.local.array(CPT, acc)
         x = ZERO
         for q in range(CPT):
-            j = p + q * TPR
-            s[q] = state[bi, h, i, j]
-            x += s[q] * sa[j]
+            x += s[q] * sa[p + q * TPR]
         red[i, p] = x
         cuda.syncthreads()
         x = ZERO
@@ -219,11 +256,9 @@ def time_mix_wkv_kernel(N: int, acc_name: str):
         if t < N:
             for q in range(TPR):
                 y += red[t, q]
-            buf[t] = y
-        mean = head_sum(buf, t) / N
-        if t < N:
-            buf[t] = (y - mean) * (y - mean)
-        var = head_sum(buf, t) / N
+        mean = block_sum(buf, y, t) / N
+        dev = y - mean if t < N else ZERO
+        var = block_sum(buf, dev * dev, t) / N
         if t < N:
             c = base + t
             o = (y - mean) / math.sqrt(var + GEPS) * acc(lnw[c]) + acc(lnb[c]) + bonus * sv[t]
@@ -240,7 +275,7 @@ def norm_mix(x, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
     """In place: x += dx (if add); h = LN(x); out[m] = h + (prev − h)·mix[m]; prev = h where live[b]."""
     C = x.shape[1]
     nt = _norm_threads(C)
-    kern = norm_mix_kernel(_acc_name(x), nt, -(-C // nt))
+    kern = norm_mix_kernel(_acc_name(x), nt, -(-C // nt), mix.shape[0])
     arrays = [kernel_array(t) for t in (x, dx)] + [np.int32(1 if add else 0)] + \
              [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)]
     kern[x.shape[0], nt, current_stream()](*arrays)

@@ -240,10 +240,11 @@ def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, de
     """(tensors with lookup tables dequantized, make_linear) for a quantized artifact.
 
     Matrices stay quantized behind QuantLinear (GEMV kernels on CUDA, dequantize+matmul on CPU); the
-    embedding is a lookup table, so an int8 embedding is dequantized once here. On a CPU, a model
-    whose matrices dequantize to at most CPU_DEQUANT_CACHE_BYTES keeps them dequantized (decoding
-    re-unpacked every int4 matrix per token: the default model ran 12 tok/s instead of hundreds);
-    bigger models dequantize per call and keep the small footprint.
+    embedding is a lookup table, so an int8 embedding is dequantized once here (fp32, on the CPU) for
+    build_model to fold ln0 into; on CUDA the folded table is stored int8 again (keeps_int8_embedding).
+    On a CPU, a model whose matrices dequantize to at most CPU_DEQUANT_CACHE_BYTES keeps them
+    dequantized (decoding re-unpacked every int4 matrix per token: the default model ran 12 tok/s
+    instead of hundreds); bigger models dequantize per call and keep the small footprint.
     """
     from .artifact import load_quantized
     from .model import DenseLinear
@@ -266,6 +267,13 @@ def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, de
     return tensors, make_linear
 
 
+def keeps_int8_embedding(specs: dict, device: torch.device) -> bool:
+    """Whether the embedding stays int8 in memory: the artifact stores it as int8 and the model runs on
+    CUDA (memory-bound deployments). A CPU keeps the dense fp32 table it always had."""
+    spec = specs.get("emb.weight")
+    return device.type == "cuda" and isinstance(spec, dict) and spec.get("format") == "int8"
+
+
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
          progress: bool = False) -> Model:
     """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
@@ -282,7 +290,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     if specs:
         tensors, make_linear = quantized_build_inputs(ckpt, specs, dt, dev)
     with torch.inference_mode():
-        net = build_model(ckpt.config, tensors, dt, dev, make_linear=make_linear, wkv=wkv)
+        net = build_model(ckpt.config, tensors, dt, dev, make_linear=make_linear, wkv=wkv,
+                          int8_embedding=keeps_int8_embedding(specs, dev))
     return Model(net, ckpt, fingerprint, backend)
 
 

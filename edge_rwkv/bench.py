@@ -1,6 +1,7 @@
 """`edge-rwkv bench`: speed and memory of our runtime beside the official `rwkv` package, one table.
 
     edge-rwkv bench --preset 1.5b --device cuda [--precisions fp16,int8,int4] [--batch 1,8,64,256]
+                    [--batch-precisions fp16,int4] [--memory-precisions fp16,int4]
                     [--prefill 1024,8192,32768] [--memory-ctx 8192,32768,131072] [--json o.json] [--plot o.png]
 
 Both runtimes read the same weights: random weights in the official x070 layout (or MODEL), written
@@ -11,8 +12,15 @@ variables when imported, so it runs in a subprocess of its own (`python -m edge_
 --peer-worker`); on CUDA it first tries its nvcc-built op (RWKV_CUDA_ON=1) and, if that build fails,
 runs again without it — the table says which.
 
+Precisions: the first float one of --precisions is the base (what the peer is compared with). Each
+precision's model is made once and measured alone on the device (the one before it freed): decode B=1
+for --precisions, batched decode for --batch-precisions, prefill + peak memory at --memory-ctx for
+--memory-precisions (the base's prefill rows also cover --prefill). int8 / int4 models are quantized
+as a memory-constrained deployment stores them (layers and head at that width, the embedding int8;
+round to nearest, on the model's device), written as an artifact and loaded from it.
+
 Timing: CUDA events after warm-up, median of many runs (CPU: time.perf_counter, median).
-Memory: torch.cuda.max_memory_allocated (CUDA, whole process: weights included); on CPU the peak
+Memory: torch.cuda.max_memory_allocated (CUDA, whole process: that model's weights included); on CPU the peak
 growth of heap bytes in use during the prefill, sampled (glibc mallinfo2; RSS elsewhere) (activations and state, not weights).
 Bandwidth: bytes of weights (and state) read per decode step / step time, against a device copy
 (CUDA) or a large memcpy (CPU) measured in the same run.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -35,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from .model import Int8Rows
+
 HEAD_SIZE = 64
 VOCAB = 65536
 PRESETS = {"tiny": (2, 128), "0.1b": (12, 768), "1.5b": (24, 2048), "7.2b": (32, 4096)}
@@ -48,7 +59,9 @@ class BenchOptions:
     model: str | None = None
     preset: str = "tiny"
     device: str = "cpu"
-    precisions: list[str] = field(default_factory=lambda: ["fp16", "int8", "int4"])
+    precisions: list[str] = field(default_factory=lambda: ["fp16", "int8", "int4"])  # decode B=1 rows
+    batch_precisions: list[str] | None = None  # batched decode rows; None: the base (first float) precision
+    memory_precisions: list[str] | None = None  # prefill + peak memory at memory_ctx; None: the base precision
     batch: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
     prefill: list[int] = field(default_factory=lambda: [1024, 8192, 32768])
     memory_ctx: list[int] = field(default_factory=lambda: [8192, 32768, 131072])
@@ -186,7 +199,7 @@ def copy_bandwidth(dev: torch.device, nbytes: int | None = None) -> float:
     src = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     t = Timer(dev).each(lambda: dst.copy_(src), reps=10 if dev.type == "cuda" else 5, warmup=2)
-    del src, dst
+    src = dst = None  # free the buffers now (the lambda above refers to the names)
     return 2 * n * 4 / t / 1e9
 
 
@@ -235,21 +248,45 @@ def quantizer():
     return quantize_checkpoint, None
 
 
+def bench_policy(bits: int):
+    """What a memory-constrained deployment stores: the layers and the head at `bits`, the embedding int8."""
+    from .quant.policy import QuantPolicy
+
+    return QuantPolicy(bits=bits, quantize_head=True, quantize_embedding=True)
+
+
+def describe_quantization(quant: dict) -> str:
+    """One line from an artifact's quant metadata, e.g.
+    "int4 g128 layers+head (layer 0 att.output fp16), int8 embedding, RTN"."""
+    specs, policy = quant.get("tensors") or {}, quant.get("policy") or {}
+
+    def formats(pick) -> str:
+        found = {s["format"] + (f" g{s['group']}" if s.get("group") else "") for n, s in specs.items() if pick(n)}
+        return "/".join(sorted(found)) or "fp16"
+
+    layers, head = formats(lambda n: n.startswith("blocks.")), formats(lambda n: n == "head.weight")
+    mats = f"{layers} layers+head" if head == layers else f"{layers} layers, {head} head"
+    if "blocks.0.att.output.weight" not in specs and layers != "fp16":
+        mats += " (layer 0 att.output fp16)"
+    return f"{mats}, {formats(lambda n: n == 'emb.weight')} embedding, {str(policy.get('method', 'rtn')).upper()}"
+
+
 def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype):
-    """Quantize `path` (round to nearest, default policy) into a temporary artifact and load it."""
+    """(model, description): `path` quantized under bench_policy (round to nearest, on `dev`) into a
+    temporary artifact, loaded as a deployment loads it."""
     import tempfile
 
     from .api import load
     from .artifact import write_artifact
     from .checkpoint import load_checkpoint
-    from .quant.policy import QuantPolicy
     from .quantize import quantize_checkpoint
 
-    tensors, meta = quantize_checkpoint(load_checkpoint(path), QuantPolicy(bits=bits))
+    tensors, meta = quantize_checkpoint(load_checkpoint(path), bench_policy(bits), device=dev)
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/q{bits}.safetensors"
         write_artifact(out, tensors, meta)
-        return load(out, device=str(dev), dtype=dtype)
+        del tensors  # the CPU copy: at 7.2B gigabytes
+        return load(out, device=str(dev), dtype=dtype), describe_quantization(meta["quant"])
 
 
 # =========================================================================== bytes per step
@@ -264,6 +301,8 @@ def _obj_bytes(obj, seen: set) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
+    if isinstance(obj, Int8Rows):
+        return _obj_bytes(obj.q, seen) + _obj_bytes(obj.scale, seen)
     if isinstance(obj, (tuple, list)):
         return sum(_obj_bytes(o, seen) for o in obj)
     if isinstance(obj, dict):  # nn.Module keeps its tensors in _parameters / _buffers
@@ -274,12 +313,23 @@ def _obj_bytes(obj, seen: set) -> int:
     return 0
 
 
+def embedding_row_bytes(emb) -> int:
+    """Bytes one token's embedding lookup reads (a dense row, or an int8 row and its scale)."""
+    return emb.row_bytes if isinstance(emb, Int8Rows) else emb.shape[1] * emb.element_size()
+
+
 def weight_bytes_per_step(net) -> int:
     """Bytes of weights one decode step reads: every layer tensor, the head, one embedding row."""
     seen: set = set()
     total = sum(_obj_bytes(layer, seen) for layer in net.layers)
     total += _obj_bytes(net.head, seen) + _obj_bytes(net.ln_out, seen)
-    return total + net.emb.shape[1] * net.emb.element_size()
+    return total + embedding_row_bytes(net.emb)
+
+
+def weights_resident_bytes(net) -> int:
+    """Bytes of all the model's weights, the whole embedding table included."""
+    seen: set = set()
+    return sum(_obj_bytes(part, seen) for part in (net.layers, net.head, net.ln_out, net.emb))
 
 
 # =========================================================================== our runtime
@@ -468,48 +518,295 @@ def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], 
 
 # =========================================================================== the run
 
+def prefill_reps(n: int) -> int:
+    """Timed prefills of n tokens (median of 3 up to 8K; longer ones once)."""
+    return 3 if n <= 8192 else 1
+
+
+def _free(dev: torch.device) -> None:
+    """Release a dropped model now, so the next one is measured alone on the device."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _bench_file(o: BenchOptions, dev: torch.device, dtype: torch.dtype, workdir: Path, meta: dict, log):
+    """(path both runtimes read, label): MODEL (as a .pth beside it when the peer needs one) or random weights."""
+    if o.model:
+        path = str(o.model)
+        from .checkpoint import load_checkpoint
+
+        if not path.endswith(".pth"):  # the peer reads <base>.pth
+            ck = load_checkpoint(path)
+            if (ck.quant or {}).get("tensors"):
+                o.peer = False
+                meta["peer_note"] = "quantized artifact: the peer cannot read it"
+            else:
+                torch.save({k: v.to(dtype if dev.type == "cuda" else torch.float32) for k, v in ck.tensors.items()},
+                           workdir / "model.pth")
+                path = str(workdir / "model.pth")
+            del ck
+        return path, Path(o.model).name
+    L, D = PRESETS[o.preset]
+    t0 = time.perf_counter()
+    sd = bench_weights(L, D, o.seed, dev, torch.float16 if dev.type == "cuda" else torch.float32)
+    path = str(workdir / "model.pth")
+    torch.save(sd, path)
+    del sd
+    label = f"{o.preset} (random weights)"
+    log(f"weights: {label} written to {path} in {time.perf_counter() - t0:.1f} s")
+    return path, label
+
+
+def base_precision(precisions: list[str], device_type: str) -> str:
+    """The first float precision asked for, else fp16 on CUDA and fp32 elsewhere."""
+    return next((p for p in precisions if p in FLOAT_PRECISIONS), "fp16" if device_type == "cuda" else "fp32")
+
+
+def precision_plan(o: BenchOptions, base: str) -> list[str]:
+    """Every precision some row needs, each once: the base first (its model is loaded already)."""
+    out = [base]
+    for p in [*o.precisions, *o.batch_precisions, *o.memory_precisions]:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+class ModelUnavailable(Exception):
+    """A precision whose model cannot be made here (the message is the table's note)."""
+
+
+@dataclass
+class _Run:
+    """What every precision's rows share."""
+
+    o: BenchOptions
+    dev: torch.device
+    path: str
+    base: str
+    dtype: torch.dtype
+    bw: float
+    sbytes: int
+    res: dict
+    log: object
+    ref_logits: torch.Tensor | None = None
+    qtoks: list[int] | None = None
+    auto_chunk: bool = True  # no --chunk: each precision's model reads prompts in its own default chunk
+
+    def gbs(self, sec: float, nbytes: int) -> tuple[float, float]:
+        g = nbytes / sec / 1e9
+        return g, 100 * g / self.bw
+
+    def base_lengths(self) -> list[int]:
+        """Prefill lengths of the base precision (the peer runs the same ones)."""
+        mem = self.o.memory_ctx if self.base in self.o.memory_precisions else []
+        return sorted(set(self.o.prefill) | set(mem))
+
+    def lengths(self, prec: str) -> list[int]:
+        if prec == self.base:
+            return self.base_lengths()
+        return sorted(set(self.o.memory_ctx)) if prec in self.o.memory_precisions else []
+
+
+def _make_model(r: _Run, prec: str):
+    """(model, quantization description or None) for a precision other than the base."""
+    from . import api
+
+    if prec in FLOAT_PRECISIONS:
+        return api.load(r.path, device=str(r.dev), dtype=FLOAT_PRECISIONS[prec]), None
+    if prec not in QUANT_BITS:
+        raise ModelUnavailable(f"n/a (unknown precision {prec!r})")
+    fn, why = quantizer()
+    if fn is None:
+        r.log(f"{prec}: {QUANT_NA} — {why}")
+        raise ModelUnavailable(QUANT_NA)
+    t0 = time.perf_counter()
+    m, desc = quantized_model(r.path, QUANT_BITS[prec], r.dev, r.dtype)
+    r.log(f"{prec}: quantized ({desc}) on {r.dev.type} and loaded in {time.perf_counter() - t0:.1f} s")
+    return m, desc
+
+
+def _model_for(r: _Run, prec: str, decode_row: dict | None):
+    """The model of a precision other than the base, or None once its rows say why it could not be made."""
+    try:
+        m, desc = _make_model(r, prec)
+    except Exception as e:  # noqa: BLE001  (the table says why)
+        note = str(e) if isinstance(e, ModelUnavailable) else f"failed: {type(e).__name__}: {str(e)[:120]}"
+        r.log(f"{prec}: {note}")
+        _unavailable_rows(r, prec, note, decode_row)
+        return None
+    r.res["meta"]["weights_bytes"][prec] = weights_resident_bytes(m.net)
+    if desc:
+        r.res["meta"]["quantization"][prec] = desc
+    return m
+
+
+def _decode_row(r: _Run, prec: str, m, row: dict) -> None:
+    """Decode B=1 of model `m` into `row` (and, with --quality, its logits against the base's)."""
+    try:
+        sec, how = Ours(m, r.o).decode(1)
+        nb = weight_bytes_per_step(m.net) + 2 * r.sbytes
+        g, pct = r.gbs(sec, nb)
+        row.update(ours_tok_s=1 / sec, how=how, bytes_per_step=nb, gbs=g, pct_bound=pct)
+        if r.ref_logits is not None and prec != r.base:
+            r.res["quality"].append(_compare(f"ours {prec} vs ours {r.base}", Ours(m, r.o).logits(r.qtoks), r.ref_logits))
+        r.log(f"decode B=1 {prec}: {row['ours_tok_s']:.1f} tok/s ({how}), {g:.0f} GB/s = {pct:.1f}% of copy")
+    except Exception as e:  # noqa: BLE001
+        row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        r.log(f"decode {prec}: {row['note']}")
+
+
+def _batched_rows(r: _Run, prec: str, m) -> None:
+    ours, wbytes = Ours(m, r.o), weight_bytes_per_step(m.net)
+    for B in r.o.batch:
+        row = {"precision": prec, "batch": B}
+        try:
+            sec, how = ours.decode(B)
+            g, pct = r.gbs(sec, wbytes + 2 * B * r.sbytes)
+            row.update(ours_tok_s=B / sec, how=how, gbs=g, pct_bound=pct)
+            r.log(f"decode {prec} B={B}: {B / sec:.1f} tok/s ({how})")
+        except Exception as e:  # noqa: BLE001
+            row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            r.log(f"decode {prec} B={B}: failed {e!r}"[:200])
+        r.res["batched"].append(row)
+
+
+def _prefill_rows(r: _Run, prec: str, m, lengths: list[int]) -> None:
+    """Prefill speed and peak memory per length; a length whose estimated time exceeds the item limit is
+    skipped. Only this model is resident, so a CUDA peak is its deployment footprint."""
+    o = r.o
+    if r.auto_chunk and prec != r.base:  # e.g. a quantized model reads in smaller chunks (generate.py)
+        from .generate import prefill_chunk_for
+
+        o = dataclasses.replace(o, chunk=prefill_chunk_for(m.net))
+        r.res["meta"].setdefault("chunk_by_precision", {})[prec] = o.chunk
+    ours = Ours(m, o)
+    try:
+        ours.prefill(min(2 * o.chunk, max(lengths)), 1)  # warm-up (kernels, allocator)
+    except Exception as e:  # noqa: BLE001  (the rows say why; the other precisions still run)
+        note = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        r.log(f"prefill {prec}: {note}")
+        r.res["prefill"].extend({"precision": prec, "tokens": n, "ours_note": note} for n in lengths)
+        return
+    last_rate = None
+    for n in lengths:
+        if last_rate and n / last_rate > r.o.item_limit_s:
+            row = {"precision": prec, "tokens": n, "ours_note": f"skipped (est. {n / last_rate:.0f} s)"}
+        else:
+            row = _prefill_row(r, ours, prec, n, prefill_reps(n))
+            last_rate = row.get("ours_tok_s", last_rate)
+        r.res["prefill"].append(row)
+
+
+def _prefill_row(r: _Run, ours: Ours, prec: str, n: int, reps: int) -> dict:
+    """One prefill length: tok/s and peak memory, or why it failed (e.g. out of memory)."""
+    row = {"precision": prec, "tokens": n}
+    try:
+        sec, peak, base = ours.prefill(n, reps)
+    except Exception as e:  # noqa: BLE001  (keep the other rows)
+        row["ours_note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        r.log(f"prefill {prec} {n}: {row['ours_note']}")
+        _free(r.dev)
+        return row
+    row.update(ours_tok_s=n / sec, ours_peak_bytes=peak, ours_resident_bytes=base)
+    r.log(f"prefill {prec} {n}: {n / sec:.0f} tok/s, peak {_fmt_bytes(peak)}")
+    return row
+
+
+def _bench_precision(r: _Run, prec: str, m, decode_row: dict | None) -> None:
+    """All rows of one precision's model: decode B=1, batched decode, prefill + peak memory."""
+    if decode_row is not None:
+        _decode_row(r, prec, m, decode_row)
+    if prec in r.o.batch_precisions:
+        _batched_rows(r, prec, m)
+    lengths = r.lengths(prec)
+    if lengths:
+        _prefill_rows(r, prec, m, lengths)
+
+
+def _unavailable_rows(r: _Run, prec: str, note: str, decode_row: dict | None) -> None:
+    """Rows that say why a precision's model could not be made, where its measurements would be."""
+    if decode_row is not None:
+        decode_row["note"] = note
+    if prec in r.o.batch_precisions:
+        r.res["batched"].extend({"precision": prec, "batch": B, "note": note} for B in r.o.batch)
+    r.res["prefill"].extend({"precision": prec, "tokens": n, "ours_note": note} for n in r.lengths(prec))
+
+
+def _merge_peer(res: dict, peer: dict, base: str, gbs) -> None:
+    """The peer's figures beside ours: decode B=1 and prefill of the base precision; batched rows get
+    the peer's batch-1 rate (it has no batched decode)."""
+    base_decode = next((d for d in res["decode"] if d["precision"] == base and "ours_tok_s" in d), None)
+    if base_decode is not None and peer.get("decode_s"):
+        base_decode["peer_tok_s"] = 1 / peer["decode_s"]
+        base_decode["ratio"] = base_decode["ours_tok_s"] * peer["decode_s"]
+        pg, ppct = gbs(peer["decode_s"], base_decode["bytes_per_step"])
+        base_decode.update(peer_gbs=pg, peer_pct_bound=ppct)
+    for row in res["batched"]:
+        if peer.get("decode_s"):
+            row["peer_note"] = "batch 1 only"
+            row["peer_b1_tok_s"] = 1 / peer["decode_s"]
+            if "ours_tok_s" in row:
+                row["ratio_vs_peer_b1"] = row["ours_tok_s"] * peer["decode_s"]
+    for row in res["prefill"]:
+        if row.get("precision", base) != base:
+            continue
+        p = (peer.get("prefill") or {}).get(str(row["tokens"]), {})
+        if "s" in p:
+            row.update(peer_tok_s=row["tokens"] / p["s"], peer_peak_bytes=p["peak_bytes"],
+                       peer_resident_bytes=p.get("resident_bytes"))
+            if "ours_tok_s" in row:
+                row["ratio"] = row["ours_tok_s"] / row["peer_tok_s"]
+            if row.get("ours_peak_bytes") and p.get("peak_bytes"):
+                row["mem_ratio"] = row["ours_peak_bytes"] / p["peak_bytes"]
+        elif "skipped" in p:
+            row["peer_note"] = p["skipped"]
+
+
+def _is_flat(peaks: list[int], dev: torch.device) -> bool | None:
+    """Peak memory flat in context length: within 10% of the shortest context's (CPU: + 8 MB of noise)."""
+    if len(peaks) < 2:
+        return None
+    slack = 0.10 * max(peaks[0], 1) + (8 << 20 if dev.type == "cpu" else 0)
+    return bool(max(peaks) - peaks[0] <= slack)
+
+
+def _memory_flat(res: dict, o: BenchOptions, base: str, dev: torch.device) -> None:
+    meta, mem = res["meta"], set(o.memory_ctx)
+
+    def peaks(side: str, prec: str) -> list[int]:
+        return [r[f"{side}_peak_bytes"] for r in res["prefill"] if r["tokens"] in mem
+                and r.get("precision", base) == prec and r.get(f"{side}_peak_bytes") is not None]
+
+    by_prec = {p: _is_flat(peaks("ours", p), dev) for p in o.memory_precisions}
+    meta["ours_memory_flat_by_precision"] = {p: f for p, f in by_prec.items() if f is not None}
+    for side in ("ours", "peer"):
+        flat = _is_flat(peaks(side, base), dev)
+        if flat is not None:
+            meta[f"{side}_memory_flat"] = flat
+
+
 def run_bench(o: BenchOptions, log=print) -> dict:
     from . import api
 
     dev = api.parse_device(o.device)
     t_start = time.perf_counter()
-    base_prec = next((p for p in o.precisions if p in FLOAT_PRECISIONS), "fp16" if dev.type == "cuda" else "fp32")
+    base_prec = base_precision(o.precisions, dev.type)
+    o = dataclasses.replace(o, batch_precisions=o.batch_precisions or [base_prec],
+                            memory_precisions=o.memory_precisions or [base_prec])
     dtype = FLOAT_PRECISIONS[base_prec]
     res: dict = {"meta": {}, "decode": [], "batched": [], "prefill": [], "quality": []}
     meta = res["meta"]
     with tempfile.TemporaryDirectory(prefix="edge_rwkv_bench_") as tmp:
         workdir = Path(tmp)
-        if o.model:
-            path = str(o.model)
-            from .checkpoint import load_checkpoint
-
-            if not path.endswith(".pth"):  # the peer reads <base>.pth
-                ck = load_checkpoint(path)
-                if (ck.quant or {}).get("tensors"):
-                    o.peer = False
-                    meta["peer_note"] = "quantized artifact: the peer cannot read it"
-                else:
-                    torch.save({k: v.to(dtype if dev.type == "cuda" else torch.float32) for k, v in ck.tensors.items()},
-                               workdir / "model.pth")
-                    path = str(workdir / "model.pth")
-                del ck
-            label = Path(o.model).name
-        else:
-            L, D = PRESETS[o.preset]
-            t0 = time.perf_counter()
-            sd = bench_weights(L, D, o.seed, dev, torch.float16 if dev.type == "cuda" else torch.float32)
-            path = str(workdir / "model.pth")
-            torch.save(sd, path)
-            del sd
-            label = f"{o.preset} (random weights)"
-            log(f"weights: {label} written to {path} in {time.perf_counter() - t0:.1f} s")
+        path, label = _bench_file(o, dev, dtype, workdir, meta, log)
         model = api.load(path, device=str(dev), dtype=dtype)
         cfg = model.config
-        if o.chunk is None:
+        auto_chunk = o.chunk is None
+        if auto_chunk:
             from .generate import prefill_chunk_for
 
             o = dataclasses.replace(o, chunk=prefill_chunk_for(model.net))
-        ours = Ours(model, o)
         meta.update(model=label, config=cfg.to_dict(), device=str(dev),
                     device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
                     torch=torch.__version__, dtype=base_prec, chunk=o.chunk, wkv=model.wkv_backend,
@@ -517,121 +814,42 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         bw = copy_bandwidth(dev)
         wbytes = weight_bytes_per_step(model.net)
         sbytes = cfg.state_bytes(1)
-        meta.update(copy_gbs=bw, weight_bytes_per_step=wbytes, state_bytes=sbytes)
+        meta.update(copy_gbs=bw, weight_bytes_per_step=wbytes, state_bytes=sbytes,
+                    weights_bytes={base_prec: weights_resident_bytes(model.net)}, quantization={})
         log(f"model: L{cfg.n_layer} D{cfg.n_embd} on {meta['device_name']}; copy bandwidth {bw:.0f} GB/s; "
             f"weights read per decode step {wbytes / 1e9:.3f} GB")
 
-        lengths = sorted(set(o.prefill) | set(o.memory_ctx))
-        reps = {n: (3 if n <= 8192 else 1) for n in lengths}
-        qtoks = _tokens(64, o.seed + 7) if o.quality else None
+        r = _Run(o, dev, path, base_prec, dtype, bw, sbytes, res, log, auto_chunk=auto_chunk)
+        if o.quality:
+            r.qtoks = _tokens(64, o.seed + 7)
+            r.ref_logits = Ours(model, o).logits(r.qtoks)  # kept on the CPU: the base model is freed below
+        decode_rows = {p: {"precision": p} for p in o.precisions}
+        res["decode"] = list(decode_rows.values())
 
-        # ---------------------------------------------------------------- ours: decode per precision
-        def gbs(sec, nbytes):
-            g = nbytes / sec / 1e9
-            return g, 100 * g / bw
-
-        base_decode = None
-        for prec in o.precisions:
-            row = {"precision": prec}
-            try:
-                if prec == base_prec:
-                    m2 = model
-                elif prec in FLOAT_PRECISIONS:
-                    m2 = api.load(path, device=str(dev), dtype=FLOAT_PRECISIONS[prec])
-                elif prec in QUANT_BITS:
-                    fn, why = quantizer()
-                    if fn is None:
-                        row["note"] = QUANT_NA
-                        log(f"decode {prec}: {QUANT_NA} — {why}")
-                        res["decode"].append(row)
-                        continue
-                    m2 = quantized_model(path, QUANT_BITS[prec], dev, dtype)
-                else:
-                    row["note"] = f"n/a (unknown precision {prec!r})"
-                    res["decode"].append(row)
-                    continue
-                sec, how = Ours(m2, o).decode(1)
-                nb = weight_bytes_per_step(m2.net) + 2 * sbytes
-                g, pct = gbs(sec, nb)
-                row.update(ours_tok_s=1 / sec, how=how, bytes_per_step=nb, gbs=g, pct_bound=pct)
-                if prec == base_prec:
-                    base_decode = row
-                if o.quality and m2 is not model:
-                    ref, got = ours.logits(qtoks), Ours(m2, o).logits(qtoks)
-                    res["quality"].append(_compare(f"ours {prec} vs ours {base_prec}", got, ref))
-                if m2 is not model:
-                    del m2
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                log(f"decode B=1 {prec}: {row['ours_tok_s']:.1f} tok/s ({how}), {g:.0f} GB/s = {pct:.1f}% of copy")
-            except Exception as e:  # noqa: BLE001
-                row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-                log(f"decode {prec}: {row['note']}")
-            res["decode"].append(row)
-
-        # ---------------------------------------------------------------- ours: batched decode
-        for B in o.batch:
-            try:
-                sec, how = ours.decode(B)
-                nb = wbytes + 2 * B * sbytes
-                g, pct = gbs(sec, nb)
-                res["batched"].append({"batch": B, "ours_tok_s": B / sec, "how": how, "gbs": g, "pct_bound": pct})
-                log(f"decode B={B}: {B / sec:.1f} tok/s ({how})")
-            except Exception as e:  # noqa: BLE001
-                res["batched"].append({"batch": B, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
-                log(f"decode B={B}: failed {e!r}"[:200])
-
-        # ---------------------------------------------------------------- ours: prefill + memory
-        ours.prefill(min(2 * o.chunk, max(lengths)), 1)  # warm-up (kernels, allocator)
-        last_rate = None
-        for n in lengths:
-            row = {"tokens": n}
-            if last_rate and n / last_rate > o.item_limit_s:
-                row["ours_note"] = f"skipped (est. {n / last_rate:.0f} s)"
+        # ---------------------------------------------------------------- ours: one model at a time
+        for prec in precision_plan(o, base_prec):
+            if prec == base_prec:
+                m, model = model, None  # the loop holds the only reference: freed before the next model
             else:
-                sec, peak, base = ours.prefill(n, reps[n])
-                last_rate = n / sec
-                row.update(ours_tok_s=n / sec, ours_peak_bytes=peak, ours_resident_bytes=base)
-                log(f"prefill {n}: {n / sec:.0f} tok/s, peak {_fmt_bytes(peak)}")
-            res["prefill"].append(row)
+                m = _model_for(r, prec, decode_rows.get(prec))
+            if m is not None:
+                _bench_precision(r, prec, m, decode_rows.get(prec))
+            del m
+            _free(dev)
 
         # ---------------------------------------------------------------- the peer
         peer = {}
         if o.peer:
-            peer = run_peer(path, dev, o, lengths, reps, workdir, qtoks, log)
+            lengths = r.base_lengths()
+            peer = run_peer(path, dev, o, lengths, {n: prefill_reps(n) for n in lengths}, workdir, r.qtoks, log)
             if peer.get("quality_logits") and Path(peer["quality_logits"]).exists():
                 ref = torch.load(peer["quality_logits"], weights_only=True)
-                res["quality"].append(_compare(f"ours {base_prec} vs rwkv pip", ours.logits(qtoks), ref))
+                res["quality"].append(_compare(f"ours {base_prec} vs rwkv pip", r.ref_logits, ref))
         else:
             peer = {"error": meta.get("peer_note", "not run (--no-peer)")}
         meta["peer"] = {k: v for k, v in peer.items() if k not in ("prefill", "quality_logits")}
-        if base_decode is not None and peer.get("decode_s"):
-            base_decode["peer_tok_s"] = 1 / peer["decode_s"]
-            base_decode["ratio"] = base_decode["ours_tok_s"] * peer["decode_s"]
-            pg, ppct = gbs(peer["decode_s"], base_decode["bytes_per_step"])
-            base_decode.update(peer_gbs=pg, peer_pct_bound=ppct)
-        for row in res["batched"]:
-            if peer.get("decode_s"):
-                row["peer_note"] = "batch 1 only"
-                row["peer_b1_tok_s"] = 1 / peer["decode_s"]
-                if "ours_tok_s" in row:
-                    row["ratio_vs_peer_b1"] = row["ours_tok_s"] * peer["decode_s"]
-        for row in res["prefill"]:
-            p = (peer.get("prefill") or {}).get(str(row["tokens"]), {})
-            if "s" in p:
-                row.update(peer_tok_s=row["tokens"] / p["s"], peer_peak_bytes=p["peak_bytes"],
-                           peer_resident_bytes=p.get("resident_bytes"))
-                if "ours_tok_s" in row:
-                    row["ratio"] = row["ours_tok_s"] / row["peer_tok_s"]
-                if row.get("ours_peak_bytes") and p.get("peak_bytes"):
-                    row["mem_ratio"] = row["ours_peak_bytes"] / p["peak_bytes"]
-            elif "skipped" in p:
-                row["peer_note"] = p["skipped"]
-        for side in ("ours", "peer"):
-            pk = [r[f"{side}_peak_bytes"] for r in res["prefill"] if r["tokens"] in o.memory_ctx and r.get(f"{side}_peak_bytes") is not None]
-            if len(pk) >= 2:
-                slack = 0.10 * max(pk[0], 1) + (8 << 20 if dev.type == "cpu" else 0)
-                meta[f"{side}_memory_flat"] = bool(max(pk) - pk[0] <= slack)
+        _merge_peer(res, peer, base_prec, r.gbs)
+        _memory_flat(res, o, base_prec, dev)
         res["options"] = asdict(o)
         meta["elapsed_s"] = time.perf_counter() - t_start
     return res
@@ -660,8 +878,12 @@ def _fmt_rate(x) -> str:
     return "—" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
 
 
-def format_table(res: dict) -> str:
-    m = res["meta"]
+def _label(metric: str, prec: str, base: str) -> str:
+    """Row label: the base precision's rows keep the plain metric, other precisions' name theirs."""
+    return metric if prec == base else f"{metric} {prec}"
+
+
+def _table_header(m: dict) -> list[str]:
     c = m["config"]
     p = m.get("peer", {})
     if p.get("error") and "decode_s" not in p:
@@ -671,54 +893,90 @@ def format_table(res: dict) -> str:
                      f"CUDA op {'on' if p.get('cuda_op') else 'off'}" + (f" — {p['note']}" if p.get("note") else ""))
     lines = [
         f"edge-rwkv bench — {m['model']}: L{c['n_layer']} D{c['n_embd']} vocab {c['vocab_size']}, {m['dtype']}, "
-        f"{m['device']} ({m['device_name']}), torch {m['torch']}, wkv {m['wkv']}, prefill chunk {m['chunk']}",
+        f"{m['device']} ({m['device_name']}), torch {m['torch']}, wkv {m['wkv']}, prefill chunk {m['chunk']}"
+        + "".join(f", {k} {v}" for k, v in (m.get("chunk_by_precision") or {}).items()),
         f"{peer_desc}",
         f"bound: copy bandwidth {m['copy_gbs']:.0f} GB/s; weights read per decode step {m['weight_bytes_per_step'] / 1e9:.3f} GB; "
         f"state {_fmt_bytes(m['state_bytes'])}/sequence; memory = {m['memory_kind']}",
-        "",
-        "| metric | setting | ours | rwkv pip | ours/peer | GB/s (ours / peer) | % of bound (ours / peer) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if m.get("weights_bytes"):
+        lines.append("weights resident: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in m["weights_bytes"].items()))
+    for prec, desc in (m.get("quantization") or {}).items():
+        lines.append(f"{prec}: {desc}")
+    return lines
+
+
+def _decode_lines(res: dict, base: str) -> list[str]:
+    lines = []
     for r in res["decode"]:
         if "ours_tok_s" not in r:
             lines.append(f"| decode tok/s, B=1 | {r['precision']} | {r.get('note', 'n/a')} | | | | |")
             continue
-        peer = _fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else ("" if r["precision"] != m["dtype"] else "n/a")
+        peer = _fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else ("" if r["precision"] != base else "n/a")
         ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
         g = f"{r['gbs']:.3g}" + (f" / {r['peer_gbs']:.3g}" if "peer_gbs" in r else "")
         pct = f"{r['pct_bound']:.1f}%" + (f" / {r['peer_pct_bound']:.1f}%" if "peer_pct_bound" in r else "")
         lines.append(f"| decode tok/s, B=1 | {r['precision']} ({r.get('how')}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | {g} | {pct} |")
     for r in res["batched"]:
+        label = _label("decode tok/s, batched", r.get("precision", base), base)
         if "ours_tok_s" not in r:
-            lines.append(f"| decode tok/s, batched | B={r['batch']} | {r.get('note')} | | | | |")
+            lines.append(f"| {label} | B={r['batch']} | {r.get('note')} | | | | |")
             continue
         peer = f"{_fmt_rate(r['peer_b1_tok_s'])} (B=1 only)" if "peer_b1_tok_s" in r else "n/a"
         ratio = f"{r['ratio_vs_peer_b1']:.2f}×" if "ratio_vs_peer_b1" in r else ""
-        lines.append(f"| decode tok/s, batched | B={r['batch']} ({r['how']}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | "
+        lines.append(f"| {label} | B={r['batch']} ({r['how']}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | "
                      f"{r['gbs']:.3g} | {r['pct_bound']:.1f}% |")
+    return lines
+
+
+def _prefill_lines(res: dict, base: str) -> list[str]:
+    """Prefill tok/s at --prefill lengths, then peak memory at --memory-ctx, base precision first."""
     opts = res.get("options", {})
-    for r in res["prefill"]:
+    rows = sorted(res["prefill"], key=lambda r: r.get("precision", base) != base)  # stable: base rows first
+    lines = []
+    for r in rows:
         if r["tokens"] in opts.get("prefill", [r["tokens"]]):
+            prec = r.get("precision", base)
             ours = _fmt_rate(r.get("ours_tok_s")) if "ours_tok_s" in r else r.get("ours_note", "—")
-            peer = _fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else r.get("peer_note", "—")
+            peer = (_fmt_rate(r.get("peer_tok_s")) if "peer_tok_s" in r else r.get("peer_note", "—")) if prec == base else ""
             ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
-            lines.append(f"| prefill tok/s | {r['tokens']} tokens | {ours} | {peer} | {ratio} | | |")
-    for r in res["prefill"]:
+            lines.append(f"| {_label('prefill tok/s', prec, base)} | {r['tokens']} tokens | {ours} | {peer} | {ratio} | | |")
+    for r in rows:
         if r["tokens"] in opts.get("memory_ctx", [r["tokens"]]):
+            prec = r.get("precision", base)
             ours = _fmt_bytes(r.get("ours_peak_bytes")) if "ours_tok_s" in r else r.get("ours_note", "—")
-            peer = _fmt_bytes(r.get("peer_peak_bytes")) if "peer_tok_s" in r else r.get("peer_note", "—")
+            peer = (_fmt_bytes(r.get("peer_peak_bytes")) if "peer_tok_s" in r else r.get("peer_note", "—")) if prec == base else ""
             ratio = f"{r['mem_ratio']:.2f}×" if "mem_ratio" in r else ""
-            lines.append(f"| peak memory | ctx {r['tokens']} | {ours} | {peer} | {ratio} | | |")
+            lines.append(f"| {_label('peak memory', prec, base)} | ctx {r['tokens']} | {ours} | {peer} | {ratio} | | |")
+    return lines
+
+
+def format_table(res: dict) -> str:
+    m = res["meta"]
+    base = m["dtype"]
+    lines = _table_header(m) + [
+        "",
+        "| metric | setting | ours | rwkv pip | ours/peer | GB/s (ours / peer) | % of bound (ours / peer) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += _decode_lines(res, base) + _prefill_lines(res, base)
     for q in res.get("quality", []):
         lines.append(f"| logits agreement | {q['what']} | rel err {q['rel_err']:.2e}, top-1 {100 * q['top1_agree']:.1f}%, "
                      f"KL {q['kl']:.2e} | | | | |")
-    flat = [f"{s}: {'flat' if m[f'{s}_memory_flat'] else 'GROWS'}" for s in ("ours", "peer") if f"{s}_memory_flat" in m]
+    word = lambda f: "flat" if f else "GROWS"  # noqa: E731
+    flat = [f"ours {p}: {word(f)}" for p, f in (m.get("ours_memory_flat_by_precision") or {}).items()]
+    if not flat and "ours_memory_flat" in m:
+        flat.append(f"ours: {word(m['ours_memory_flat'])}")
+    if "peer_memory_flat" in m:
+        flat.append(f"peer: {word(m['peer_memory_flat'])}")
     if flat:
         lines.append(f"\npeak memory vs context length — {', '.join(flat)}")
     return "\n".join(lines)
 
 
 def write_plot(results: list[dict], path: str) -> None:
+    """Prefill throughput and peak memory vs context: the base precision of both runtimes, and the
+    peak memory of our other measured precisions (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -727,16 +985,22 @@ def write_plot(results: list[dict], path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for res in results:
         name = res["meta"]["model"].split(" ")[0]
-        rows = res["prefill"]
+        base = res["meta"]["dtype"]
+        rows = [r for r in res["prefill"] if r.get("precision", base) == base]
         for side, style in (("ours", "-o"), ("peer", "--s")):
             xs = [r["tokens"] for r in rows if r.get(f"{side}_tok_s")]
+            lab = f"{name} {f'ours {base}' if side == 'ours' else 'rwkv pip'}"
             if xs:
-                lab = f"{name} {'ours' if side == 'ours' else 'rwkv pip'}"
                 ax1.plot(xs, [r[f"{side}_tok_s"] for r in rows if r.get(f"{side}_tok_s")], style, label=lab)
             xs = [r["tokens"] for r in rows if r.get(f"{side}_peak_bytes") is not None]
             if xs:
                 ax2.plot(xs, [r[f"{side}_peak_bytes"] / (1 << 20) for r in rows if r.get(f"{side}_peak_bytes") is not None],
-                         style, label=f"{name} {'ours' if side == 'ours' else 'rwkv pip'}")
+                         style, label=lab)
+        for prec in dict.fromkeys(r.get("precision", base) for r in res["prefill"]):
+            pts = [(r["tokens"], r["ours_peak_bytes"] / (1 << 20)) for r in res["prefill"]
+                   if r.get("precision", base) == prec != base and r.get("ours_peak_bytes") is not None]
+            if pts:
+                ax2.plot(*zip(*pts), ":^", label=f"{name} ours {prec}")
     ax1.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="prefill tok/s", title="prefill throughput")
     kind = results[0]["meta"]["memory_kind"] if results else ""
     ax2.set(xscale="log", xlabel="context length (tokens)", ylabel=f"peak memory (MiB, {kind})", title="peak memory")
@@ -762,10 +1026,11 @@ def _int_list(s: str) -> list[int]:
 
 
 def _prec_list(s: str) -> list[str]:
-    out = [x.strip().lower() for x in s.split(",") if x.strip()]
+    out = list(dict.fromkeys(x.strip().lower() for x in s.split(",") if x.strip()))  # in order, each once
     bad = [x for x in out if x not in FLOAT_PRECISIONS and x not in QUANT_BITS]
     if not out or bad:
-        raise argparse.ArgumentTypeError(f"precisions must be among fp32,fp16,bf16,int8,int4; got {s!r}")
+        what = f"unknown precision {bad[0]!r}; " if bad else ""
+        raise argparse.ArgumentTypeError(f"{what}precisions must be among fp32,fp16,bf16,int8,int4; got {s!r}")
     return out
 
 
@@ -773,7 +1038,13 @@ def add_bench_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", nargs="?", default=None, help="model file (default: random weights of --preset)")
     s.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight shape (default: tiny)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    s.add_argument("--precisions", type=_prec_list, default=None, help="default fp16,int8,int4 (fp32,int8,int4 on cpu)")
+    s.add_argument("--precisions", type=_prec_list, default=None,
+                   help="decode B=1 rows; default fp16,int8,int4 (fp32,int8,int4 on cpu). The first float one is the "
+                        "base precision (the peer's comparison, the default of the next two)")
+    s.add_argument("--batch-precisions", type=_prec_list, default=None,
+                   help="batched decode rows for these precisions (default: the base precision)")
+    s.add_argument("--memory-precisions", type=_prec_list, default=None,
+                   help="prefill + peak memory rows at --memory-ctx for these precisions (default: the base precision)")
     s.add_argument("--batch", type=_int_list, default=[1, 8, 64, 256])
     s.add_argument("--prefill", type=_int_list, default=[1024, 8192, 32768])
     s.add_argument("--memory-ctx", type=_int_list, default=[8192, 32768, 131072])
@@ -799,7 +1070,7 @@ def options_from_args(a) -> BenchOptions:
     return BenchOptions(
         model=a.model, preset=a.preset, device=a.device,
         precisions=a.precisions or (["fp32", "int8", "int4"] if cpu else ["fp16", "int8", "int4"]),
-        batch=a.batch, prefill=a.prefill, memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
+        batch_precisions=a.batch_precisions, memory_precisions=a.memory_precisions, batch=a.batch, prefill=a.prefill, memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
         decode_steps=a.steps or (30 if cpu else 100), warmup=5 if cpu else 20, peer_warmup=10 if cpu else 60,
         item_limit_s=a.item_limit, seed=a.seed, log_dir=a.log_dir)
 

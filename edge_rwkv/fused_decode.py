@@ -10,7 +10,11 @@ with the small-vector work in two fused Numba kernels (cuda_kernels/decode_step.
 add folded into the next norm, the state updated in place, and every intermediate in a buffer
 allocated once. Same math as `RWKV7.forward`; tests hold them equal.
 
-Preparing a network stacks the v/w/a LoRA matrices (zero-padded to one rank) and, for dense
+fp16 networks (the GPU default) go further at B ≤ 4: their matrices are packed for the segmented GEMV
+(cuda_kernels/gemv_seg.py) and a layer is eight launches — norm_mix, r/k/v + LoRA-downs (tanh / sigmoid
+applied), LoRA-ups, time_mix_wkv, output, norm_mix, ffn key + relu², ffn value — with the head one more.
+
+Otherwise, preparing a network stacks the v/w/a LoRA matrices (zero-padded to one rank) and, for dense
 weights, Wr/Wk/Wv into one [3, C, C] tensor; the layers' own tensors are rebound to views of the
 stacks, so no weight is held twice and `RWKV7.forward` keeps working unchanged.
 """
@@ -25,13 +29,31 @@ from .state import State
 
 
 @dataclass
+class SegLayer:
+    """A layer's fp16 weights laid out for the segmented GEMV (cuda_kernels/gemv_seg.py).
+
+    buf1 rows: Wr, Wk, Wv, v1ᵀ, w1ᵀ, a1ᵀ, g1ᵀ (all K = C) — one launch reads the six token-shifted
+    inputs and writes r | k | v | LoRA-down (tanh on w, sigmoid on g) into one row of n1 columns.
+    buf2: v2ᵀ, w2ᵀ, a2ᵀ, g2ᵀ (C rows each, K = their rank) — one launch writes the v | w | a | g
+    LoRA outputs ([B, 4C]). The output and FFN matrices keep their own tensors, one segment each."""
+    buf1: torch.Tensor
+    n1: int
+    rkv: bool  # Wr, Wk, Wv are in buf1 (dense fp16); else they are quantized and run on their own
+    rkv_prep: object  # quantized Wr, Wk, Wv stacked for one int8-activation GEMV (or None)
+    downs: list  # (name, first row in buf1 = first column of stage 1's output, rank, activation)
+    buf2: torch.Tensor
+    ups: list  # (name, first element in buf2, rank)
+
+
+@dataclass
 class PackedLayer:
     mix: torch.Tensor  # [6, C] fp32 in slot order r k v w a g
     rkv: torch.Tensor | None  # [3, C, C] (Wr, Wk, Wv) when all three are dense
-    lora1: torch.Tensor  # [3, C, R] v1, w1, a1 (zero-padded to R columns)
-    lora2: torch.Tensor  # [3, R, C]
+    lora1: torch.Tensor | None  # [3, C, R] v1, w1, a1 (zero-padded to R columns); None with seg
+    lora2: torch.Tensor | None  # [3, R, C]
     v0: torch.Tensor  # [C] (zeros for layer 0, unused there)
     ffn_mix: torch.Tensor  # [1, C]
+    seg: SegLayer | None = None
 
 
 MIX_OF_SLOT = (0, 2, 3, 1, 4, 5)  # slot order r k v w a g, as indices into the model order r w k v a g
@@ -59,6 +81,125 @@ def _stack_lora(mats: list[torch.Tensor | None], pad_dim: int, like: torch.Tenso
     return out
 
 
+def _dense16(lin) -> bool:
+    return _is_dense(lin) and lin.weight.dtype == torch.float16
+
+
+def seg_supported(net: RWKV7) -> bool:
+    """fp16 LoRA matrices with widths the segmented GEMV takes (ranks and widths multiples of 8).
+    Dense fp16 r/k/v/output/FFN matrices join the segments; quantized ones keep their own GEMVs."""
+    from .cuda_kernels._runtime import simulator
+    from .cuda_kernels.gemv_seg import ROWS_PER_BLOCK
+
+    align = max(8, ROWS_PER_BLOCK)  # 16-byte loads of fp16; whole row blocks per segment
+    if net.dtype != torch.float16 or net.cfg.n_embd % align or not (net.device.type == "cuda" or simulator()):
+        return False
+    for L in net.layers:
+        if any(m is not None and (m.dtype != torch.float16 or m.shape[1] % align) for m in (L.v1, L.w1, L.a1, L.g1)):
+            return False
+        if L.ffn_key.out_features % align:
+            return False
+    return True
+
+
+def pack_layer_seg(L: Layer) -> PackedLayer:
+    """Copy a layer's fp16 r/k/v and LoRA matrices into the segmented-GEMV buffers; rebinds L's
+    tensors to views of them (nothing held twice; the model's forward is unchanged)."""
+    C = L.mix.shape[1]
+    dev = L.mix.device
+    acts = {"v": "none", "w": "tanh", "a": "none", "g": "sigmoid"}
+    present = [n for n in "vwag" if getattr(L, n + "1") is not None]
+    rkv = all(_dense16(x) for x in (L.receptance, L.key, L.value))
+    n_rkv = 3 * C if rkv else 0
+    n1 = n_rkv + sum(getattr(L, n + "1").shape[1] for n in present)
+    buf1 = torch.empty(n1, C, dtype=torch.float16, device=dev)
+    if rkv:
+        for i, lin in enumerate((L.receptance, L.key, L.value)):
+            buf1[i * C:(i + 1) * C] = lin.weight
+            lin.weight = buf1[i * C:(i + 1) * C]
+    downs, r0 = [], n_rkv
+    for n in present:
+        R = getattr(L, n + "1").shape[1]
+        buf1[r0:r0 + R] = getattr(L, n + "1").t()
+        setattr(L, n + "1", buf1[r0:r0 + R].t())
+        downs.append((n, r0, R, acts[n]))
+        r0 += R
+    buf2 = torch.empty(sum(C * getattr(L, n + "2").shape[0] for n in present), dtype=torch.float16, device=dev)
+    ups, off = [], 0
+    for n in present:
+        R = getattr(L, n + "2").shape[0]
+        view = buf2[off:off + C * R].view(C, R)
+        view.copy_(getattr(L, n + "2").t())
+        setattr(L, n + "2", view.t())
+        ups.append((n, off, R))
+        off += C * R
+    for lin in (L.output, L.ffn_key, L.ffn_value):
+        if _dense16(lin):
+            lin.weight = lin.weight.contiguous()
+    v0 = L.v0 if L.v0 is not None else torch.zeros(C, dtype=torch.float32, device=dev)
+    seg = SegLayer(buf1, n1, rkv, None if rkv else _stack_quantized_rkv(L), downs, buf2, ups)
+    return PackedLayer(L.mix[list(MIX_OF_SLOT)].contiguous(), buf1[:3 * C].view(3, C, C) if rkv else None,
+                       None, None, v0, L.ffn_mix.view(1, C), seg)
+
+
+def _stack_quantized_rkv(L: Layer):
+    """Quantized Wr, Wk, Wv of one format stacked into one weight (the three QuantLinears rebound
+    to views of it), prepared for gemv_a8 with groups=3: one x-rounding launch and one GEMV instead
+    of three of each. None where they differ or carry activation scales, or off CUDA."""
+    from .quant.linear import QuantLinear
+
+    lins = (L.receptance, L.key, L.value)
+    if not all(isinstance(x, QuantLinear) and x.input_scale is None and x.qweight.is_cuda for x in lins):
+        return None
+    if len({(x.spec.format, x.spec.group, x.in_features, x.out_features) for x in lins}) != 1:
+        return None
+    from .cuda_kernels import gemv_int4, gemv_int8
+
+    n = lins[0].out_features
+    qw, sc = torch.cat([x.qweight for x in lins]), torch.cat([x.scale for x in lins])
+    for i, x in enumerate(lins):
+        x.qweight, x.scale = qw[i * n:(i + 1) * n], sc[i * n:(i + 1) * n]
+    if lins[0].spec.format == "int4":
+        return gemv_int4.PreparedInt4(qw, sc, lins[0].spec.group)
+    return gemv_int8.PreparedInt8(qw, sc)
+
+
+@dataclass
+class SegTables:
+    """One layer's segment tables for a batch of B rows (inputs are [slot, B, C] buffers)."""
+    stage1: tuple  # (table, rows)
+    stage2: tuple
+    output: tuple | None  # None: a quantized matrix (its own GEMV)
+    ffn_key: tuple | None
+    ffn_value: tuple | None
+
+
+def seg_tables(L: Layer, seg: SegLayer, B: int) -> SegTables:
+    """Tables for B rows. Stage 1 writes r, k, v, then each LoRA-down as contiguous [B, width]
+    blocks of one flat buffer; stage 2 writes the v, w, a, g LoRA outputs as [4, B, C]."""
+    from .cuda_kernels.gemv_seg import Segment, build_table
+
+    C = L.mix.shape[1]
+    slot = {"v": 2, "w": 3, "a": 4, "g": 5}
+    s1 = [Segment(seg.buf1[i * C:(i + 1) * C], i * B * C, C, i * B * C) for i in range(3 if seg.rkv else 0)]
+    down_at = {}
+    for n, r0, R, act in seg.downs:
+        down_at[n] = B * r0  # rows before it: 3C + earlier ranks, each B wide
+        s1.append(Segment(seg.buf1[r0:r0 + R], slot[n] * B * C, C, down_at[n], act))
+    R_of = {n: R for n, _, R, _ in seg.downs}
+    s2 = [Segment(seg.buf2[off:off + C * R].view(C, R), down_at[n], R_of[n], "vwag".index(n) * B * C)
+          for n, off, R in seg.ups]
+
+    def single(lin, act="none"):
+        if not _dense16(lin):
+            return None
+        w = lin.weight
+        return build_table(w, [Segment(w, 0, w.shape[1], 0, act)])
+
+    return SegTables(build_table(seg.buf1, s1), build_table(seg.buf2, s2), single(L.output),
+                     single(L.ffn_key, "relu2"), single(L.ffn_value))
+
+
 def pack_layer(L: Layer) -> PackedLayer:
     """Stacked views for the fused step; rebinds L's tensors to views of the stacks (no copy kept)."""
     C = L.mix.shape[1]
@@ -84,6 +225,10 @@ class FusedStep:
 
     `state` (B rows) is updated in place for the rows where `live` [B] int32 is non-zero; the other
     rows are computed (static shapes) but their state is left as it was.
+
+    fp16 dense networks at B ≤ gemv_seg.MAX_ROWS take the segmented GEMV: a layer is then 8 launches
+    (norm_mix, stage 1, stage 2, time_mix_wkv, output, norm_mix, ffn key + relu², ffn value) instead
+    of 15. Larger batches use cuBLAS (bmm / matmul) over the same weight buffers.
     """
 
     def __init__(self, net: RWKV7, batch: int):
@@ -94,7 +239,8 @@ class FusedStep:
         cfg, dev, dt = net.cfg, net.device, net.dtype
         B, C = batch, cfg.n_embd
         if not hasattr(net, "_packed"):
-            net._packed = [pack_layer(L) for L in net.layers]
+            pack = pack_layer_seg if seg_supported(net) else pack_layer
+            net._packed = [pack(L) for L in net.layers]
         self.packed = net._packed
         acc = torch.float64 if dt == torch.float64 else torch.float32
         self.x = torch.zeros(B, C, dtype=acc, device=dev)
@@ -105,6 +251,31 @@ class FusedStep:
         self.final_prev = torch.zeros(B, C, dtype=acc, device=dev)
         self.zero_mix = torch.zeros(1, C, dtype=torch.float32, device=dev)
         self.hn = torch.zeros(1, B, C, dtype=dt, device=dev)
+        self.tables = None
+        if self.packed[0].seg is not None:
+            from .cuda_kernels import gemv_seg
+
+            if B <= gemv_seg.MAX_ROWS:
+                self._init_seg(B, C, dev)
+            else:
+                self.lora = torch.zeros(3, B, C, dtype=dt, device=dev)
+
+    def _init_seg(self, B: int, C: int, dev) -> None:
+        from .cuda_kernels.gemv_seg import ROWS_PER_BLOCK, Segment, build_table
+
+        net = self.net
+        self.out1 = torch.zeros(B * max(p.seg.n1 for p in self.packed), dtype=torch.float16, device=dev)
+        self.out2 = torch.zeros(4, B, C, dtype=torch.float16, device=dev)
+        self.rkv_out = torch.zeros(3, B, C, dtype=torch.float16, device=dev)  # stacked quantized r, k, v
+        self.dx = torch.zeros(B, C, dtype=torch.float16, device=dev)
+        self.h = torch.zeros(B, net.layers[0].ffn_key.out_features, dtype=torch.float16, device=dev)
+        self.tables = [seg_tables(L, p.seg, B) for L, p in zip(net.layers, self.packed)]
+        head = net.head
+        self.head_table = None
+        if _is_dense(head) and head.weight.dtype == torch.float16 and head.weight.shape[0] % ROWS_PER_BLOCK == 0:
+            head.weight = head.weight.contiguous()
+            self.head_table = build_table(head.weight, [Segment(head.weight, 0, C, 0)])
+            self.logits = torch.zeros(B, head.weight.shape[0], dtype=torch.float32, device=dev)
 
     def __call__(self, tokens: torch.Tensor, state: State, live: torch.Tensor) -> torch.Tensor:
         net, k, P = self.net, self.k, self.packed
@@ -113,15 +284,10 @@ class FusedStep:
         dx = self.x
         for i, (L, p) in enumerate(zip(net.layers, P)):
             k.norm_mix(self.x, dx, L.ln1[0], L.ln1[1], state.att_x[i], live, p.mix, self.xin, add=i > 0)
-            xr, xk, xv, _, _, xg = self.xin  # w, a go through the batched LoRA below
-            if p.rkv is not None:
-                r, kk, v = torch.bmm(self.xin[0:3], p.rkv.transpose(1, 2))
-            else:
-                r, kk, v = L.receptance(xr), L.key(xk), L.value(xv)
-            lo = torch.bmm(self.xin[2:5], p.lora1)  # [3,B,R]: v, w, a
-            lo[1].tanh_()
-            lo = torch.bmm(lo, p.lora2)  # [3,B,C]
-            g = torch.sigmoid(xg @ L.g1) @ L.g2
+            if self.tables is not None:
+                dx = self._layer_seg(i, L, p, state, live)
+                continue
+            r, kk, v, lo, g = self._time_mix_inputs(L, p)
             k.time_mix_wkv(r, kk, v, lo, g, L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k, L.ln_x[0], L.ln_x[1],
                            i == 0, self.v_first, state.wkv[i], live, self.att)
             dx = L.output(self.att)
@@ -129,14 +295,74 @@ class FusedStep:
             h = torch.relu(L.ffn_key(self.xk[0]))
             dx = L.ffn_value(h * h)
         k.norm_mix(self.x, dx, net.ln_out[0], net.ln_out[1], self.final_prev, live, self.zero_mix, self.hn, add=True)
+        if self.tables is not None and self.head_table is not None:
+            from .cuda_kernels.gemv_seg import seg_gemv
+
+            seg_gemv(net.head.weight, *self.head_table, self.hn, self.logits, B)
+            return self.logits
         return net.head(self.hn[0]).float()
+
+    def _layer_seg(self, i: int, L: Layer, p: PackedLayer, state: State, live: torch.Tensor) -> torch.Tensor:
+        """One layer through the segmented GEMV (after its first norm_mix); returns the FFN output."""
+        from .cuda_kernels.gemv_seg import seg_gemv
+
+        k, t, C, B = self.k, self.tables[i], L.mix.shape[1], self.batch
+        seg_gemv(p.seg.buf1, *t.stage1, self.xin, self.out1, B)
+        seg_gemv(p.seg.buf2, *t.stage2, self.out1, self.out2, B)
+        if p.seg.rkv:
+            r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
+        elif p.seg.rkv_prep is not None and all(x.int8_activations for x in (L.receptance, L.key, L.value)):
+            from .cuda_kernels.gemv_a8 import gemv_a8
+
+            r, kk, v = gemv_a8(self.xin[0:3].view(3 * B, C), p.seg.rkv_prep, self.rkv_out, groups=3)
+        else:
+            r, kk, v = L.receptance(self.xin[0]), L.key(self.xin[1]), L.value(self.xin[2])
+        k.time_mix_wkv(r, kk, v, self.out2[:3], self.out2[3], L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k,
+                       L.ln_x[0], L.ln_x[1], i == 0, self.v_first, state.wkv[i], live, self.att)
+        dx = self._product(L.output, t.output, self.att, self.dx)
+        k.norm_mix(self.x, dx, L.ln2[0], L.ln2[1], state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
+        if t.ffn_key is not None:
+            h = self._product(L.ffn_key, t.ffn_key, self.xk, self.h)
+        else:
+            h = torch.relu(L.ffn_key(self.xk[0]))
+            h = h * h
+        return self._product(L.ffn_value, t.ffn_value, h, self.dx)
+
+    def _product(self, lin, table, x, out):
+        """A dense fp16 matrix through the segmented GEMV (into `out`), else the linear itself."""
+        if table is None:
+            return lin(x.view(self.batch, -1))
+        from .cuda_kernels.gemv_seg import seg_gemv
+
+        seg_gemv(lin.weight, *table, x, out, self.batch)
+        return out
+
+    def _time_mix_inputs(self, L: Layer, p: PackedLayer):
+        """r, k, v, the (v, w, a) LoRA outputs [3,B,C] and the gate, through cuBLAS."""
+        xr, xk, xv, xw, xa, xg = self.xin
+        if p.rkv is not None:
+            r, kk, v = torch.bmm(self.xin[0:3], p.rkv.transpose(1, 2))
+        else:
+            r, kk, v = L.receptance(xr), L.key(xk), L.value(xv)
+        if p.lora1 is not None:
+            lo = torch.bmm(self.xin[2:5], p.lora1)  # [3,B,R]: v, w, a
+            lo[1].tanh_()
+            lo = torch.bmm(lo, p.lora2)  # [3,B,C]
+        else:  # segmented-GEMV layout (ranks differ): one product each
+            lo = self.lora
+            if L.v1 is not None:
+                torch.matmul(xv @ L.v1, L.v2, out=lo[0])
+            torch.matmul(torch.tanh(xw @ L.w1), L.w2, out=lo[1])
+            torch.matmul(xa @ L.a1, L.a2, out=lo[2])
+        g = torch.sigmoid(xg @ L.g1) @ L.g2
+        return r, kk, v, lo, g
 
 
 def fused_step_supported(net: RWKV7) -> str | None:
     """None when FusedStep can run this network here, else the reason."""
     from .cuda_kernels._runtime import kernel_device_ok
 
-    if not kernel_device_ok(net.emb):
+    if not kernel_device_ok(net.ln_out[0]):  # a plain tensor (the embedding may be Int8Rows)
         return "tensors not on a device the Numba kernels run on"
     if net.cfg.head_size not in (4, 8, 16, 32, 64):
         return f"head size {net.cfg.head_size}"

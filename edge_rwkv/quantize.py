@@ -68,8 +68,15 @@ def record_activations(ckpt: Checkpoint, names: set[str], tokens: list[int], max
 
 def quantize_checkpoint(ckpt: Checkpoint, policy, calib_tokens: list[int] | None = None,
                         dense_dtype: torch.dtype = torch.float16, progress: bool = False,
-                        source_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(stored tensors, artifact metadata) of `ckpt` quantized under `policy` (a quant.QuantPolicy)."""
+                        source_sha256: str | None = None,
+                        device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(stored tensors, artifact metadata) of `ckpt` quantized under `policy` (a quant.QuantPolicy).
+
+    Each quantized tensor (and its calibration activations) is moved to `device` to be quantized — a
+    GPU does a 7B model in seconds, where a CPU takes minutes — and its stored tensors come back to
+    the CPU (the artifact writer needs CPU tensors). Round to nearest stores the same values on any
+    device (absmax, IEEE division and round-half-to-even are exact); awq / gptq sum in floating point,
+    so their choices may differ in the last bits between devices."""
     from .quant.calibrate import quantize_weight
     from .quant.policy import quant_format_for
 
@@ -94,8 +101,9 @@ def quantize_checkpoint(ckpt: Checkpoint, policy, calib_tokens: list[int] | None
             out[name] = w.to(dense_dtype)
             continue
         m = method if name in acts else "rtn"
-        qw = quantize_weight(w.float(), specs[name], m, x=acts.get(name))
-        out.update(qw.stored_tensors(name))
+        x = acts.get(name)
+        qw = quantize_weight(w.to(device).float(), specs[name], m, x=None if x is None else x.to(device))
+        out.update({k: v.cpu() for k, v in qw.stored_tensors(name).items()})
         quant_meta[name] = qw.metadata()
     meta = make_metadata(ckpt.config, str(dense_dtype).replace("torch.", ""), source_sha256,
                          {"policy": policy.to_dict(), "tensors": quant_meta})

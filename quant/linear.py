@@ -4,9 +4,11 @@ All take x [..., K] and return [..., out] in x's dtype. ``QuantLinear`` paths, c
 
 * CPU: dequantize (to fp32) + matmul on every call; nothing large is cached unless
   ``cache_dequantized=True``.
-* CUDA, at most ``gemv_max_rows`` rows of x (default 4, the measured crossover; kernels take up to 16): our Numba GEMV kernels (cuda_kernels/gemv_int8.py,
-  gemv_int4.py), reading the packed weight once. ``input_scale`` (activation-aware formats) is
-  multiplied into x first.
+* CUDA, at most ``gemv_max_rows`` rows of x (default 4, the measured crossover): our Numba GEMV
+  kernels, reading the packed weight once. By default x is rounded to int8 in blocks of 32 and the
+  products are integer dot products (cuda_kernels/gemv_a8.py, W4A8 / W8A8: several times fewer
+  instructions a weight); ``int8_activations=False`` keeps x in fp32 (gemv_int8.py, gemv_int4.py,
+  up to 16 rows). ``input_scale`` (activation-aware formats) is multiplied into x first.
 * CUDA, more rows (prefill): dequantize to fp16 slab by slab into a bounded scratch
   (``scratch_bytes``, 64 MiB default) and run torch matmuls on each slab.
 
@@ -75,7 +77,8 @@ class QuantLinear(nn.Module):
     """Linear layer over a ``QuantizedWeight`` (format int8 or int4, see quant/formats.py)."""
 
     def __init__(self, qw: QuantizedWeight, cache_dequantized: bool = False,
-                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, gemv_max_rows: int = DEFAULT_GEMV_ROWS):
+                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, gemv_max_rows: int = DEFAULT_GEMV_ROWS,
+                 int8_activations: bool = True):
         super().__init__()
         qw.validate()
         self.spec: QuantSpec = qw.spec
@@ -86,6 +89,7 @@ class QuantLinear(nn.Module):
         self.cache_dequantized = cache_dequantized
         self.scratch_bytes = int(scratch_bytes)
         self.gemv_max_rows = min(int(gemv_max_rows), GEMV_MAX_ROWS)
+        self.int8_activations = bool(int8_activations)
         self._cache = None
         self._prep = None  # prepared kernel views (CUDA)
         self._prep_key = None
@@ -130,7 +134,15 @@ class QuantLinear(nn.Module):
     def path(self) -> str:
         if self.qweight.device.type != "cuda":
             return "cpu-dequantize"
-        return "cuda-gemv" if self._prepared() is not None else "cuda-dequantize"
+        if self._prepared() is None:
+            return "cuda-dequantize"
+        return "cuda-gemv-a8" if self._a8_ok(1) else "cuda-gemv"
+
+    def _a8_ok(self, rows: int) -> bool:
+        """Whether the int8-activation kernels take this call (cuda_kernels/gemv_a8.py)."""
+        from edge_rwkv.cuda_kernels.gemv_a8 import BLOCK, MAX_ROWS
+
+        return self.int8_activations and rows <= MAX_ROWS and self.in_features % BLOCK == 0
 
     def _prepared(self):
         key = (self.qweight.data_ptr(), self.scale.data_ptr())
@@ -177,10 +189,15 @@ class QuantLinear(nn.Module):
         if 0 < M <= self.gemv_max_rows:
             prep = self._prepared()
             if prep is not None:
-                xf = x2.float() if self.input_scale is None else x2.float() * self.input_scale.float()
-                mod = _kernel_module(self.spec.format)
-                fn = mod.gemv_int8 if self.spec.format == "int8" else mod.gemv_int4
-                y = fn(xf.contiguous(), prep)
+                xk = x2 if self.input_scale is None else x2.float() * self.input_scale.float()
+                if self._a8_ok(M):
+                    from edge_rwkv.cuda_kernels.gemv_a8 import gemv_a8
+
+                    y = gemv_a8(xk if xk.dtype == torch.float16 else xk.float(), prep)
+                else:
+                    mod = _kernel_module(self.spec.format)
+                    fn = mod.gemv_int8 if self.spec.format == "int8" else mod.gemv_int4
+                    y = fn(xk.float().contiguous(), prep)
                 return y if y.dtype == x2.dtype else y.to(x2.dtype)
         cdt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float16
         if x2.dtype == torch.float32:

@@ -44,17 +44,103 @@ def test_bench_cpu_tiny(tmp_path):
     assert "decode_s" in meta["peer"], meta["peer"]
 
 
+def test_bench_quantized_batch_and_memory_rows(tmp_path):
+    """--batch-precisions / --memory-precisions: each precision's model made once, its rows labelled."""
+    out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
+    cmd = [sys.executable, "-m", "edge_rwkv", "bench", "--preset", "tiny", "--device", "cpu", "--no-peer",
+           "--precisions", "fp32,int8", "--batch-precisions", "fp32,int8", "--memory-precisions", "fp32,int4",
+           "--batch", "1,2", "--prefill", "64", "--memory-ctx", "64,128", "--steps", "5",
+           "--json", str(out_json), "--plot", str(out_png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for label in ("| decode tok/s, batched | B=2", "| decode tok/s, batched int8 | B=2", "| peak memory | ctx 128",
+                  "| peak memory int4 | ctx 128", "| prefill tok/s int4 | 64 tokens"):
+        assert label in proc.stdout, label
+    assert "int4: int4 g128 layers+head (layer 0 att.output fp16), int8 embedding, RTN" in proc.stdout
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each quantized model is made once (int8 serves decode B=1 and batched rows)
+    assert proc.stderr.count("int8: quantized") == 1 and proc.stderr.count("int4: quantized") == 1
+
+    res = json.loads(out_json.read_text())
+    meta = res["meta"]
+    assert meta["quantization"] == {"int8": "int8 layers+head (layer 0 att.output fp16), int8 embedding, RTN",
+                                    "int4": "int4 g128 layers+head (layer 0 att.output fp16), int8 embedding, RTN"}
+    assert meta["weights_bytes"]["int4"] < meta["weights_bytes"]["int8"] < meta["weights_bytes"]["fp32"]
+    assert [r["precision"] for r in res["decode"]] == ["fp32", "int8"]
+    assert all(r["ours_tok_s"] > 0 for r in res["decode"])
+    assert [(r["precision"], r["batch"]) for r in res["batched"]] == [("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)]
+    assert all(r["ours_tok_s"] > 0 for r in res["batched"])
+    pre = {(r["precision"], r["tokens"]): r for r in res["prefill"]}
+    assert set(pre) == {("fp32", 64), ("fp32", 128), ("int4", 64), ("int4", 128)}
+    assert all(r["ours_tok_s"] > 0 and r["ours_peak_bytes"] is not None for r in pre.values())
+    assert set(meta["ours_memory_flat_by_precision"]) == {"fp32", "int4"}
+    assert res["options"]["batch_precisions"] == ["fp32", "int8"] and res["options"]["memory_precisions"] == ["fp32", "int4"]
+
+
+def test_bench_engine_presets():
+    """benchmarks/bench_engine.py: 7.2b adds int4 batched / memory rows unless --big-fp16-only; its estimate says so."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from edge_rwkv.bench import add_bench_args
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+
+    def args(*extra):
+        ap = argparse.ArgumentParser()
+        add_bench_args(ap)
+        ap.add_argument("--big-fp16-only", action="store_true")
+        return ap.parse_args(["--device", "cuda", *extra])
+
+    o = be.preset_options(args(), "7.2b")
+    assert o.precisions == ["fp16", "int8", "int4"]
+    assert o.batch_precisions == ["fp16", "int4"] and o.memory_precisions == ["fp16", "int4"]
+    o = be.preset_options(args("--big-fp16-only"), "7.2b")
+    assert o.precisions == ["fp16"] and o.batch_precisions is None and o.memory_precisions is None
+    o = be.preset_options(args("--memory-precisions", "fp16,int8"), "7.2b")
+    assert o.memory_precisions == ["fp16", "int8"] and o.batch_precisions == ["fp16", "int4"]
+    o = be.preset_options(args(), "1.5b")
+    assert o.batch_precisions is None and o.memory_precisions is None
+    assert be.estimate_s("7.2b", False) > be.estimate_s("7.2b", True) == be.ESTIMATE_S["7.2b"]
+
+
 def test_bench_help_lists_options():
     proc = subprocess.run([sys.executable, "-m", "edge_rwkv", "bench", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for opt in ("--preset", "--precisions", "--batch", "--prefill", "--memory-ctx", "--no-peer", "--json", "--plot", "--quality"):
+    for opt in ("--preset", "--precisions", "--batch-precisions", "--memory-precisions", "--batch", "--prefill",
+                "--memory-ctx", "--no-peer", "--json", "--plot", "--quality"):
         assert opt in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [(["--chunk", "0"], "--chunk must be positive"),
-                                          (["no-such-model.pth"], "no such model file")])
+                                          (["no-such-model.pth"], "no such model file"),
+                                          (["--batch-precisions", "fp16,int3"], "unknown precision 'int3'"),
+                                          (["--memory-precisions", ","], "precisions must be among")])
 def test_bench_bad_options(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "edge_rwkv", "bench", "--device", "cpu", *args],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_rows_say_why_a_precision_is_missing(monkeypatch):
+    """A quantized precision that cannot be made leaves rows with the reason, and the table still prints."""
+    from edge_rwkv import bench
+
+    monkeypatch.setattr(bench, "quantizer", lambda: (None, "not here (test)"))
+    o = bench.BenchOptions(preset="tiny", device="cpu", precisions=["fp32", "int4"], batch_precisions=["int4"],
+                           memory_precisions=["fp32", "int4"], batch=[1], prefill=[32], memory_ctx=[32, 64],
+                           peer=False, decode_steps=2, warmup=1)
+    res = bench.run_bench(o, log=lambda s: None)
+    decode = {r["precision"]: r for r in res["decode"]}
+    assert decode["fp32"]["ours_tok_s"] > 0 and decode["int4"]["note"] == bench.QUANT_NA
+    assert res["batched"] == [{"precision": "int4", "batch": 1, "note": bench.QUANT_NA}]
+    int4 = [r for r in res["prefill"] if r["precision"] == "int4"]
+    assert [r["tokens"] for r in int4] == [32, 64] and all(r["ours_note"] == bench.QUANT_NA for r in int4)
+    table = bench.format_table(res)
+    assert f"| peak memory int4 | ctx 64 | {bench.QUANT_NA} |" in table
+    assert f"| decode tok/s, batched int4 | B=1 | {bench.QUANT_NA} |" in table

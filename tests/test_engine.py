@@ -148,9 +148,17 @@ def test_gpu_prefill_chunk_scales_with_width():
 
     from edge_rwkv.generate import PREFILL_CHUNK, prefill_chunk_for
 
-    def net(dev, width):
-        return SimpleNamespace(device=torch.device(dev), cfg=SimpleNamespace(n_embd=width))
+    from edge_rwkv.quant.formats import int4_spec, quantize_rtn
+    from edge_rwkv.quant.linear import QuantLinear
+
+    quant = QuantLinear(quantize_rtn(torch.randn(8, 128), int4_spec(32)))
+
+    def net(dev, width, quantized=False):
+        layer = SimpleNamespace(key=quant if quantized else None)
+        return SimpleNamespace(device=torch.device(dev), cfg=SimpleNamespace(n_embd=width), layers=[layer])
 
     assert prefill_chunk_for(net("cpu", 768)) == PREFILL_CHUNK
     assert [prefill_chunk_for(net("cuda", c)) for c in (128, 768, 2048, 2560, 4096, 8192)] == \
         [4096, 4096, 2048, 1024, 1024, 512]
+    # quantized (memory-bound deployments): a quarter, still ≥ 256
+    assert [prefill_chunk_for(net("cuda", c, True)) for c in (768, 2048, 4096, 8192)] == [1024, 512, 256, 256]

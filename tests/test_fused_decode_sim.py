@@ -48,6 +48,7 @@ def _checks() -> dict:
             worst = max(worst, rel(lf, lr), rel(st.wkv, st_ref.wkv), rel(st.att_x, st_ref.att_x),
                         rel(st.ffn_x, st_ref.ffn_x))
         res[name] = [worst <= tol, f"max rel err {worst:.3g} over {steps} steps (tol {tol:g})"]
+        return step
 
     sd = random_checkpoint(2, 32, 8, 300, seed=1)
     cfg = derive_config(sd)
@@ -55,6 +56,21 @@ def _checks() -> dict:
         net = build_model(cfg, sd, dt, "cpu")
         assert fused_step_supported(net) is None
         compare(f"fused_{str(dt)[6:]}_B2", net, build_model(cfg, sd, dt, "cpu"), cfg, 2, 2, 2e-6)
+
+    # fp16: the segmented GEMV (B ≤ 4: one launch for r, k, v and the LoRA-downs, one for the
+    # LoRA-ups, one per remaining matrix) and cuBLAS over the same packed buffers (B > 4)
+    sd16 = random_checkpoint(2, 32, 8, 64, seed=3)
+    cfg16 = derive_config(sd16)
+    for B, seg in ((1, True), (5, False)):
+        step = compare(f"fused_float16_B{B}", build_model(cfg16, sd16, torch.float16, "cpu"),
+                       build_model(cfg16, sd16, torch.float16, "cpu"), cfg16, B, 1, 3e-3)
+        if (step.tables is not None) != seg:
+            res[f"fused_float16_B{B}"] = [False, f"segmented GEMV used: {step.tables is not None}, expected {seg}"]
+
+    # the embedding as Int8Rows (what a CUDA load of an artifact with an int8 embedding keeps)
+    net = build_model(cfg, sd, torch.float32, "cpu", int8_embedding=True)
+    assert fused_step_supported(net) is None
+    compare("fused_int8_embedding_B2", net, build_model(cfg, sd, torch.float32, "cpu", int8_embedding=True), cfg, 2, 2, 2e-6)
 
     # packing rebinds the layers' tensors to stacked views: the model's own forward is unchanged
     net, ref = build_model(cfg, sd, torch.float32, "cpu"), build_model(cfg, sd, torch.float32, "cpu")
@@ -103,7 +119,8 @@ def sim_results():
     return simulator_results(__file__)
 
 
-NAMES = ["fused_float32_B2", "fused_float64_B2", "packed_forward_unchanged", "idle_rows_untouched", "fused_int4_B2"]
+NAMES = ["fused_float32_B2", "fused_float64_B2", "fused_float16_B1", "fused_float16_B5", "fused_int8_embedding_B2", "packed_forward_unchanged",
+         "idle_rows_untouched", "fused_int4_B2"]
 
 
 @pytest.mark.parametrize("name", NAMES)

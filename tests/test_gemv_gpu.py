@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("numba")
 
-from edge_rwkv.cuda_kernels import gemv_int4, gemv_int8  # noqa: E402
+from edge_rwkv.cuda_kernels import gemv_a8, gemv_int4, gemv_int8  # noqa: E402
 from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, int4_spec,  # noqa: E402
                                      int8_spec, quantize_rtn)
 from edge_rwkv.quant.linear import QuantLinear  # noqa: E402
@@ -41,6 +41,14 @@ def test_kernel_matches_reference(N, K, M, fmt):
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
     yh = run(x.half())
     assert yh.dtype == torch.float16 and rel(yh, ref) < 2e-3
+    # int8 activations (W4A8 / W8A8): the kernel's own arithmetic vs its reference (rounding ties
+    # of x aside), and the total error of rounding x, fp32 and fp16 x
+    a8_ref = gemv_a8.gemv_a8_reference(x, wd)
+    y8 = torch.full((M, N), float("nan"), device="cuda")
+    gemv_a8.gemv_a8(x, prep, y8)
+    assert torch.isfinite(y8).all() and rel(y8, a8_ref) < 1e-4 and rel(y8, ref) < 2e-2
+    y8h = gemv_a8.gemv_a8(x.half(), prep)
+    assert y8h.dtype == torch.float16 and rel(y8h, gemv_a8.gemv_a8_reference(x.half().float(), wd)) < 2e-3
 
 
 def test_cuda_graph_capture_and_replay():
@@ -48,7 +56,7 @@ def test_cuda_graph_capture_and_replay():
     w = torch.randn(N, K, device="cuda")
     lin8 = QuantLinear(quantize_rtn(w, int8_spec()))
     lin4 = QuantLinear(quantize_rtn(w, int4_spec(128)))
-    assert lin8.path == "cuda-gemv" and lin4.path == "cuda-gemv"
+    assert lin8.path == "cuda-gemv-a8" and lin4.path == "cuda-gemv-a8"
     x = torch.randn(1, K, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -63,8 +71,8 @@ def test_cuda_graph_capture_and_replay():
         x.copy_(torch.randn(1, K, device="cuda"))
         g.replay()
         torch.cuda.synchronize()
-        assert rel(y8, x.double() @ lin8.dequantize().double().t()) < 1e-5
-        assert rel(y4, x.double() @ lin4.dequantize().double().t()) < 1e-5
+        assert rel(y8, gemv_a8.gemv_a8_reference(x, lin8.dequantize())) < 1e-4
+        assert rel(y4, gemv_a8.gemv_a8_reference(x, lin4.dequantize())) < 1e-4
 
 
 @pytest.mark.parametrize("rows", [1, 17])
@@ -78,5 +86,10 @@ def test_quantlinear_cuda_paths(rows, dtype):
         x = torch.randn(rows, K, device="cuda").to(dtype)
         y = lin(x)
         assert y.shape == (rows, N) and y.dtype == dtype
+        if rows <= lin.gemv_max_rows:  # int8-activation kernels
+            ref = gemv_a8.gemv_a8_reference(x.float(), lin.dequantize())
+            assert rel(y, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+            lin.int8_activations = False  # the fp32-activation kernels
+            y = lin(x)
         ref = x.double() @ lin.dequantize().double().t()
         assert rel(y, ref) < (1e-5 if dtype == torch.float32 and rows <= 16 else 1e-2)

@@ -92,3 +92,64 @@ def test_engine_graph_batched_equals_alone(model_file):
         for _ in gen:
             pass
         assert out[s][:12] == gen.tokens
+
+
+def test_fused_step_quantized_fp16(model_file, tmp_path):
+    """An int4 artifact at fp16: LoRA through the segmented GEMV, matrices through the int8-activation
+    GEMVs (three live rows of a batch of 3) — against the model's own forward on the same weights."""
+    from edge_rwkv.artifact import write_artifact
+    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.fused_decode import FusedStep
+    from edge_rwkv.quant.policy import QuantPolicy
+    from edge_rwkv.quantize import quantize_checkpoint
+
+    tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
+    write_artifact(tmp_path / "q.safetensors", tensors, meta)
+    m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
+    ref = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
+    from edge_rwkv.quant.linear import QuantLinear
+
+    B = 3
+    step = FusedStep(m.net, B)
+    assert step.tables is not None and not m.net._packed[1].seg.rkv
+    live = torch.ones(B, dtype=torch.int32, device="cuda")
+    # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
+    # activations: rounding x to int8 also follows those small differences (random weights amplify)
+    for int8_x, tol in ((False, 2e-2), (True, 6e-2)):
+        for net in (m.net, ref.net):
+            for L in net.layers:
+                for lin in vars(L).values():
+                    if isinstance(lin, QuantLinear):
+                        lin.int8_activations = int8_x
+        st = m.new_state(B)
+        st_ref = st.clone()
+        g = torch.Generator(device="cuda").manual_seed(1)
+        with torch.inference_mode():
+            for _ in range(4):
+                tok = torch.randint(0, 65536, (B, 1), generator=g, device="cuda")
+                lf = step(tok, st, live)
+                lr, st_ref = ref.net.forward(tok, st_ref, all_logits=False)
+                err = ((lf - lr).abs().max() / lr.std()).item()
+                assert err < tol, (int8_x, err)
+
+
+def test_engine_fp16_segmented_batched_equals_alone(model_file):
+    """fp16 batches of ≤ 4 take the segmented GEMV, whose per-row arithmetic does not depend on the
+    batch: three sequences batched give the tokens each gives alone (greedy)."""
+    from edge_rwkv.engine import BatchEngine
+    from edge_rwkv.sampling import SamplingParams
+
+    m = edge_rwkv.load(model_file, device="cuda", dtype="float16")
+    ps = [m.tokenizer.encode(t) for t in ("Hello there", "1 2 3", "The quick brown fox")]
+    eng = BatchEngine(m, max_slots=4)
+    slots = [eng.join(p, SamplingParams(temperature=0, ban_end_of_text=True)) for p in ps]
+    out = {s: [] for s in slots}
+    for _ in range(9):
+        for i, t in eng.step().items():
+            out[i].append(t)
+    assert eng.decode_how == "cuda-graph" and m.net._packed[0].seg is not None
+    for s, p in zip(slots, ps):
+        gen = m.stream(p, max_tokens=8, temperature=0, ban_end_of_text=True)
+        for _ in gen:
+            pass
+        assert out[s][:8] == gen.tokens
