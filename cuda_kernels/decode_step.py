@@ -28,7 +28,10 @@ from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, sim
 LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
 KK_EPS = 1e-12  # F.normalize's floor on the norm
-NORM_MAX_THREADS = 1024  # per batch row; the simulator (one Python thread per CUDA thread) uses 32
+# per batch row. 256: a block of 256 launches whatever the register count (≤ 255 a thread); with
+# 1024 threads the loads-first norm_mix needed > 64 registers and failed to launch at width 4096.
+# The simulator (one Python thread per CUDA thread) uses 32.
+NORM_MAX_THREADS = 256
 NORM_ELEMS = 4  # elements of x a thread holds in registers (fewer threads: cheaper block reductions)
 FULL_MASK = 0xFFFFFFFF
 
@@ -101,6 +104,7 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
     EPS = npacc(LN_EPS)
     ZERO = npacc(0.0)
     block_sum = _block_sum_fn(NT, ZERO)
+    EM = EPT * M  # local array sizes must be compile-time constants
 
     @cuda.jit(fastmath=False)
     def kern(x, dx, add, lnw, lnb, prev, live, mix, out):
@@ -115,7 +119,7 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
         ws = cuda.local.array(EPT, acc)
         bs = cuda.local.array(EPT, acc)
         ps = cuda.local.array(EPT, acc)
-        ms = cuda.local.array(EPT * M, acc)
+        ms = cuda.local.array(EM, acc)
         # every load first, stores last: stores may alias later loads as far as the compiler knows,
         # which serialised ~6 global round trips per thread (the kernel took ~5 µs for one 768 row)
         s = ZERO

@@ -868,7 +868,7 @@ def _compare(what: str, got: torch.Tensor, ref: torch.Tensor) -> dict:
 def _fmt_bytes(n) -> str:
     if n is None:
         return "—"
-    for unit, s in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):  # binary units, named as such
         if abs(n) >= s:
             return f"{n / s:.2f} {unit}"
     return f"{int(n)} B"
