@@ -226,9 +226,11 @@ class FusedStep:
     `state` (B rows) is updated in place for the rows where `live` [B] int32 is non-zero; the other
     rows are computed (static shapes) but their state is left as it was.
 
-    fp16 dense networks at B ≤ gemv_seg.MAX_ROWS take the segmented GEMV: a layer is then 8 launches
+    fp16 networks at B ≤ gemv_seg.MAX_ROWS take the segmented GEMV: a dense layer is then 8 launches
     (norm_mix, stage 1, stage 2, time_mix_wkv, output, norm_mix, ffn key + relu², ffn value) instead
-    of 15. Larger batches use cuBLAS (bmm / matmul) over the same weight buffers.
+    of 15; a quantized one runs its LoRA that way and its matrices through the int8-activation GEMVs
+    (Wr/Wk/Wv stacked). Larger batches use cuBLAS (bmm / matmul) over the same weight buffers. The
+    logits returned on that path are a buffer the next call overwrites (the graph's static output).
     """
 
     def __init__(self, net: RWKV7, batch: int):
