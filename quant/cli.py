@@ -20,6 +20,8 @@ def register(sub) -> None:
     s.add_argument("--quantize-embedding", action="store_true", help="store the embedding as int8")
     s.add_argument("--quantize-layer0-output", action="store_true",
                    help="also quantize blocks.0.att.output (kept fp16 by default: outlier-sensitive)")
+    s.add_argument("--device", default="cpu",
+                   help="where the rounding / GPTQ arithmetic runs: cpu or cuda (a 7B model: seconds on a GPU)")
     s.set_defaults(func=run)
 
 
@@ -29,6 +31,7 @@ def run(a) -> int:
     from edge_rwkv.errors import EdgeRWKVError, InputError
     from edge_rwkv.fileio import sha256_file
     from edge_rwkv.quantize import default_calibration_tokens, quantize_checkpoint
+    from edge_rwkv.api import parse_device
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.tokenizer import default_tokenizer
 
@@ -39,6 +42,7 @@ def run(a) -> int:
         raise InputError("output would overwrite the input; choose another path")
     if a.calib_tokens < 16:
         raise InputError("--calib-tokens must be at least 16")
+    device = parse_device(a.device)  # before reading anything: a bad --device fails at once
     policy = QuantPolicy(bits=a.bits, group=a.group_size, quantize_head=a.quantize_head,
                          quantize_embedding=a.quantize_embedding, keep_layer0_output=not a.quantize_layer0_output,
                          method=a.method)
@@ -58,7 +62,8 @@ def run(a) -> int:
                 raise InputError(f"{a.calib}: calibration text is too short ({len(calib)} tokens)")
         else:
             calib = default_calibration_tokens(tok, a.calib_tokens)
-    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=sha256_file(src))
+    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=sha256_file(src),
+                                        device=device)
     write_artifact(dst, tensors, meta)
     fp16 = parameter_count(ckpt.config) * 2
     size = dst.stat().st_size

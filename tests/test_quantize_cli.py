@@ -57,3 +57,19 @@ def test_refuses_missing_input_and_requantizing(model, tmp_path):
     r = run("quantize", q8, "-o", tmp_path / "again.safetensors", "--bits", "4")
     assert r.returncode != 0 and "already quantized" in r.stderr
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_device_option(model, tmp_path):
+    """--device cpu is the default's arithmetic; a device that is not there fails before anything is written."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run("quantize", model, "-o", a, "--bits", "4").returncode == 0
+    assert run("quantize", model, "-o", b, "--bits", "4", "--device", "cpu").returncode == 0
+    la, lb = edge_rwkv.load(a), edge_rwkv.load(b)
+    assert torch.equal(la.forward([1, 2, 3])[0], lb.forward([1, 2, 3])[0])
+    for dev, message in (("tpu", "unknown device"), ("cuda", "no CUDA GPU")):
+        if dev == "cuda" and torch.cuda.is_available():
+            continue
+        out = tmp_path / f"{dev}.safetensors"
+        r = run("quantize", model, "-o", out, "--bits", "8", "--device", dev)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not out.exists()
