@@ -32,10 +32,9 @@ def decode_logprobs(model, tokens: list[int]) -> torch.Tensor:
 
 
 def set_int8_activations(net, on: bool) -> int:
-    from edge_rwkv.quant.linear import QuantLinear
+    from edge_rwkv.quant.linear import quantized_linears
 
-    mods = [m for L in net.layers for m in vars(L).values() if isinstance(m, QuantLinear)]
-    mods += [net.head] if isinstance(net.head, QuantLinear) else []
+    mods = quantized_linears(net)
     for m in mods:
         m.int8_activations = on
     return len(mods)

@@ -357,6 +357,23 @@ def reduce_and_store_lines(M: int, R: int, ind: str, scaled: bool = False) -> li
     return lines
 
 
+def block_reduce_lines(R: int, M: int, warps: int, ind: str, row_end: str) -> list[str]:
+    """Split-K blocks (gemv_a8.py, gemv_seg.py): warp-sum a{r}_{m}, lane 0 puts each warp's partials in
+    shared ``red``, then thread t < R·M adds the warps' partials of output (row0 + t // M, t % M) into
+    ``v`` where that row is below ``row_end``; the caller stores v (lines indented ind + 8)."""
+    L = [f"{ind}a{r}_{m} = warp_sum(a{r}_{m}, cuda.blockIdx.x, cuda.threadIdx.x)"
+         for r in range(R) for m in range(M)]
+    L.append(f"{ind}if lane == 0:")
+    L += [f"{ind}    red[warp * {R * M} + {r * M + m}] = a{r}_{m}" for r in range(R) for m in range(M)]
+    L += [f"{ind}cuda.syncthreads()",
+          f"{ind}if t < {R * M}:",
+          f"{ind}    row = row0 + t // {M}",
+          f"{ind}    if row < {row_end}:",
+          f"{ind}        v = red[t]"]
+    L += [f"{ind}        v += red[{w * R * M} + t]" for w in range(1, warps)]
+    return L
+
+
 # ----------------------------------------------------------------------------------------------
 # torch interop
 

@@ -87,6 +87,7 @@ def _rows_prologue(R: int, M: int, name: str, args: str) -> tuple[list[str], str
     L = [f"def {name}({args}):",
          "    lane = cuda.threadIdx.x & 31",
          "    warp = cuda.threadIdx.x >> 5",
+         "    t = cuda.threadIdx.x",
          f"    red = cuda.shared.array({WARPS_PER_BLOCK * R * M}, float32)",
          f"    row0 = cuda.blockIdx.x * {R}",
          "    nb = K >> 5",
@@ -99,24 +100,14 @@ def _rows_prologue(R: int, M: int, name: str, args: str) -> tuple[list[str], str
     for r in range(R):  # rows past N re-read row N-1 and are not stored
         L.append(f"{ind}r{r} = min(row0 + {r}, N - 1)")
     L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
-    L.append(f"{ind}e = cuda.threadIdx.x * {BLOCK}")
+    L.append(f"{ind}e = t * {BLOCK}")
     L.append(f"{ind}while e < K:")
     return L, ind
 
 
 def _block_reduce_store(R: int, M: int, ind: str, row_scale: bool) -> list[str]:
     """Warp sums → shared memory → R·M threads add the warps' partials and store."""
-    L = [f"{ind}a{r}_{m} = warp_sum(a{r}_{m}, cuda.blockIdx.x, cuda.threadIdx.x)"
-         for r in range(R) for m in range(M)]
-    L.append(f"{ind}if lane == 0:")
-    L += [f"{ind}    red[warp * {R * M} + {r * M + m}] = a{r}_{m}" for r in range(R) for m in range(M)]
-    L.append(f"{ind}cuda.syncthreads()")
-    L.append(f"{ind}t = cuda.threadIdx.x")
-    L.append(f"{ind}if t < {R * M}:")
-    L.append(f"{ind}    row = row0 + t // {M}")
-    L.append(f"{ind}    if row < N:")
-    L.append(f"{ind}        v = red[t]")
-    L += [f"{ind}        v += red[{w * R * M} + t]" for w in range(1, WARPS_PER_BLOCK)]
+    L = U.block_reduce_lines(R, M, WARPS_PER_BLOCK, ind, "N")
     scale = " * h2f(sc[row])" if row_scale else ""
     L.append(f"{ind}        out[xg * {M} * rpx + (t % {M}) * rpx + row - xg * rpx] = v{scale}")
     L.append(f"{ind}cuda.syncthreads()")

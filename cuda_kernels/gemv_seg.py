@@ -71,16 +71,7 @@ def kernel_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
                 terms += [f"p{j}a * x{j}a", f"p{j}b * x{j}b"]
             L.append(f"{i2}a{r}_{m} += " + " + ".join(terms))
     L.append(f"{i2}e += {8 * 32 * W}")
-    L += [f"{ind}a{r}_{m} = warp_sum(a{r}_{m}, cuda.blockIdx.x, cuda.threadIdx.x)"
-          for r in range(R) for m in range(M)]
-    L.append(f"{ind}if lane == 0:")
-    L += [f"{ind}    red[warp * {R * M} + {r * M + m}] = a{r}_{m}" for r in range(R) for m in range(M)]
-    L += [f"{ind}cuda.syncthreads()",
-          f"{ind}if t < {R * M}:",
-          f"{ind}    row = row0 + t // {M}",
-          f"{ind}    if row < re:",
-          f"{ind}        v = red[t]"]
-    L += [f"{ind}        v += red[{w * R * M} + t]" for w in range(1, W)]
+    L += U.block_reduce_lines(R, M, W, ind, "re")
     L += [f"{ind}        act = tab[sg, 8]",
           f"{ind}        if act == 1:",
           f"{ind}            v = math.tanh(v)",

@@ -31,9 +31,9 @@ def prefill_chunk_for(net) -> int:
 
 
 def _is_quantized(net) -> bool:
-    from .quant.linear import QuantLinear
+    from .quant.linear import quantized_linears
 
-    return any(isinstance(m, QuantLinear) for L in net.layers for m in vars(L).values())
+    return bool(quantized_linears(net))
 
 
 def prefill(net, tokens: list[int], state: State, chunk: int | None = None):

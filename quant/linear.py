@@ -217,6 +217,12 @@ class QuantLinear(nn.Module):
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
+def quantized_linears(net) -> list[QuantLinear]:
+    """The QuantLinear modules of a network (its layers' matrices and the head)."""
+    mods = [m for L in net.layers for m in vars(L).values() if isinstance(m, QuantLinear)]
+    return mods + ([net.head] if isinstance(net.head, QuantLinear) else [])
+
+
 def dense_or_quant_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec | Mapping | None,
                           shape=None, **kw) -> nn.Module:
     """Module for weight ``name`` from the artifact's tensors: ``DenseLinear`` when ``spec`` is None,

@@ -155,7 +155,7 @@ def test_gpu_prefill_chunk_scales_with_width():
 
     def net(dev, width, quantized=False):
         layer = SimpleNamespace(key=quant if quantized else None)
-        return SimpleNamespace(device=torch.device(dev), cfg=SimpleNamespace(n_embd=width), layers=[layer])
+        return SimpleNamespace(device=torch.device(dev), cfg=SimpleNamespace(n_embd=width), layers=[layer], head=None)
 
     assert prefill_chunk_for(net("cpu", 768)) == PREFILL_CHUNK
     assert [prefill_chunk_for(net("cuda", c)) for c in (128, 768, 2048, 2560, 4096, 8192)] == \

@@ -107,7 +107,7 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
     m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
     ref = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
-    from edge_rwkv.quant.linear import QuantLinear
+    from edge_rwkv.quant.linear import quantized_linears
 
     B = 3
     step = FusedStep(m.net, B)
@@ -116,11 +116,8 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
     # activations: rounding x to int8 also follows those small differences (random weights amplify)
     for int8_x, tol in ((False, 2e-2), (True, 6e-2)):
-        for net in (m.net, ref.net):
-            for L in net.layers:
-                for lin in vars(L).values():
-                    if isinstance(lin, QuantLinear):
-                        lin.int8_activations = int8_x
+        for lin in quantized_linears(m.net) + quantized_linears(ref.net):
+            lin.int8_activations = int8_x
         st = m.new_state(B)
         st_ref = st.clone()
         g = torch.Generator(device="cuda").manual_seed(1)
