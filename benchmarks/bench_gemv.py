@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_rwkv.cuda_kernels import gemv_a8, gemv_int4, gemv_int8
+from edge_rwkv.cuda_kernels.dequant import dequantize_fp16
 from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, quantize_int4_torch,
                                      quantize_int8_torch)
 
@@ -122,6 +123,27 @@ def check_correctness(log) -> bool:
     return ok
 
 
+def dequant_rows(N, K, q8, s8, q4, s4, bw) -> list[dict]:
+    """Whole-matrix dequantization to fp16 (the many-row path's first half): ours vs torch ops."""
+    out = torch.empty(N, K, device="cuda", dtype=torch.float16)
+    res = []
+    for fmt, q, s, g in (("int8", q8, s8, 0), ("int4 g128", q4, s4, 128)):
+        f = fmt.split()[0]
+        nbytes = q.numel() + s.numel() * 2 + N * K * 2
+        c = max(2, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+        ws = [(q.clone(), s.clone()) for _ in range(c)]
+        t = graph_time([lambda W=W, o=out: dequantize_fp16(f, W[0], W[1], None, g, out=o) for W in ws])
+        res.append(dict(N=N, K=K, M="-", kernel=f"ours dequantize {fmt} -> fp16", us=t * 1e6,
+                        gbs=nbytes / t / 1e9, pct=100 * nbytes / t / bw))
+        ref = (lambda W=ws[0]: dequantize_int4_torch(W[0], W[1], 128, torch.float16)) if g else \
+            (lambda W=ws[0]: dequantize_int8_torch(W[0], W[1], torch.float16))
+        t = graph_time([ref])
+        res.append(dict(N=N, K=K, M="-", kernel=f"torch ops dequantize {fmt} -> fp16", us=t * 1e6,
+                        gbs=nbytes / t / 1e9, pct=100 * nbytes / t / bw))
+    del ws, out
+    return res
+
+
 def bench(args, log):
     bw = copy_bandwidth()
     log(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
@@ -131,6 +153,7 @@ def bench(args, log):
         q8, s8 = quantize_int8_torch(w)
         q4, s4 = quantize_int4_torch(w, 128)
         w16 = w.half()
+        rows += dequant_rows(N, K, q8, s8, q4, s4, bw)
         for M in (ROWS if not args.quick else (1,)):
             x = torch.randn(M, K, device="cuda")
             xh = x.half()

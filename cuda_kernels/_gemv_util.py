@@ -125,10 +125,15 @@ def _sim_helpers() -> dict:
         w = int(w) & 0xFFFFFFFF
         return (w & 0x0F0F0F0F) ^ 0x08080808, ((w >> 4) & 0x0F0F0F0F) ^ 0x08080808
 
+    def st_f16x8(arr, i, *vals):
+        words = np.array(vals, dtype=np.float32).astype(np.float16).view(np.int32)
+        for j in range(4):
+            arr[i + j] = words[j]
+
     return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
                 unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
                 warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
-                h2x2f=h2x2f, float32=f32, int32=np.int32)
+                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=f32, int32=np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +290,26 @@ def _gpu_helpers() -> dict:
 
         return sig, codegen
 
+    @intrinsic
+    def st_f16x8(typingctx, arr, idx, v0, v1, v2, v3, v4, v5, v6, v7):
+        # eight values rounded to fp16 (round to nearest even) and stored as one 16-byte write at
+        # 32-bit element idx of arr (idx a multiple of 4); value 2j in the low half of word j
+        if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype.bitwidth != 32:
+            return None
+        sig = types.none(arr, idx, *([types.float32] * 8))
+
+        def codegen(context, builder, sig, args):
+            addr = _address(context, builder, sig.args[0], sig.args[1], args[0], args[1])
+            cvt = ir.InlineAsm(ir.FunctionType(i16, [f32t]), "cvt.rn.f16.f32 $0, $1;", "=h,f")
+            h = [builder.zext(builder.call(cvt, [v]), i32) for v in args[2:]]
+            words = [builder.or_(h[2 * j], builder.shl(h[2 * j + 1], ir.Constant(i32, 16))) for j in range(4)]
+            st = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i64, i32, i32, i32, i32]),
+                              "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", side_effect=True)
+            builder.call(st, [addr] + words)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     from numba import cuda
 
     @cuda.jit(device=True)
@@ -312,7 +337,7 @@ def _gpu_helpers() -> dict:
     return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4_l1, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
                 unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
                 warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
-                h2x2f=h2x2f, float32=types.float32, int32=types.int32)
+                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=types.float32, int32=types.int32)
 
 
 def helpers() -> dict:
@@ -392,10 +417,11 @@ def numba_stream_for_torch():
 
 
 def as_numba(t):
-    """Zero-copy numba view of a CUDA torch tensor, without a host synchronisation."""
-    from numba import cuda
+    """Zero-copy numba view of a CUDA torch tensor, without a host synchronisation (cached: see
+    _runtime.kernel_array)."""
+    from ._runtime import kernel_array
 
-    return cuda.as_cuda_array(t.detach(), sync=False)
+    return kernel_array(t)
 
 
 def check_aligned(t, what: str) -> None:

@@ -6,9 +6,11 @@ import) the kernels run on CPU torch tensors through zero-copy numpy views; that
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 
+import numpy as np
 import torch
 
 log = logging.getLogger("edge_rwkv.cuda_kernels")
@@ -64,16 +66,49 @@ def kernel_device_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and _gpu_ok()
 
 
-def kernel_array(t: torch.Tensor):
-    """Zero-copy Numba view of a tensor.
+_VIEWS: "collections.OrderedDict" = collections.OrderedDict()
+VIEW_CACHE_SIZE = 4096
+_NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64, torch.int8: np.int8,
+              torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
 
-    Not cached: a view keeps its tensor alive, and a cache of views kept every transient prefill
-    intermediate (and the batch-256 decode state of a finished benchmark) allocated — gigabytes.
-    Launch cost only matters eagerly; the decode step runs as a CUDA graph.
+
+def kernel_array(t: torch.Tensor):
+    """Numba view of a tensor for a kernel launch (zero-copy; a numpy view under the simulator).
+
+    numba's own conversion (``as_cuda_array``) costs tens of µs a tensor — the tensor's interface
+    dict, a stream object, a memory-pointer object with a finaliser — and an eager prefill chunk
+    converts a few thousand tensors: at 7.2B that host time, not the GPU, set the prefill speed.
+    Views are therefore cached by (address, shape, strides, dtype, device): the caching allocator
+    hands the same addresses back chunk after chunk. A cached view holds no reference to its tensor
+    (nothing is kept alive; an entry whose memory was freed is only ever found again through a live
+    tensor at that same address, shape and dtype — which it then describes exactly). No stream
+    synchronisation: every launch runs on torch's current stream (``current_stream``), ordered
+    after the work that produced its inputs.
     """
     if simulator():
         return t.detach().numpy()
-    return numba_cuda().as_cuda_array(t.detach())
+    key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device.index)
+    v = _VIEWS.get(key)
+    if v is None:
+        v = _device_view(t)
+        _VIEWS[key] = v
+        if len(_VIEWS) > VIEW_CACHE_SIZE:
+            _VIEWS.popitem(last=False)
+    return v
+
+
+def _device_view(t: torch.Tensor):
+    np_dtype = _NP_DTYPES.get(t.dtype)
+    if np_dtype is None or t.numel() == 0:
+        return numba_cuda().as_cuda_array(t.detach(), sync=False)
+    from numba.cuda.cudadrv import devicearray, driver  # noqa: PLC0415
+
+    item = t.element_size()
+    strides = tuple(s * item for s in t.stride())
+    extent = sum((d - 1) * s for d, s in zip(t.shape, strides)) + item
+    ptr = driver.MemoryPointer(numba_cuda().current_context(), driver.binding.CUdeviceptr(t.data_ptr()),
+                               size=extent)  # no owner, no finaliser: a bare address
+    return devicearray.DeviceNDArray(shape=tuple(t.shape), strides=strides, dtype=np.dtype(np_dtype), gpu_data=ptr)
 
 
 _STREAMS: dict = {}

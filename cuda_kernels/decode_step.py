@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, simulator, threads_per_row
+from ._runtime import DECAY_SCALE, current_stream, kernel_array, numba_cuda, simulator
 
 LN_EPS = 1e-5  # edge_rwkv.model.LN_EPS
 GROUP_NORM_EPS = 64e-5  # edge_rwkv.model.GROUP_NORM_EPS
@@ -159,15 +159,24 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
     return kern
 
 
+THREADS_PER_ROW = 8  # threads sharing a state row in time_mix_wkv
+
+
+def time_mix_threads_per_row(N: int) -> int:
+    """8 threads a state row (a 512-thread block a head at N=64): fastest at every measured batch on
+    an H200 (benchmarks/bench_time_mix.py: B=1 6.0 µs vs 6.9 µs with 16; B=256, H=64 403 µs vs 857 µs
+    with 16 — 1024-thread blocks ran ~30 waves of barrier-bound blocks; 4 and 2 slower again)."""
+    return min(THREADS_PER_ROW, N)
+
+
 @functools.lru_cache(maxsize=None)
-def time_mix_wkv_kernel(N: int, acc_name: str):
+def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int):
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    TPR = threads_per_row(N)
     CPT = N // TPR
     DS = npacc(DECAY_SCALE)
     ONE = npacc(1.0)
@@ -286,10 +295,12 @@ def norm_mix(x, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
 
 
 def time_mix_wkv(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first: bool, v_first, state, live,
-                 out) -> None:
-    """In place: state advanced one token where live[b], out = the gated, normalised WKV output."""
+                 out, threads_per_row: int | None = None) -> None:
+    """In place: state advanced one token where live[b], out = the gated, normalised WKV output.
+    `threads_per_row` overrides time_mix_threads_per_row (tests compare both layouts)."""
     B, H, N = state.shape[0], state.shape[1], state.shape[-1]
-    kern, nthreads = time_mix_wkv_kernel(N, _acc_name(state))
+    tpr = threads_per_row or time_mix_threads_per_row(N)
+    kern, nthreads = time_mix_wkv_kernel(N, _acc_name(state), tpr)
     arrays = [kernel_array(t) for t in (r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb)] + \
              [np.int32(1 if first else 0)] + [kernel_array(t) for t in (v_first, state, live, out)]
     kern[B * H, nthreads, current_stream()](*arrays)

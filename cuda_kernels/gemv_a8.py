@@ -105,11 +105,18 @@ def _rows_prologue(R: int, M: int, name: str, args: str) -> tuple[list[str], str
     return L, ind
 
 
-def _block_reduce_store(R: int, M: int, ind: str, row_scale: bool) -> list[str]:
-    """Warp sums → shared memory → R·M threads add the warps' partials and store."""
+ACTS = ("none", "relu2")  # output activations (relu²: the FFN key, so its output needs no extra launch)
+
+
+def _block_reduce_store(R: int, M: int, ind: str, row_scale: bool, act: str) -> list[str]:
+    """Warp sums → shared memory → R·M threads add the warps' partials, activate and store."""
     L = U.block_reduce_lines(R, M, WARPS_PER_BLOCK, ind, "N")
-    scale = " * h2f(sc[row])" if row_scale else ""
-    L.append(f"{ind}        out[xg * {M} * rpx + (t % {M}) * rpx + row - xg * rpx] = v{scale}")
+    if row_scale:
+        L.append(f"{ind}        v = v * h2f(sc[row])")
+    if act == "relu2":
+        L.append(f"{ind}        v = max(v, float32(0.0))")
+        L.append(f"{ind}        v = v * v")
+    L.append(f"{ind}        out[xg * {M} * rpx + (t % {M}) * rpx + row - xg * rpx] = v")
     L.append(f"{ind}cuda.syncthreads()")
     L.append(f"{ind}row0 += cuda.gridDim.x * {R}")
     return L
@@ -124,7 +131,7 @@ def _load_x(M: int, i2: str) -> list[str]:
     return L
 
 
-def int4_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
+def int4_source(M: int, R: int = ROWS_PER_BLOCK, act: str = "none") -> str:
     L, ind = _rows_prologue(R, M, "gemv_int4_a8_kernel", "wq, sc, xq, xs, xz, out, N, K, gshift, rpx")
     i2 = ind + "    "
     L.append(f"{i2}gpr = K >> gshift")
@@ -144,11 +151,11 @@ def int4_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
                 acc = f"dp4a_us(hi{i}, x{m}_{2 * i + 1}, dp4a_us(lo{i}, x{m}_{2 * i}, {acc}))"
             L.append(f"{i2}a{r}_{m} += float32({acc}) * (xs{m} * s{r})")
     L.append(f"{i2}e += {BLOCK * 32 * WARPS_PER_BLOCK}")
-    L += _block_reduce_store(R, M, ind, row_scale=False)
+    L += _block_reduce_store(R, M, ind, row_scale=False, act=act)
     return "\n".join(L) + "\n"
 
 
-def int8_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
+def int8_source(M: int, R: int = ROWS_PER_BLOCK, act: str = "none") -> str:
     L, ind = _rows_prologue(R, M, "gemv_int8_a8_kernel", "wq, sc, xq, xs, out, N, K, rpx")
     i2 = ind + "    "
     for r in range(R):
@@ -162,16 +169,18 @@ def int8_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
                 acc = f"dp4a_ss(w{r}_{i}, x{m}_{i}, {acc})"
             L.append(f"{i2}a{r}_{m} += float32({acc}) * xs{m}")
     L.append(f"{i2}e += {BLOCK * 32 * WARPS_PER_BLOCK}")
-    L += _block_reduce_store(R, M, ind, row_scale=True)
+    L += _block_reduce_store(R, M, ind, row_scale=True, act=act)
     return "\n".join(L) + "\n"
 
 
-def get_kernel(fmt: str, M: int, R: int = ROWS_PER_BLOCK):
+def get_kernel(fmt: str, M: int, R: int = ROWS_PER_BLOCK, act: str = "none"):
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_a8: 1..{MAX_ROWS} rows of x, got {M}")
+    if act not in ACTS:
+        raise ValueError(f"gemv_a8: activation {act!r} not one of {ACTS}")
     if fmt == "int4":
-        return U.build_kernel(("int4-a8", M, R), int4_source(M, R), "gemv_int4_a8_kernel")
-    return U.build_kernel(("int8-a8", M, R), int8_source(M, R), "gemv_int8_a8_kernel")
+        return U.build_kernel(("int4-a8", M, R, act), int4_source(M, R, act), "gemv_int4_a8_kernel")
+    return U.build_kernel(("int8-a8", M, R, act), int8_source(M, R, act), "gemv_int8_a8_kernel")
 
 
 def grid_for(N: int, R: int = ROWS_PER_BLOCK) -> int:
@@ -179,18 +188,20 @@ def grid_for(N: int, R: int = ROWS_PER_BLOCK) -> int:
 
 
 def launch_int4_a8(wq, sc, xq, xs, xz, out, M: int, N: int, K: int, group: int, groups: int = 1,
-                   stream=0) -> None:
+                   stream=0, act: str = "none") -> None:
     """wq int32 [N*K/8] (packed nibbles), sc int16 [N*K/G] (fp16 bits), xq int32 view [groups*M*K/4]
     (pairs layout), xs fp32, xz int32 [groups*M*K/32], out fp32/fp16 flat [groups, M, N/groups]:
     weight rows [g·N/groups, (g+1)·N/groups) take x rows [g·M, (g+1)·M)."""
-    get_kernel("int4", M)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](
+    get_kernel("int4", M, act=act)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](
         wq, sc, xq, xs, xz, out, N, K, group.bit_length() - 1, N // groups)
 
 
-def launch_int8_a8(wq, sc, xq, xs, out, M: int, N: int, K: int, groups: int = 1, stream=0) -> None:
+def launch_int8_a8(wq, sc, xq, xs, out, M: int, N: int, K: int, groups: int = 1, stream=0,
+                   act: str = "none") -> None:
     """wq int32 [N*K/4] (int8 bytes), sc int16 [N] (fp16 bits), xq int32 view [groups*M*K/4]
     (natural layout), xs fp32 [groups*M*K/32], out fp32/fp16 flat [groups, M, N/groups]."""
-    get_kernel("int8", M)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](wq, sc, xq, xs, out, N, K, N // groups)
+    get_kernel("int8", M, act=act)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](wq, sc, xq, xs, out, N, K,
+                                                                              N // groups)
 
 
 def check_shapes(K: int, group: int | None = None) -> None:
@@ -200,8 +211,9 @@ def check_shapes(K: int, group: int | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------- torch API
 
-def gemv_a8(x, prep, out=None, groups: int = 1):
-    """x [M, K] CUDA (M <= MAX_ROWS; fp32 or fp16) -> out [M, N] (fp16 for fp16 x, else fp32).
+def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none"):
+    """x [M, K] CUDA (M <= MAX_ROWS; fp32 or fp16) -> out [M, N] (fp16 for fp16 x, else fp32);
+    act="relu2" stores relu(y)² instead of y.
 
     prep: a PreparedInt4 / PreparedInt8 of gemv_int4 / gemv_int8 (the same weight views).
     groups > 1: the weight is `groups` matrices stacked along N, each with its own M/groups rows of x
@@ -232,9 +244,9 @@ def gemv_a8(x, prep, out=None, groups: int = 1):
     xq32, out1 = U.as_numba(xq.view(torch.int32)), U.as_numba(out.view(-1))
     if int4:
         launch_int4_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), U.as_numba(xz), out1, M, prep.N, K, prep.group,
-                       groups, stream)
+                       groups, stream, act)
     else:
-        launch_int8_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), out1, M, prep.N, K, groups, stream)
+        launch_int8_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), out1, M, prep.N, K, groups, stream, act)
     return out
 
 

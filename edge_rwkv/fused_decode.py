@@ -325,6 +325,10 @@ class FusedStep:
         k.norm_mix(self.x, dx, L.ln2[0], L.ln2[1], state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
         if t.ffn_key is not None:
             h = self._product(L.ffn_key, t.ffn_key, self.xk, self.h)
+        elif (prep := _a8_views(L.ffn_key, B)) is not None:  # quantized: relu² at the GEMV's store
+            from .cuda_kernels.gemv_a8 import gemv_a8
+
+            h = gemv_a8(self.xk[0], prep, out=self.h, act="relu2")
         else:
             h = torch.relu(L.ffn_key(self.xk[0]))
             h = h * h
@@ -358,6 +362,12 @@ class FusedStep:
             torch.matmul(xa @ L.a1, L.a2, out=lo[2])
         g = torch.sigmoid(xg @ L.g1) @ L.g2
         return r, kk, v, lo, g
+
+
+def _a8_views(lin, rows: int):
+    """A quantized linear's int8-activation GEMV views for `rows` rows, or None (see QuantLinear.a8_views)."""
+    views = getattr(lin, "a8_views", None)
+    return views(rows) if views is not None else None
 
 
 def fused_step_supported(net: RWKV7) -> str | None:

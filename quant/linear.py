@@ -9,8 +9,10 @@ All take x [..., K] and return [..., out] in x's dtype. ``QuantLinear`` paths, c
   products are integer dot products (cuda_kernels/gemv_a8.py, W4A8 / W8A8: several times fewer
   instructions a weight); ``int8_activations=False`` keeps x in fp32 (gemv_int8.py, gemv_int4.py,
   up to 16 rows). ``input_scale`` (activation-aware formats) is multiplied into x first.
-* CUDA, more rows (prefill): dequantize to fp16 slab by slab into a bounded scratch
-  (``scratch_bytes``, 64 MiB default) and run torch matmuls on each slab.
+* CUDA, more rows (prefill, batched decode): dequantize to fp16 slab by slab into one bounded
+  scratch (``scratch_bytes``, 32 MiB default: a slab stays in L2 while cuBLAS reads it) and run a
+  torch matmul on each slab. The dequantization is one Numba pass (cuda_kernels/dequant.py: 8
+  weights a thread, one 16-byte store, no fp32 intermediate); torch ops where it cannot run.
 
 If the kernels cannot run (no numba, K not a multiple of 16/32), the module uses the dequantize
 path and logs it once; ``QuantLinear.path`` says which one is in use.
@@ -31,7 +33,7 @@ from edge_rwkv.errors import CheckpointError
 from .formats import QuantizedWeight, QuantSpec
 
 log = logging.getLogger("edge_rwkv.quant")
-DEFAULT_SCRATCH_BYTES = 64 << 20
+DEFAULT_SCRATCH_BYTES = 32 << 20
 GEMV_MAX_ROWS = 16  # what the kernels support
 DEFAULT_GEMV_ROWS = 4  # measured crossover on H200 (benchmarks/NOTES.md, "GEMV kernels")
 _warned: set = set()
@@ -93,6 +95,7 @@ class QuantLinear(nn.Module):
         self._cache = None
         self._prep = None  # prepared kernel views (CUDA)
         self._prep_key = None
+        self._dq = self._dq_key = None  # cuda_kernels/dequant.Dequantizer (CUDA, many-row path)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -112,6 +115,7 @@ class QuantLinear(nn.Module):
         self._cache = None
         self._prep = None
         self._prep_key = None
+        self._dq = self._dq_key = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -143,6 +147,14 @@ class QuantLinear(nn.Module):
         from edge_rwkv.cuda_kernels.gemv_a8 import BLOCK, MAX_ROWS
 
         return self.int8_activations and rows <= MAX_ROWS and self.in_features % BLOCK == 0
+
+    def a8_views(self, rows: int):
+        """The prepared weight views when the int8-activation GEMV takes ``rows`` rows of x here
+        (CUDA, kernels usable, no input scale), else None — for callers that launch it themselves
+        (the fused decode step: FFN key with relu² at the store)."""
+        if self.qweight.device.type != "cuda" or self.input_scale is not None or not self._a8_ok(rows):
+            return None
+        return self._prepared()
 
     def _prepared(self):
         key = (self.qweight.data_ptr(), self.scale.data_ptr())
@@ -204,17 +216,43 @@ class QuantLinear(nn.Module):
             cdt = torch.float32
         if self.cache_dequantized:
             if self._cache is None or self._cache.dtype != cdt:
-                self._cache = self.dequantize(cdt)
+                fast = cdt == torch.float16 and self._fast_dequantize_ok()
+                self._cache = self._dequantize_fp16(slice(None)) if fast else self.dequantize(cdt)
             return F.linear(x2.to(cdt), self._cache).to(x2.dtype)
         xc = x2.to(cdt)
         y = torch.empty((M, self.out_features), device=x2.device, dtype=cdt)
         slab = max(1, min(self.out_features, self.scratch_bytes // (self.in_features * xc.element_size())))
+        fast = cdt == torch.float16 and self._fast_dequantize_ok()
+        buf = torch.empty(slab * self.in_features, device=x2.device, dtype=cdt) if fast else None
         for r0 in range(0, self.out_features, slab):
             r1 = min(self.out_features, r0 + slab)
-            w = self.dequantize(cdt, slice(r0, r1))
-            torch.matmul(xc, w.t(), out=y[:, r0:r1]) if y[:, r0:r1].is_contiguous() else \
-                y[:, r0:r1].copy_(xc @ w.t())
+            w = self._dequantize_fp16(slice(r0, r1), buf) if fast else self.dequantize(cdt, slice(r0, r1))
+            if M == 1 or r1 - r0 == self.out_features:
+                torch.matmul(xc, w.t(), out=y[:, r0:r1] if M == 1 else y)
+            else:
+                y[:, r0:r1] = xc @ w.t()
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+    def _fast_dequantize_ok(self) -> bool:
+        """Whether cuda_kernels/dequant.py takes this weight (one pass to fp16, no fp32 scratch)."""
+        try:
+            from edge_rwkv.cuda_kernels import dequant
+            from edge_rwkv.cuda_kernels._runtime import kernel_device_ok
+        except Exception:  # pragma: no cover - depends on the install
+            return False
+        return dequant.supported(self.spec.format, self.in_features) and kernel_device_ok(self.qweight)
+
+    def _dequantize_fp16(self, rows: slice, out=None) -> torch.Tensor:
+        from edge_rwkv.cuda_kernels.dequant import Dequantizer
+
+        key = (self.qweight.data_ptr(), self.scale.data_ptr(),
+               None if self.input_scale is None else self.input_scale.data_ptr())
+        if self._dq_key != key:
+            self._dq = Dequantizer(self.spec.format, self.qweight, self.scale, self.input_scale,
+                                   self.spec.group or 0)
+            self._dq_key = key
+        r0, r1, _ = rows.indices(self.out_features)
+        return self._dq.rows(r0, r1, out)
 
 
 def quantized_linears(net) -> list[QuantLinear]:

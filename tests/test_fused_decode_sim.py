@@ -57,6 +57,16 @@ def _checks() -> dict:
         assert fused_step_supported(net) is None
         compare(f"fused_{str(dt)[6:]}_B2", net, build_model(cfg, sd, dt, "cpu"), cfg, 2, 2, 2e-6)
 
+    # time_mix_wkv with fewer threads than columns a state row (each thread then owns several)
+    from edge_rwkv.cuda_kernels import decode_step
+
+    saved, decode_step.THREADS_PER_ROW = decode_step.THREADS_PER_ROW, 2
+    try:
+        compare("fused_float32_B2_tpr2", build_model(cfg, sd, torch.float32, "cpu"),
+                build_model(cfg, sd, torch.float32, "cpu"), cfg, 2, 2, 2e-6)
+    finally:
+        decode_step.THREADS_PER_ROW = saved
+
     # fp16: the segmented GEMV (B ≤ 4: one launch for r, k, v and the LoRA-downs, one for the
     # LoRA-ups, one per remaining matrix) and cuBLAS over the same packed buffers (B > 4)
     sd16 = random_checkpoint(2, 32, 8, 64, seed=3)
@@ -119,7 +129,7 @@ def sim_results():
     return simulator_results(__file__)
 
 
-NAMES = ["fused_float32_B2", "fused_float64_B2", "fused_float16_B1", "fused_float16_B5", "fused_int8_embedding_B2", "packed_forward_unchanged",
+NAMES = ["fused_float32_B2", "fused_float64_B2", "fused_float32_B2_tpr2", "fused_float16_B1", "fused_float16_B5", "fused_int8_embedding_B2", "packed_forward_unchanged",
          "idle_rows_untouched", "fused_int4_B2"]
 
 

@@ -22,6 +22,7 @@ def rel(a, b):
 @pytest.mark.parametrize("M", [1, 3])  # 4 and 16 rows: benchmarks/bench_gemv.py checks them
 @pytest.mark.parametrize("fmt", ["int8", "int4-128", "int4-64", "int4-32"])
 def test_kernel_matches_reference(N, K, M, fmt):
+    torch.manual_seed(N * K + M)
     w = torch.randn(N, K, device="cuda")
     x = torch.randn(M, K, device="cuda")
     if fmt == "int8":
@@ -41,12 +42,14 @@ def test_kernel_matches_reference(N, K, M, fmt):
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
     yh = run(x.half())
     assert yh.dtype == torch.float16 and rel(yh, ref) < 2e-3
-    # int8 activations (W4A8 / W8A8): the kernel's own arithmetic vs its reference (rounding ties
-    # of x aside), and the total error of rounding x, fp32 and fp16 x
+    # int8 activations (W4A8 / W8A8): the kernel's own arithmetic vs its reference, and the total
+    # error of rounding x, fp32 and fp16 x. The GPU contracts x·(127/amax) + 0.5 into one fma, so a
+    # value within an ulp of a rounding tie may round the other way than torch: one such step moves
+    # the product by ~1/(127·√K) relative (2e-4 at K=1536, seen) — hence 1e-3, far below a wrong weight.
     a8_ref = gemv_a8.gemv_a8_reference(x, wd)
     y8 = torch.full((M, N), float("nan"), device="cuda")
     gemv_a8.gemv_a8(x, prep, y8)
-    assert torch.isfinite(y8).all() and rel(y8, a8_ref) < 1e-4 and rel(y8, ref) < 2e-2
+    assert torch.isfinite(y8).all() and rel(y8, a8_ref) < 1e-3 and rel(y8, ref) < 2e-2
     y8h = gemv_a8.gemv_a8(x.half(), prep)
     assert y8h.dtype == torch.float16 and rel(y8h, gemv_a8.gemv_a8_reference(x.half().float(), wd)) < 2e-3
 
@@ -93,3 +96,22 @@ def test_quantlinear_cuda_paths(rows, dtype):
             y = lin(x)
         ref = x.double() @ lin.dequantize().double().t()
         assert rel(y, ref) < (1e-5 if dtype == torch.float32 and rows <= 16 else 1e-2)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int8", 0)])
+@pytest.mark.parametrize("input_scale", [False, True])
+def test_dequantize_fp16_kernel_is_bit_exact(fmt, group, input_scale):
+    from edge_rwkv.cuda_kernels.dequant import dequantize_fp16
+
+    N, K = 1000, 4096 + 128
+    w = torch.randn(N, K, device="cuda")
+    spec = int4_spec(group) if fmt == "int4" else int8_spec()
+    qw = quantize_rtn(w.cpu(), spec)
+    q, s = qw.qweight.cuda(), qw.scale.cuda()
+    isc = (torch.rand(K, device="cuda") + 0.5).half() if input_scale else None
+    ref = (dequantize_int4_torch(q, s, group, torch.float16, isc) if fmt == "int4"
+           else dequantize_int8_torch(q, s, torch.float16, isc))
+    assert torch.equal(dequantize_fp16(fmt, q, s, isc, group), ref)
+    buf = torch.full((600 * K,), float("nan"), device="cuda", dtype=torch.float16)
+    got = dequantize_fp16(fmt, q, s, isc, group, rows=slice(400, 1000), out=buf)
+    assert torch.equal(got, ref[400:])

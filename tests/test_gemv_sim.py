@@ -124,6 +124,26 @@ A8_SCRIPT = textwrap.dedent(r"""
                                out.reshape(-1), M, N, K)
         check(f"int8-a8 M={M} N={N} K={K}", out, xr, x, wd, xs)
 
+    # relu² at the store (the FFN key): the same product, activated
+    for fmt in ("int4", "int8"):
+        M, N, K = 2, 8, 256
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        xq, xs, xz, xr = quantize(x, fmt == "int4")
+        plain, act = np.full((M, N), np.nan, np.float32), np.full((M, N), np.nan, np.float32)
+        if fmt == "int4":
+            p, s = F.quantize_int4_ref(w, 64)
+            for o, a in ((plain, "none"), (act, "relu2")):
+                gemv_a8.launch_int4_a8(p.reshape(-1).view(np.int32), s.reshape(-1).view(np.int16), xq.view(np.int32),
+                                       xs, xz, o.reshape(-1), M, N, K, 64, act=a)
+        else:
+            q, s = F.quantize_int8_ref(w)
+            for o, a in ((plain, "none"), (act, "relu2")):
+                gemv_a8.launch_int8_a8(q.reshape(-1).view(np.int32), s.view(np.int16), xq.view(np.int32), xs,
+                                       o.reshape(-1), M, N, K, act=a)
+        assert (plain < 0).any() and np.allclose(act, np.maximum(plain, 0) ** 2, rtol=1e-6, atol=0), fmt
+        print("ok relu2", fmt)
+
     # every nibble level against all-equal x (no rounding of x): exact
     allq = np.tile(np.arange(-8, 8, dtype=np.int8), 64).reshape(2, 512)
     x = np.full((1, 512), 0.5, np.float32)
@@ -199,6 +219,42 @@ SEG_SCRIPT = textwrap.dedent(r"""
         raise AssertionError("bad segment accepted")
     print("ALL OK")
 """)
+
+
+DEQUANT_SCRIPT = textwrap.dedent(r"""
+    import torch
+    from edge_rwkv.cuda_kernels import dequant as D, _gemv_util as U
+    from edge_rwkv.quant import formats as F
+    assert U.simulator_enabled()
+    torch.manual_seed(0)
+    for fmt, N, K, g, with_insc in [("int4", 5, 256, 128, False), ("int4", 3, 192, 64, True),
+                                    ("int4", 4, 64, 32, False), ("int8", 5, 72, 0, False), ("int8", 3, 40, 0, True)]:
+        w = torch.randn(N, K)
+        w[0, 3] = 9.0  # an outlier
+        q, s = F.quantize_int4_torch(w, g) if fmt == "int4" else F.quantize_int8_torch(w)
+        isc = (torch.rand(K) + 0.5).half() if with_insc else None
+        ref = (F.dequantize_int4_torch(q, s, g, torch.float16, isc) if fmt == "int4"
+               else F.dequantize_int8_torch(q, s, torch.float16, isc))
+        assert torch.equal(D.dequantize_fp16(fmt, q, s, isc, g), ref), fmt  # bit for bit
+        buf = torch.full((N * K + 64,), float("nan"), dtype=torch.float16)  # rows 1.. into a larger buffer
+        assert torch.equal(D.dequantize_fp16(fmt, q, s, isc, g, rows=slice(1, N), out=buf), ref[1:]), fmt
+        assert torch.isnan(buf[(N - 1) * K:]).all()  # nothing written past the slab
+        print("ok", fmt, N, K, g, with_insc)
+    try:
+        D.dequantize_fp16("int8", torch.zeros(2, 12, dtype=torch.int8), torch.ones(2).half())
+    except ValueError as e:
+        assert "multiple of 8" in str(e)
+    else:
+        raise AssertionError("K=12 accepted")
+    print("ALL OK")
+""")
+
+
+def test_dequantize_kernel_under_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-c", DEQUANT_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
 
 
 def test_seg_gemv_under_simulator():
