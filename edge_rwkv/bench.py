@@ -20,7 +20,8 @@ as a memory-constrained deployment stores them (layers and head at that width, t
 round to nearest, on the model's device), written as an artifact and loaded from it.
 
 Timing: CUDA events after warm-up, median of many runs (CPU: time.perf_counter, median).
-Memory: torch.cuda.max_memory_allocated (CUDA, whole process: that model's weights included); on CPU the peak
+Memory: torch.cuda.max_memory_reserved after emptying the cache (CUDA, whole process: that model's weights and
+any CUDA-graph pools included); on CPU the peak
 growth of heap bytes in use during the prefill, sampled (glibc mallinfo2; RSS elsewhere) (activations and state, not weights).
 Bandwidth: bytes of weights (and state) read per decode step / step time, against a device copy
 (CUDA) or a large memcpy (CPU) measured in the same run.
@@ -148,18 +149,22 @@ def _host_bytes() -> int | None:
 
 
 class PeakMemory:
-    """Peak memory while the block runs. CUDA: max_memory_allocated (absolute). CPU: RSS growth."""
+    """Peak memory while the block runs. CUDA: max_memory_reserved, cached blocks released first
+    (absolute: what the process holds on the device, CUDA-graph memory pools included — a replayed
+    prefill chunk's activations live in its graph's pool and are not "allocated" tensors).
+    CPU: RSS growth."""
 
     def __init__(self, dev: torch.device):
         self.dev = dev
         self.peak: int | None = None
         self.base: int | None = None  # CUDA: bytes allocated when the block began (weights, state, ...)
-        self.kind = ("cuda max_memory_allocated" if dev.type == "cuda"
+        self.kind = ("cuda max_memory_reserved (cache emptied first; graph pools included)" if dev.type == "cuda"
                      else "host heap growth (mallinfo2)" if _HEAP_IN_USE else "RSS growth")
 
     def __enter__(self):
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.base = int(torch.cuda.memory_allocated(self.dev))
             return self
@@ -182,7 +187,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
-            self.peak = int(torch.cuda.max_memory_allocated(self.dev))
+            self.peak = int(torch.cuda.max_memory_reserved(self.dev))
         elif self._base is not None:
             self._stop.set()
             self._thread.join()

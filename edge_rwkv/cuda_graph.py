@@ -1,4 +1,5 @@
-"""CUDA-graph replay of one decode step: Python and launch overhead paid once at capture, not per token.
+"""CUDA-graph replay of one decode step (and of a full prefill chunk, `PrefillGraph`): Python and
+launch overhead paid once at capture, not per token.
 
 The step (embedding → all layers → head) is captured for a fixed batch size into a torch CUDA graph
 with static buffers: token ids and a per-row `live` mask in, logits out, and the state updated in
@@ -9,10 +10,14 @@ stream, so they are captured with the rest.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .fused_decode import FusedStep, fused_step_supported
 from .state import State
+
+log = logging.getLogger("edge_rwkv.cuda_graph")
 
 
 class GraphStep:
@@ -69,3 +74,63 @@ class GraphStep:
         if live is None:
             self.state.tokens += 1
         return self.logits
+
+
+class PrefillGraph:
+    """One full prefill chunk (one sequence, T tokens) of the model's forward, captured as a CUDA graph.
+
+    An eager chunk issues thousands of small launches (norms, token shifts, LoRAs, the chunked WKV's
+    kernels and products, per-slab dequantization of quantized matrices): at 7.2B, and for quantized
+    models read in short chunks, the host's Python and launch time, not the GPU, set the prefill
+    speed. Replaying a captured chunk costs one launch. Static buffers: token ids and the entering
+    state are copied in, the last token's logits and the new state copied out (so a later replay
+    never changes what a caller holds). The graph's memory pool keeps one chunk's activations
+    reserved — what an eager chunk's transient peak reserves in the caching allocator anyway.
+    """
+
+    def __init__(self, net, T: int, like: State, warmup: int = 1):
+        if net.device.type != "cuda":
+            raise ValueError("CUDA-graph prefill needs a CUDA model")
+        self.T = T  # no reference to net: the graph is kept on it (no cycle holding GPU memory)
+        self.tokens = torch.zeros(1, T, dtype=torch.long, device=net.device)
+        self.state = State(*(torch.zeros_like(t) for t in (like.att_x, like.wkv, like.ffn_x)))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):  # compile kernels, create cached masks, outside the capture
+                net.forward(self.tokens, self.state, all_logits=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.logits, self.out = net.forward(self.tokens, self.state, all_logits=False)
+
+    def matches(self, state: State) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                   for a, b in zip((state.att_x, state.wkv, state.ffn_x),
+                                   (self.state.att_x, self.state.wkv, self.state.ffn_x)))
+
+    def run(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """ids [1, T] on the model's device; returns (logits [1, V], the state after the chunk)."""
+        with torch.inference_mode():  # the static buffers are inference tensors
+            self.tokens.copy_(ids)
+            self.state.copy_(state)
+            self.graph.replay()
+        # copies made outside inference mode: ordinary tensors, like the eager forward's
+        out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint)
+        return self.logits.clone(), out
+
+
+def prefill_graph(net, T: int, like: State) -> PrefillGraph | None:
+    """The model's captured prefill chunk of T tokens (made on first use), or None where capture is
+    impossible (the reason is logged once and the chunk runs eagerly)."""
+    graphs = net.__dict__.setdefault("_prefill_graphs", {})
+    g = graphs.get(T)
+    if g is None and T not in graphs:
+        try:
+            g = PrefillGraph(net, T, like)
+        except Exception as e:  # noqa: BLE001 - capture impossible here: prefill eagerly, say why once
+            log.warning("prefill chunk of %d tokens runs eagerly: CUDA-graph capture failed (%s: %s)",
+                        T, type(e).__name__, e)
+            torch.cuda.synchronize()
+        graphs[T] = g
+    return g if g is not None and g.matches(like) else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from .generate import prefill_chunk_for
+from .generate import _chunk_graph, prefill_chunk_for
 from .sampling import Sampler, SamplingParams, sample_batch
 from .state import State
 from .tokenizer import END_OF_TEXT
@@ -213,7 +213,8 @@ class BatchEngine:
         chunk, s.pending = s.pending[:self.prefill_chunk], s.pending[self.prefill_chunk:]
         row = self.state.select(i)
         ids = torch.tensor([chunk], dtype=torch.long, device=self.net.device)
-        logits, new = self.net.forward(ids, row, all_logits=False)
+        g = _chunk_graph(self.net, self.prefill_chunk, row) if len(chunk) == self.prefill_chunk else None
+        logits, new = g.run(ids, row) if g is not None else self.net.forward(ids, row, all_logits=False)
         self._write_row(i, new)
         self.logits[i].copy_(logits[0])
         s.tokens += len(chunk)

@@ -36,16 +36,28 @@ def _is_quantized(net) -> bool:
     return bool(quantized_linears(net))
 
 
-def prefill(net, tokens: list[int], state: State, chunk: int | None = None):
-    """Consume tokens; return the last token's logits [V] and the new state."""
+def prefill(net, tokens: list[int], state: State, chunk: int | None = None, graph: bool = True):
+    """Consume tokens; return the last token's logits [V] and the new state.
+
+    On a GPU, full chunks replay a captured chunk (cuda_graph.PrefillGraph, made on the first full
+    chunk and kept on the model) unless `graph` is False; a last partial chunk runs eagerly."""
     chunk = chunk or prefill_chunk_for(net)
     logits = None
     for start in range(0, len(tokens), chunk):
         ids = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=net.device)
         consumed = state.tokens + ids.shape[1]
-        logits, state = net.forward(ids, state, all_logits=False)
-        state.tokens = consumed  # net.forward returns a fresh State that does not carry the count
+        g = _chunk_graph(net, chunk, state) if graph and ids.shape[1] == chunk else None
+        logits, state = g.run(ids, state) if g is not None else net.forward(ids, state, all_logits=False)
+        state.tokens = consumed  # the forward returns a fresh State that does not carry the count
     return logits[0], state
+
+
+def _chunk_graph(net, T: int, state: State):
+    if net.device.type != "cuda" or state.batch != 1:
+        return None
+    from .cuda_graph import prefill_graph
+
+    return prefill_graph(net, T, state)
 
 
 def decode_one(net, token: int, state: State):
