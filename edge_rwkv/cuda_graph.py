@@ -11,6 +11,7 @@ stream, so they are captured with the rest.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -18,6 +19,7 @@ from .fused_decode import FusedStep, fused_step_supported
 from .state import State
 
 log = logging.getLogger("edge_rwkv.cuda_graph")
+_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphStep:
@@ -92,6 +94,7 @@ class PrefillGraph:
         if net.device.type != "cuda":
             raise ValueError("CUDA-graph prefill needs a CUDA model")
         self.T = T  # no reference to net: the graph is kept on it (no cycle holding GPU memory)
+        self._lock = threading.Lock()
         self.tokens = torch.zeros(1, T, dtype=torch.long, device=net.device)
         self.state = State(*(torch.zeros_like(t) for t in (like.att_x, like.wkv, like.ffn_x)))
         side = torch.cuda.Stream()
@@ -110,27 +113,30 @@ class PrefillGraph:
                                    (self.state.att_x, self.state.wkv, self.state.ffn_x)))
 
     def run(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """ids [1, T] on the model's device; returns (logits [1, V], the state after the chunk)."""
-        with torch.inference_mode():  # the static buffers are inference tensors
-            self.tokens.copy_(ids)
-            self.state.copy_(state)
-            self.graph.replay()
-        # copies made outside inference mode: ordinary tensors, like the eager forward's
-        out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint)
-        return self.logits.clone(), out
+        """ids [1, T] on the model's device; returns (logits [1, V], the state after the chunk).
+        Replays are serialised: the static buffers are shared by every caller of this model."""
+        with self._lock:
+            with torch.inference_mode():  # the static buffers are inference tensors
+                self.tokens.copy_(ids)
+                self.state.copy_(state)
+                self.graph.replay()
+            # copies made outside inference mode: ordinary tensors, like the eager forward's
+            out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint)
+            return self.logits.clone(), out
 
 
 def prefill_graph(net, T: int, like: State) -> PrefillGraph | None:
     """The model's captured prefill chunk of T tokens (made on first use), or None where capture is
     impossible (the reason is logged once and the chunk runs eagerly)."""
-    graphs = net.__dict__.setdefault("_prefill_graphs", {})
-    g = graphs.get(T)
-    if g is None and T not in graphs:
-        try:
-            g = PrefillGraph(net, T, like)
-        except Exception as e:  # noqa: BLE001 - capture impossible here: prefill eagerly, say why once
-            log.warning("prefill chunk of %d tokens runs eagerly: CUDA-graph capture failed (%s: %s)",
-                        T, type(e).__name__, e)
-            torch.cuda.synchronize()
-        graphs[T] = g
+    with _CAPTURE_LOCK:
+        graphs = net.__dict__.setdefault("_prefill_graphs", {})
+        g = graphs.get(T)
+        if g is None and T not in graphs:
+            try:
+                g = PrefillGraph(net, T, like)
+            except Exception as e:  # noqa: BLE001 - capture impossible here: prefill eagerly, say why once
+                log.warning("prefill chunk of %d tokens runs eagerly: CUDA-graph capture failed (%s: %s)",
+                            T, type(e).__name__, e)
+                torch.cuda.synchronize()
+            graphs[T] = g
     return g if g is not None and g.matches(like) else None
