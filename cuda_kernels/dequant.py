@@ -56,9 +56,12 @@ def dequant_int8_kernel(wq, sc, insc, out, w0, w1, wpr, has_insc):
 """
 
 
-def supported(fmt: str, K: int) -> bool:
-    """Whether the kernels take a weight of this format and inner length (8 weights a thread)."""
-    return fmt in ("int4", "int8") and K % 8 == 0
+def supported(fmt: str, K: int, group: int = 0) -> bool:
+    """Whether the kernels take a weight of this format, inner length (8 weights a thread) and int4
+    group (32, 64 or 128: a power of two the 8 weights never straddle)."""
+    if fmt == "int4":
+        return K % 8 == 0 and group in (32, 64, 128) and K % group == 0
+    return fmt == "int8" and K % 8 == 0
 
 
 class Dequantizer:
@@ -72,10 +75,9 @@ class Dequantizer:
 
         N = qweight.shape[0]
         K = qweight.shape[1] * (2 if fmt == "int4" else 1)
-        if not supported(fmt, K):
-            raise ValueError(f"dequantize_fp16: format {fmt!r} with K={K} (a multiple of 8) not supported")
-        if fmt == "int4" and (group not in (32, 64, 128) or K % group):
-            raise ValueError(f"dequantize_fp16: int4 group {group} does not divide K={K}")
+        if not supported(fmt, K, group):
+            raise ValueError(f"dequantize_fp16: format {fmt!r} with K={K} (a multiple of 8) and group {group} "
+                             "(int4: 32, 64 or 128, dividing K) not supported")
         self.fmt, self.N, self.K, self.group = fmt, N, K, group
         q, s = qweight.contiguous(), scale.contiguous()
         # fp16 read as int16 bits (h2f); without an input scale the argument is an unread placeholder

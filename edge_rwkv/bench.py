@@ -899,7 +899,8 @@ def _table_header(m: dict) -> list[str]:
     lines = [
         f"edge-rwkv bench — {m['model']}: L{c['n_layer']} D{c['n_embd']} vocab {c['vocab_size']}, {m['dtype']}, "
         f"{m['device']} ({m['device_name']}), torch {m['torch']}, wkv {m['wkv']}, prefill chunk {m['chunk']}"
-        + "".join(f", {k} {v}" for k, v in (m.get("chunk_by_precision") or {}).items()),
+        + "".join(f", {k} {v}" for k, v in (m.get("chunk_by_precision") or {}).items())
+        + (" (ours: full chunks replayed from a CUDA graph)" if m["device"].startswith("cuda") else ""),
         f"{peer_desc}",
         f"bound: copy bandwidth {m['copy_gbs']:.0f} GB/s; weights read per decode step {m['weight_bytes_per_step'] / 1e9:.3f} GB; "
         f"state {_fmt_bytes(m['state_bytes'])}/sequence; memory = {m['memory_kind']}",

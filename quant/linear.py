@@ -240,7 +240,8 @@ class QuantLinear(nn.Module):
             from edge_rwkv.cuda_kernels._runtime import kernel_device_ok
         except Exception:  # pragma: no cover - depends on the install
             return False
-        return dequant.supported(self.spec.format, self.in_features) and kernel_device_ok(self.qweight)
+        return (dequant.supported(self.spec.format, self.in_features, self.spec.group or 0)
+                and kernel_device_ok(self.qweight))
 
     def _dequantize_fp16(self, rows: slice, out=None) -> torch.Tensor:
         from edge_rwkv.cuda_kernels.dequant import Dequantizer

@@ -240,12 +240,16 @@ DEQUANT_SCRIPT = textwrap.dedent(r"""
         assert torch.equal(D.dequantize_fp16(fmt, q, s, isc, g, rows=slice(1, N), out=buf), ref[1:]), fmt
         assert torch.isnan(buf[(N - 1) * K:]).all()  # nothing written past the slab
         print("ok", fmt, N, K, g, with_insc)
-    try:
-        D.dequantize_fp16("int8", torch.zeros(2, 12, dtype=torch.int8), torch.ones(2).half())
-    except ValueError as e:
-        assert "multiple of 8" in str(e)
-    else:
-        raise AssertionError("K=12 accepted")
+    for bad in (lambda: D.dequantize_fp16("int8", torch.zeros(2, 12, dtype=torch.int8), torch.ones(2).half()),
+                lambda: D.dequantize_fp16("int4", torch.zeros(2, 128, dtype=torch.uint8), torch.ones(2, 1).half(),
+                                          group=256)):
+        try:
+            bad()
+        except ValueError as e:
+            assert "not supported" in str(e)
+        else:
+            raise AssertionError("unsupported shape accepted")
+    assert not D.supported("int4", 256, 256) and D.supported("int4", 256, 128) and not D.supported("int8", 12)
     print("ALL OK")
 """)
 
