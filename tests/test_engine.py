@@ -162,3 +162,17 @@ def test_gpu_prefill_chunk_scales_with_width():
         [4096, 4096, 2048, 1024, 1024, 512]
     # quantized (memory-bound deployments): a quarter, still ≥ 256
     assert [prefill_chunk_for(net("cuda", c, True)) for c in (768, 2048, 4096, 8192)] == [1024, 512, 256, 256]
+
+
+def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
+    """Off CUDA no chunk is graph-captured (cuda_graph.PrefillGraph is GPU-only): prefill with graphs
+    allowed equals prefill without, chunk for chunk, and counts the tokens it read."""
+    from edge_rwkv.generate import _chunk_graph, prefill
+
+    toks = model.tokenizer.encode("RWKV is a recurrent network " * 6)
+    st = model.new_state(1)
+    assert _chunk_graph(model.net, 16, st) is None
+    la, sa = prefill(model.net, toks, model.new_state(1), chunk=16)
+    lb, sb = prefill(model.net, toks, model.new_state(1), chunk=16, graph=False)
+    assert torch.equal(la, lb) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == sb.tokens == len(toks)
+    assert not hasattr(model.net, "_prefill_graphs")
