@@ -205,11 +205,23 @@ class Model:
             return self._graph_error
         return self._graph.how if self._graph is not None else "cuda-graph (captured on first use)"
 
+    def _prefill_how(self) -> str:
+        from .generate import prefill_chunk_for
+
+        chunk = prefill_chunk_for(self.net)
+        if self.device.type != "cuda":
+            return f"eager, chunks of {chunk}"
+        error = getattr(self.net, "_prefill_graph_errors", {}).get(chunk)
+        if error:
+            return f"eager, chunks of {chunk} (CUDA-graph capture failed: {error})"
+        captured = chunk in getattr(self.net, "_prefill_graphs", {})
+        return f"chunks of {chunk}, full ones replayed from a CUDA graph" + ("" if captured else " (captured on first use)")
+
     def describe(self) -> dict:
         c = self.config
         return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
-                "decode": self._decode_how(), "fingerprint": self.fingerprint,
+                "decode": self._decode_how(), "prefill": self._prefill_how(), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}
 
 

@@ -137,6 +137,7 @@ def prefill_graph(net, T: int, like: State) -> PrefillGraph | None:
             except Exception as e:  # noqa: BLE001 - capture impossible here: prefill eagerly, say why once
                 log.warning("prefill chunk of %d tokens runs eagerly: CUDA-graph capture failed (%s: %s)",
                             T, type(e).__name__, e)
+                net.__dict__.setdefault("_prefill_graph_errors", {})[T] = f"{type(e).__name__}: {e}"
                 torch.cuda.synchronize()
             graphs[T] = g
     return g if g is not None and g.matches(like) else None

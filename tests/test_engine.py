@@ -176,3 +176,4 @@ def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
     lb, sb = prefill(model.net, toks, model.new_state(1), chunk=16, graph=False)
     assert torch.equal(la, lb) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == sb.tokens == len(toks)
     assert not hasattr(model.net, "_prefill_graphs")
+    assert model.describe()["prefill"] == "eager, chunks of 256"
