@@ -304,3 +304,19 @@ def test_real_model_stop_string(tmp_path):
     with pytest.raises(InputError):
         m.generate(prompt, temperature=-1)
     assert math.isfinite(float(m.forward(prompt)[0].abs().max()))
+
+
+def test_top_p_beyond_the_sorted_prefix_sorts_everything():
+    """When a row's top_p mass needs more tokens than the sorted prefix (a nearly flat distribution),
+    the cut is still exact: the kept set is the smallest one reaching the mass."""
+    from edge_rwkv.sampling import TOP_P_PREFIX, _top_p_cutoff
+
+    V = 4 * TOP_P_PREFIX
+    probs = torch.softmax(torch.linspace(0, 1e-3, V), 0)[None].repeat(2, 1)  # almost uniform
+    top_p = torch.tensor([0.5, 1e-4])
+    cut = _top_p_cutoff(probs, top_p)
+    for r in range(2):
+        kept = probs[r][probs[r] >= cut[r]]
+        mass = top_p[r] * probs[r].sum()
+        assert kept.sum() >= mass * (1 - 1e-6) and kept.sum() - kept.min() < mass
+    assert int((probs[0] >= cut[0]).sum()) > TOP_P_PREFIX  # the first row needed the full sort
