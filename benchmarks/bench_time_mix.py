@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from bench_wkv import copy_bandwidth, graph_timed  # benchmarks/ is on the path when run as a script
 
 from edge_rwkv.cuda_kernels import decode_step
 
@@ -39,36 +39,11 @@ def run(a: dict, tpr: int) -> None:
                              a["live"], a["out"], threads_per_row=tpr)
 
 
-def graph_us(fn, calls: int = 20, reps: int = 15) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record(); g.replay(); e1.record(); e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / calls)
-    return statistics.median(ts)
-
-
-def copy_gbs() -> float:
-    src = torch.randn(1 << 28, device="cuda"); dst = torch.zeros_like(src)
-    t = graph_us(lambda: dst.copy_(src), calls=10)
-    return 2 * src.numel() * 4 / t / 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     a = ap.parse_args()
-    bw = copy_gbs()
+    bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for B, H in CASES:
@@ -83,7 +58,7 @@ def main() -> None:
             else:
                 err = max(float((got[0] - ref[0]).abs().max() / ref[0].abs().max()),
                           float((got[1] - ref[1]).abs().max() / ref[1].abs().max()))
-            us = graph_us(lambda: run(x, tpr))  # the state keeps advancing: same work each call
+            us = graph_timed(lambda: run(x, tpr), steps=20, reps=15)  # the state keeps advancing: same work
             gbs = 2 * B * H * N * N * 4 / us / 1e3
             rows.append(dict(B=B, H=H, tpr=tpr, us=us, gbs=gbs, pct=100 * gbs / bw, err_vs_16=err,
                              default=tpr == decode_step.time_mix_threads_per_row(N)))

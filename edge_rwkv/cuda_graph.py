@@ -126,8 +126,11 @@ class PrefillGraph:
 
 
 def prefill_graph(net, T: int, like: State) -> PrefillGraph | None:
-    """The model's captured prefill chunk of T tokens (made on first use), or None where capture is
-    impossible (the reason is logged once and the chunk runs eagerly)."""
+    """The model's captured prefill chunk of T tokens for one sequence with a state like `like` (made
+    on first use), or None: off CUDA, for several sequences, or where capture is impossible (the
+    reason is logged once and the chunk runs eagerly)."""
+    if net.device.type != "cuda" or like.batch != 1:
+        return None
     with _CAPTURE_LOCK:
         graphs = net.__dict__.setdefault("_prefill_graphs", {})
         g = graphs.get(T)

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cuda_graph import GraphStep, prefill_graph
 from .errors import InputError
-from .generate import _chunk_graph, prefill_chunk_for
+from .generate import prefill_chunk_for
 from .sampling import Sampler, SamplingParams, sample_batch
 from .state import State
 from .tokenizer import END_OF_TEXT
@@ -158,8 +159,6 @@ class BatchEngine:
         b = min(b, self.max_slots)
         g = self._graphs.get(b)
         if g is None:
-            from .cuda_graph import GraphStep
-
             st = self.state
             view = State(st.att_x[:, :b], st.wkv[:, :b], st.ffn_x[:, :b], st.fingerprint)
             try:
@@ -213,7 +212,7 @@ class BatchEngine:
         chunk, s.pending = s.pending[:self.prefill_chunk], s.pending[self.prefill_chunk:]
         row = self.state.select(i)
         ids = torch.tensor([chunk], dtype=torch.long, device=self.net.device)
-        g = _chunk_graph(self.net, self.prefill_chunk, row) if len(chunk) == self.prefill_chunk else None
+        g = prefill_graph(self.net, self.prefill_chunk, row) if len(chunk) == self.prefill_chunk else None
         logits, new = g.run(ids, row) if g is not None else self.net.forward(ids, row, all_logits=False)
         self._write_row(i, new)
         self.logits[i].copy_(logits[0])

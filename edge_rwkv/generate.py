@@ -5,6 +5,7 @@ from typing import Iterator
 
 import torch
 
+from .cuda_graph import prefill_graph
 from .sampling import Sampler, SamplingParams
 from .state import State
 from .tokenizer import END_OF_TEXT
@@ -46,18 +47,10 @@ def prefill(net, tokens: list[int], state: State, chunk: int | None = None, grap
     for start in range(0, len(tokens), chunk):
         ids = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=net.device)
         consumed = state.tokens + ids.shape[1]
-        g = _chunk_graph(net, chunk, state) if graph and ids.shape[1] == chunk else None
+        g = prefill_graph(net, chunk, state) if graph and ids.shape[1] == chunk else None
         logits, state = g.run(ids, state) if g is not None else net.forward(ids, state, all_logits=False)
         state.tokens = consumed  # the forward returns a fresh State that does not carry the count
     return logits[0], state
-
-
-def _chunk_graph(net, T: int, state: State):
-    if net.device.type != "cuda" or state.batch != 1:
-        return None
-    from .cuda_graph import prefill_graph
-
-    return prefill_graph(net, T, state)
 
 
 def decode_one(net, token: int, state: State):

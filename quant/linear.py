@@ -214,46 +214,39 @@ class QuantLinear(nn.Module):
         cdt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float16
         if x2.dtype == torch.float32:
             cdt = torch.float32
+        dq = self._dequantizer() if cdt == torch.float16 else None
         if self.cache_dequantized:
             if self._cache is None or self._cache.dtype != cdt:
-                fast = cdt == torch.float16 and self._fast_dequantize_ok()
-                self._cache = self._dequantize_fp16(slice(None)) if fast else self.dequantize(cdt)
+                self._cache = dq.rows() if dq is not None else self.dequantize(cdt)
             return F.linear(x2.to(cdt), self._cache).to(x2.dtype)
         xc = x2.to(cdt)
         y = torch.empty((M, self.out_features), device=x2.device, dtype=cdt)
         slab = max(1, min(self.out_features, self.scratch_bytes // (self.in_features * xc.element_size())))
-        fast = cdt == torch.float16 and self._fast_dequantize_ok()
-        buf = torch.empty(slab * self.in_features, device=x2.device, dtype=cdt) if fast else None
+        buf = torch.empty(slab * self.in_features, device=x2.device, dtype=cdt) if dq is not None else None
         for r0 in range(0, self.out_features, slab):
             r1 = min(self.out_features, r0 + slab)
-            w = self._dequantize_fp16(slice(r0, r1), buf) if fast else self.dequantize(cdt, slice(r0, r1))
-            if M == 1 or r1 - r0 == self.out_features:
-                torch.matmul(xc, w.t(), out=y[:, r0:r1] if M == 1 else y)
+            w = dq.rows(r0, r1, buf) if dq is not None else self.dequantize(cdt, slice(r0, r1))
+            cols = y[:, r0:r1]
+            if cols.is_contiguous():
+                torch.matmul(xc, w.t(), out=cols)
             else:
-                y[:, r0:r1] = xc @ w.t()
+                cols.copy_(xc @ w.t())
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
-    def _fast_dequantize_ok(self) -> bool:
-        """Whether cuda_kernels/dequant.py takes this weight (one pass to fp16, no fp32 scratch)."""
-        try:
-            from edge_rwkv.cuda_kernels import dequant
-            from edge_rwkv.cuda_kernels._runtime import kernel_device_ok
-        except Exception:  # pragma: no cover - depends on the install
-            return False
-        return (dequant.supported(self.spec.format, self.in_features, self.spec.group or 0)
-                and kernel_device_ok(self.qweight))
-
-    def _dequantize_fp16(self, rows: slice, out=None) -> torch.Tensor:
-        from edge_rwkv.cuda_kernels.dequant import Dequantizer
-
+    def _dequantizer(self):
+        """This weight's one-pass fp16 dequantizer (cuda_kernels/dequant.py: no fp32 scratch), made
+        once per storage; None where the kernel does not take the weight or cannot run here."""
         key = (self.qweight.data_ptr(), self.scale.data_ptr(),
                None if self.input_scale is None else self.input_scale.data_ptr())
         if self._dq_key != key:
-            self._dq = Dequantizer(self.spec.format, self.qweight, self.scale, self.input_scale,
-                                   self.spec.group or 0)
+            from edge_rwkv.cuda_kernels._runtime import kernel_device_ok
+            from edge_rwkv.cuda_kernels.dequant import Dequantizer, supported
+
+            group = self.spec.group or 0
+            ok = supported(self.spec.format, self.in_features, group) and kernel_device_ok(self.qweight)
+            self._dq = Dequantizer(self.spec.format, self.qweight, self.scale, self.input_scale, group) if ok else None
             self._dq_key = key
-        r0, r1, _ = rows.indices(self.out_features)
-        return self._dq.rows(r0, r1, out)
+        return self._dq
 
 
 def quantized_linears(net) -> list[QuantLinear]:

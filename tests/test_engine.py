@@ -167,11 +167,12 @@ def test_gpu_prefill_chunk_scales_with_width():
 def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
     """Off CUDA no chunk is graph-captured (cuda_graph.PrefillGraph is GPU-only): prefill with graphs
     allowed equals prefill without, chunk for chunk, and counts the tokens it read."""
-    from edge_rwkv.generate import _chunk_graph, prefill
+    from edge_rwkv.cuda_graph import prefill_graph
+    from edge_rwkv.generate import prefill
 
     toks = model.tokenizer.encode("RWKV is a recurrent network " * 6)
     st = model.new_state(1)
-    assert _chunk_graph(model.net, 16, st) is None
+    assert prefill_graph(model.net, 16, st) is None
     la, sa = prefill(model.net, toks, model.new_state(1), chunk=16)
     lb, sb = prefill(model.net, toks, model.new_state(1), chunk=16, graph=False)
     assert torch.equal(la, lb) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == sb.tokens == len(toks)

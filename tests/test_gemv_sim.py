@@ -250,6 +250,18 @@ DEQUANT_SCRIPT = textwrap.dedent(r"""
         else:
             raise AssertionError("unsupported shape accepted")
     assert not D.supported("int4", 256, 256) and D.supported("int4", 256, 128) and not D.supported("int8", 12)
+    q, s = F.quantize_int8_torch(torch.randn(4, 16))
+    dq = D.Dequantizer("int8", q, s)
+    for bad in (lambda: dq.rows(2, 5), lambda: dq.rows(3, 1), lambda: dq.rows(-1, 2),
+                lambda: dq.rows(0, 4, out=torch.empty(64)),                       # fp32, not fp16
+                lambda: dq.rows(0, 4, out=torch.empty(63, dtype=torch.float16)),  # too small
+                lambda: dq.rows(0, 2, out=torch.empty(8, 8, dtype=torch.float16).t())):  # not contiguous
+        try:
+            bad()
+        except ValueError as e:
+            assert "dequantize_fp16" in str(e)
+        else:
+            raise AssertionError("bad rows / output accepted")
     print("ALL OK")
 """)
 
@@ -280,6 +292,13 @@ def test_gemv_kernels_under_simulator():
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_gemv_a8_rejects_unknown_activation():
+    from edge_rwkv.cuda_kernels import gemv_a8
+
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        gemv_a8.get_kernel("int4", 1, act="gelu")
 
 
 def test_kernel_modules_import_without_gpu():
