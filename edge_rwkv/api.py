@@ -5,19 +5,23 @@ import hashlib
 import json
 import math
 import os
-import warnings
-from typing import Iterator, Sequence
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Sequence
 
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
-from .generate import Generation, decode_one, prefill
 from .model import RWKV7, build_model
+from .runtime.engine import BatchEngine
+from .runtime.generation import Generation
+from .runtime.runner import Runner
 from .sampling import SamplingParams
 from .state import State
-from .tokenizer import default_tokenizer
+from .tokenizer import END_OF_TEXT, default_tokenizer
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -83,8 +87,9 @@ class Model:
         self.fingerprint = fingerprint
         self.wkv_backend = wkv_backend
         self.tokenizer = default_tokenizer()
-        self._graph = None  # captured decode step (CUDA), built on first use; one generation at a time
-        self._graph_error: str | None = None
+        self.runner = Runner(net)  # the fast path's own data (packed layers, graphs): never on the net
+        self._idle_engines: list[BatchEngine] = []  # single-slot engines for stream(), reused
+        self._engines_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -159,32 +164,31 @@ class Model:
             kw["stop"] = (kw["stop"],)
         return SamplingParams(**kw)
 
-    def stream(self, prompt: str | Sequence[int], state: State | None = None, **sampling) -> Generation:
-        """Iterate over text pieces as they decode; afterwards `.state` holds the continued state."""
+    def stream(self, prompt: str | Sequence[int], state: State | None = None, strip_leading: bool = False,
+               **sampling) -> Generation:
+        """Iterate over text pieces as they decode; afterwards `.state` holds the continued state.
+        `strip_leading` drops whitespace before the first visible text (chat replies)."""
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InputError("prompt is empty")
         self.as_token_tensor(tokens)  # validates the ids
-        state = self.new_state() if state is None else state.clone().to(self.device)
-        self.check_state(state, 1)
-        gen = Generation(self.net, self.tokenizer, tokens, state, self.sampling(**sampling), self._decoder())
-        return _InferenceIter(gen)
+        if state is not None:
+            self.check_state(state, 1)
+        return Generation(self, tokens, state, self.sampling(**sampling), strip_leading)
 
-    def _decoder(self):
-        """CUDA-graph replay on a GPU (captured once, reused); eager elsewhere or where capture fails."""
-        if self.device.type != "cuda" or self._graph_error:
-            return None
-        from .cuda_graph import GraphStep
-        from .generate import GraphDecoder
-
-        if self._graph is None:
-            try:
-                self._graph = GraphStep(self.net, batch=1)
-            except Exception as e:  # capture is impossible on some drivers/backends: say so once, run eager
-                self._graph_error = f"CUDA-graph capture failed, decoding eagerly: {type(e).__name__}: {e}"
-                warnings.warn(self._graph_error, RuntimeWarning, stacklevel=3)
-                return None
-        return GraphDecoder(self._graph)
+    @contextmanager
+    def single_engine(self):
+        """A one-slot BatchEngine for one generation (kept and reused; a second concurrent
+        generation gets its own)."""
+        with self._engines_lock:
+            eng = self._idle_engines.pop() if self._idle_engines else None
+        if eng is None:
+            eng = BatchEngine(self, max_slots=1)
+        try:
+            yield eng
+        finally:
+            with self._engines_lock:
+                self._idle_engines.append(eng)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 1.0,
                  state: State | None = None, return_state: bool = False, **sampling):
@@ -198,51 +202,35 @@ class Model:
 
         return Chat(self, system=system, **sampling)
 
-    def _decode_how(self) -> str:
-        if self.device.type != "cuda":
-            return "eager"
-        if self._graph_error:
-            return self._graph_error
-        return self._graph.how if self._graph is not None else "cuda-graph (captured on first use)"
+    # ---------------------------------------------------------------- token tables for sampling
+    def visible_tokens(self) -> torch.Tensor:
+        """[vocab] bool: tokens whose text has a non-whitespace character."""
+        return _visible_tokens(self.tokenizer, self.config.vocab_size)
 
-    def _prefill_how(self) -> str:
-        from .generate import prefill_chunk_for
-
-        chunk = prefill_chunk_for(self.net)
-        if self.device.type != "cuda":
-            return f"eager, chunks of {chunk}"
-        error = getattr(self.net, "_prefill_graph_errors", {}).get(chunk)
-        if error:
-            return f"eager, chunks of {chunk} (CUDA-graph capture failed: {error})"
-        captured = chunk in getattr(self.net, "_prefill_graphs", {})
-        return f"chunks of {chunk}, full ones replayed from a CUDA graph" + ("" if captured else " (captured on first use)")
+    def stop_token_ids(self, stops: tuple[str, ...]) -> list[int]:
+        """End of text and every token that could complete (or begin) one of the stop strings: what a
+        reply that must show some text first is not allowed to draw before it has."""
+        ids = {END_OF_TEXT}
+        for s in stops:
+            b = s.encode("utf-8")
+            ids.update(self.tokenizer.ids_containing(b))
+            if len(s) > 1:
+                ids.update(self.tokenizer.ids_containing(b[:1]))
+        return sorted(i for i in ids if i < self.config.vocab_size)
 
     def describe(self) -> dict:
         c = self.config
         return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
-                "decode": self._decode_how(), "prefill": self._prefill_how(), "fingerprint": self.fingerprint,
+                "decode": self.runner.decode_how(), "prefill": self.runner.prefill_how(), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}
 
 
-class _InferenceIter:
-    """Runs a Generation under torch.inference_mode and forwards its result attributes."""
-
-    def __init__(self, gen: Generation):
-        self._gen = gen
-
-    def __iter__(self) -> Iterator[str]:
-        it = iter(self._gen)
-        while True:
-            with torch.inference_mode():
-                try:
-                    piece = next(it)
-                except StopIteration:
-                    return
-            yield piece
-
-    def __getattr__(self, name):
-        return getattr(self._gen, name)
+@lru_cache(maxsize=4)
+def _visible_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
+    known = min(vocab_size, tokenizer.vocab_size)
+    return torch.tensor([bool(tokenizer.token_bytes(i).strip()) for i in range(known)] + [False] * (vocab_size - known),
+                        dtype=torch.bool)
 
 
 CPU_DEQUANT_CACHE_BYTES = 1 << 30  # on a CPU, keep dequantized fp32 matrices when they all fit in this
@@ -307,4 +295,4 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     return Model(net, ckpt, fingerprint, backend)
 
 
-__all__ = ["Model", "load", "EdgeRWKVError", "decode_one", "prefill"]
+__all__ = ["Model", "load", "EdgeRWKVError"]

@@ -9,9 +9,10 @@ import re
 from typing import Iterator
 
 from .errors import InputError
+from .runtime.textstream import TURN_END
 from .state import State
 
-TURN_END = "\n\n"
+CHAT_DEFAULTS = {"max_tokens": 500, "temperature": 1.0, "top_p": 0.3, "require_text": True}
 
 
 def clean_message(text: str) -> str:
@@ -21,16 +22,40 @@ def clean_message(text: str) -> str:
     return re.sub(r"\n{2,}", "\n", text.strip().replace("\r\n", "\n"))
 
 
-def user_turn(message: str, system: str | None = None) -> str:
-    head = f"System: {clean_message(system)}{TURN_END}" if system else ""
-    return f"{head}User: {clean_message(message)}{TURN_END}Assistant:"
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def conversation_segments(messages: list[dict]) -> list[str]:
+    """A conversation in the chat format, one segment per message, then the reply's "Assistant:".
+
+    Segments are encoded one by one (`encode_segments`), so the state after any message is the state
+    after a prefix of the tokens: a cached state can continue any later prompt sharing that history."""
+    parts = [f"{ROLE_NAMES[m['role']]}: {clean_message(m['content'])}{TURN_END}" for m in messages
+             if clean_message(m["content"])]
+    return parts + ["Assistant:"]
+
+
+def user_turn(message: str, system: str | None = None) -> list[str]:
+    """The segments of one user turn (with the system prompt before it, if given)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return conversation_segments(head + [{"role": "user", "content": message}])
+
+
+def encode_segments(tokenizer, segments: list[str]) -> tuple[list[int], tuple[int, ...]]:
+    """(tokens, token count at the end of each segment but the last)."""
+    tokens: list[int] = []
+    ends = []
+    for seg in segments:
+        tokens += tokenizer.encode(seg)
+        ends.append(len(tokens))
+    return tokens, tuple(ends[:-1])
 
 
 class Chat:
     def __init__(self, model, system: str | None = None, state: State | None = None, **sampling):
         self.model = model
         self.system = system
-        self.sampling = {"max_tokens": 500, "temperature": 1.0, "top_p": 0.3, "require_text": True, **sampling}
+        self.sampling = {**CHAT_DEFAULTS, **sampling}
         self.sampling["stop"] = tuple(self.sampling.get("stop") or ()) + (TURN_END,)
         self.state = state.clone() if state is not None else None
         self.turns = 0
@@ -42,19 +67,14 @@ class Chat:
         """Stream the assistant's reply to `message`; the chat's state advances when the reply ends."""
         if not clean_message(message):
             raise InputError("message is empty")
-        prompt = user_turn(message, self.system if self.turns == 0 and self.state is None else None)
-        gen = self.model.stream(prompt, state=self.state, **self.sampling)
-        first = True
-        for piece in gen:
-            if first:
-                piece = piece.lstrip()
-                first = not piece
-            if piece:
-                yield piece
+        segments = user_turn(message, self.system if self.turns == 0 and self.state is None else None)
+        prompt, _ = encode_segments(self.model.tokenizer, segments)
+        gen = self.model.stream(prompt, state=self.state, strip_leading=True, **self.sampling)
+        yield from gen
         state = gen.state
-        if gen.stop_matched != TURN_END:
+        if not gen.closes_turn():
             # The reply ended without a blank line (length limit / end of text): close the turn ourselves.
-            _, state = self.model.forward(self.model.tokenizer.encode(TURN_END), state)
+            _, state = self.model.runner.prefill(self.model.tokenizer.encode(TURN_END), state)
         self.state = state
         self.turns += 1
 

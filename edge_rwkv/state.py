@@ -70,7 +70,7 @@ class State:
     def select(self, index) -> "State":
         """Rows of the batch (int, list or slice), as a new State with a batch dimension."""
         if isinstance(index, int):
-            index = [index]
+            index = slice(index, index + 1)  # no index tensor: nothing to copy to the device
         idx = torch.as_tensor(index, device=self.device) if not isinstance(index, slice) else index
         return State(self.att_x[:, idx].clone(), self.wkv[:, idx].clone(), self.ffn_x[:, idx].clone(),
                      self.fingerprint, self.tokens)

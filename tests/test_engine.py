@@ -1,10 +1,12 @@
-"""BatchEngine: slots join and leave between steps; batched greedy decoding equals each sequence alone."""
+"""BatchEngine: slots join and leave between steps; batched decoding (greedy and seeded sampling) equals
+each sequence alone; tokens reach the host one step after they are drawn, and a sequence that ends on
+one is left with exactly the state of the tokens returned."""
 import pytest
 import torch
 
 import edge_rwkv
 from edge_rwkv.cli import main as cli_main
-from edge_rwkv.engine import BatchEngine
+from edge_rwkv.runtime.engine import BatchEngine
 from edge_rwkv.errors import InputError
 from edge_rwkv.sampling import SamplingParams
 from edge_rwkv.tokenizer import END_OF_TEXT
@@ -19,9 +21,9 @@ def model(tmp_path_factory):
     return edge_rwkv.load(path)
 
 
-def alone(model, prompt_tokens, n, state=None):
-    """Greedy tokens and final state of one sequence run by itself (the generate() path)."""
-    gen = model.stream(prompt_tokens, state=state, max_tokens=n, temperature=0)
+def alone(model, prompt_tokens, n, state=None, params=GREEDY):
+    """Tokens and final state of one sequence run by itself (the Model.stream path)."""
+    gen = model.stream(prompt_tokens, state=state, **{**params.__dict__, "max_tokens": n})
     for _ in gen:
         pass
     return gen.tokens, gen.state
@@ -33,28 +35,98 @@ def prompts(model):
     return [model.tokenizer.encode(t) for t in texts]
 
 
-def run_slot_until(eng, slot, n, collected):
-    while len(collected[slot]) < n:
+def collect(eng, slots, n):
+    """Step until every slot has n tokens (or drew end of text); {slot: tokens}."""
+    out = {s: [] for s in slots}
+    for _ in range(4 * n + 8):
+        if all(len(out[s]) >= n or END_OF_TEXT in out[s] for s in slots):
+            break
         for i, t in eng.step().items():
-            collected.setdefault(i, []).append(t)
+            if i in out and len(out[i]) < n and END_OF_TEXT not in out[i]:
+                out[i].append(t)
+    return out
 
 
-def test_batched_equals_alone(model):
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, top_p=0.8, seed=11),
+                                    SamplingParams(temperature=0.8, top_k=20, frequency_penalty=0.5, seed=3)],
+                         ids=["greedy", "top_p", "top_k+penalty"])
+def test_batched_equals_alone(model, params):
     ps = prompts(model)
     n = 12
     eng = BatchEngine(model, max_slots=8)
-    slots = [eng.join(p, GREEDY) for p in ps]
-    out = {s: [] for s in slots}
-    for _ in range(n + 1):  # the first step reads the prompts and samples
-        for i, t in eng.step().items():
-            out[i].append(t)
-    for s, p in zip(slots, ps):
-        ref_tokens, ref_state = alone(model, p, n)
-        got = [t for t in out[s] if t != END_OF_TEXT][:len(ref_tokens)]
+    slots = [eng.join(p, params.with_(seed=(params.seed or 0) + k)) for k, p in enumerate(ps)]
+    out = collect(eng, slots, n)
+    for k, (s, p) in enumerate(zip(slots, ps)):
+        ref_tokens, ref_state = alone(model, p, n, params=params.with_(seed=(params.seed or 0) + k))
+        got = [t for t in out[s] if t != END_OF_TEXT]
         assert got == ref_tokens
-        st = eng.leave(s)
-        if len(ref_tokens) == n and len(out[s]) >= n:
-            assert st.tokens >= len(p) + n
+        st = eng.leave(s)  # leaving right after the n-th token: the state has read exactly those
+        if len(got) == n:
+            assert st.tokens == len(p) + n
+            torch.testing.assert_close(st.wkv, ref_state.wkv, atol=1e-5, rtol=1e-4)
+
+
+def test_tokens_arrive_one_step_after_they_are_drawn(model):
+    eng = BatchEngine(model, max_slots=2)
+    eng.join(prompts(model)[0], GREEDY)
+    assert eng.step() == {}  # read the prompt, draw the first token
+    first = eng.step()  # decode it (and draw the second) while the first reaches the host
+    assert list(first) == [0]
+    assert eng.drain() != {} and eng.drain() == {}
+
+
+def test_end_of_text_is_never_read(model):
+    """A row that draws end of text keeps its state: given logits that make end of text certain, the
+    slot's state after leaving is the one it joined with."""
+    st = alone(model, prompts(model)[0], 3)[1]
+    logits = torch.full((model.config.vocab_size,), -10.0)
+    logits[END_OF_TEXT] = 10.0
+    eng = BatchEngine(model, max_slots=2)
+    other = eng.join(prompts(model)[1], GREEDY)
+    slot = eng.join([], GREEDY, state=st, logits=logits)
+    got = collect(eng, [slot, other], 3)
+    assert got[slot] == [END_OF_TEXT]
+    left = eng.leave(slot)
+    assert torch.equal(left.wkv, st.wkv) and left.tokens == st.tokens
+
+
+def test_prefill_budget_keeps_decoding_rows_moving(model):
+    """A long prompt joining while another row decodes is read a budget at a time: the decoding row
+    gets a token at every step, and both produce what they produce alone."""
+    short, long = prompts(model)[1], model.tokenizer.encode("RWKV is a recurrent network. " * 20)
+    eng = BatchEngine(model, max_slots=2, prefill_budget=16)
+    a = eng.join(short, GREEDY)
+    eng.step(), eng.step()
+    b = eng.join(long, GREEDY)
+    steps_reading = 0
+    got_a = []
+    while eng.busy(b):
+        out = eng.step()
+        steps_reading += 1
+        assert a in out
+        got_a.append(out[a])
+    assert steps_reading == -(-len(long) // 16)
+    rest = collect(eng, [a, b], 6)
+    ref_a, _ = alone(model, short, 1 + len(got_a) + 6)
+    assert [ref_a[0]] + got_a + rest[a] == ref_a
+    assert rest[b] == alone(model, long, 6)[0]
+
+
+def test_snapshots_and_joining_from_one(model):
+    """on_snapshot reports the state at the requested prompt lengths (and the logits at the end);
+    joining from such a state (or from the whole prompt's state and logits) continues exactly."""
+    p = prompts(model)[4]
+    seen = {}
+    eng = BatchEngine(model, max_slots=2)
+    s = eng.join(p, GREEDY, snapshots=(3, len(p)), on_snapshot=lambda slot, n, st, lg: seen.update({n: (st, lg)}))
+    ref = collect(eng, [s], 5)[s]
+    eng.leave(s)
+    assert set(seen) == {3, len(p)} and seen[3][1] is None and seen[len(p)][1] is not None
+    assert seen[3][0].tokens == 3 and seen[len(p)][0].tokens == len(p)
+    from_prefix = eng.join(p[3:], GREEDY, state=seen[3][0])
+    from_whole = eng.join([], GREEDY, state=seen[len(p)][0], logits=seen[len(p)][1])
+    out = collect(eng, [from_prefix, from_whole], 5)
+    assert out[from_prefix] == ref and out[from_whole] == ref
 
 
 def test_one_forward_per_step(model):
@@ -76,7 +148,7 @@ def test_join_and_leave_midway(model):
     a = eng.join(ps[0], GREEDY)
     b = eng.join(ps[1], GREEDY)
     seqs = {a: 0, b: 1}
-    for _ in range(4):
+    for _ in range(5):  # the 4th token reaches the host at the 5th step
         for i, t in eng.step().items():
             got.setdefault(i, []).append(t)
     st_a = eng.leave(a)  # a leaves after 4 tokens; its slot is reused by a new sequence
@@ -146,7 +218,7 @@ def test_gpu_prefill_chunk_scales_with_width():
     """GPU prompts are read in chunks of ~4M activations (pow2, 256..4096 tokens); CPU keeps 256."""
     from types import SimpleNamespace
 
-    from edge_rwkv.generate import PREFILL_CHUNK, prefill_chunk_for
+    from edge_rwkv.runtime.runner import PREFILL_CHUNK, prefill_chunk_for
 
     from edge_rwkv.quant.formats import int4_spec, quantize_rtn
     from edge_rwkv.quant.linear import QuantLinear
@@ -165,16 +237,15 @@ def test_gpu_prefill_chunk_scales_with_width():
 
 
 def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
-    """Off CUDA no chunk is graph-captured (cuda_graph.PrefillGraph is GPU-only): prefill with graphs
-    allowed equals prefill without, chunk for chunk, and counts the tokens it read."""
-    from edge_rwkv.cuda_graph import prefill_graph
-    from edge_rwkv.generate import prefill
-
+    """Off CUDA no chunk is graph-captured (graph.PrefillGraph is GPU-only): the runner's prefill is
+    the model's chunked forward, counts the tokens it read, and leaves the model untouched."""
     toks = model.tokenizer.encode("RWKV is a recurrent network " * 6)
     st = model.new_state(1)
-    assert prefill_graph(model.net, 16, st) is None
-    la, sa = prefill(model.net, toks, model.new_state(1), chunk=16)
-    lb, sb = prefill(model.net, toks, model.new_state(1), chunk=16, graph=False)
-    assert torch.equal(la, lb) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == sb.tokens == len(toks)
-    assert not hasattr(model.net, "_prefill_graphs")
+    assert model.runner.prefill_graph(16, st) is None
+    la, sa = model.runner.prefill(toks, model.new_state(1), chunk=16)
+    lb = sb = model.new_state(1)
+    for i in range(0, len(toks), 16):
+        lb, sb = model.net.forward(torch.tensor([toks[i:i + 16]]), sb, all_logits=False)
+    assert torch.equal(la, lb[0]) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == len(toks)
+    assert not [k for k in vars(model.net) if "graph" in k or "packed" in k]
     assert model.describe()["prefill"] == "eager, chunks of 256"

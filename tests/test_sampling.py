@@ -1,4 +1,5 @@
-"""Sampling (greedy, temperature, top-k/top-p, penalties) and stop strings during generation."""
+"""Sampling (greedy, temperature, top-k/top-p, penalties, the per-row random stream) and the text
+stream (UTF-8, stop strings) every face reads generated tokens through."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,8 @@ from safetensors.torch import save_file
 
 import edge_rwkv
 from edge_rwkv import InputError, SamplingParams
-from edge_rwkv.generate import Generation, held_back
-from edge_rwkv.sampling import Sampler, sample_batch, sample_token
-from edge_rwkv.state import State
+from edge_rwkv.runtime.textstream import TextStream, held_back
+from edge_rwkv.sampling import RowSampler, Sampler, sample_token, uniforms
 from edge_rwkv.synthetic import random_checkpoint
 from edge_rwkv.tokenizer import END_OF_TEXT, default_tokenizer
 
@@ -24,11 +24,7 @@ def probs_logits(p):
 
 def draw(params, logits, n=400, seed=0):
     s = Sampler(params.with_(seed=seed))
-    out = []
-    for _ in range(n):
-        out.append(s.sample(logits))
-        s.occurrence.clear()
-    return out
+    return [s.sample(logits) for _ in range(n)]
 
 
 @pytest.fixture
@@ -86,21 +82,28 @@ def test_temperature_sharpens_and_flattens():
     assert 0.4 < hot.count(0) / 800 < 0.62  # ≈ 0.52
 
 
+def forced(rows, token, vocab=10):
+    """Logits [rows, vocab] that make `token` certain (penalties cannot overturn it)."""
+    lg = torch.full((rows, vocab), -100.0)
+    lg[:, token] = 100.0
+    return lg
+
+
 def test_penalties_with_decay_as_specified():
     d, pres, freq = 0.9, 0.5, 0.25
-    p = SamplingParams(temperature=0, presence_penalty=pres, frequency_penalty=freq, penalty_decay=d)
-    s = Sampler(p)
+    rs = RowSampler(1, 10, "cpu")
+    rs.reset(0, SamplingParams(temperature=0, presence_penalty=pres, frequency_penalty=freq, penalty_decay=d))
     for t in (3, 3, 5):
-        s.observe(t)
+        assert int(rs.draw(forced(1, t), [0])[0]) == t
     # counts fade by `d` at every step and grow by 1 for the emitted token
-    assert s.occurrence[3] == pytest.approx((1 * d + 1) * d)
-    assert s.occurrence[5] == pytest.approx(1.0)
-    base = torch.zeros(10)
-    out = s.penalize(base)
+    assert float(rs.occurrence[0, 3]) == pytest.approx((1 * d + 1) * d)
+    assert float(rs.occurrence[0, 5]) == pytest.approx(1.0)
+    base = torch.zeros(1, 10)
+    out = rs.adjust(base, [0])[0]
     assert out[3] == pytest.approx(-(pres + (1 * d + 1) * d * freq))
     assert out[5] == pytest.approx(-(pres + 1.0 * freq))
     assert torch.equal(out[[0, 1, 2, 4, 6, 7, 8, 9]], torch.zeros(8))
-    assert torch.equal(base, torch.zeros(10))  # the caller's logits are not modified
+    assert torch.equal(base, torch.zeros(1, 10))  # the caller's logits are not modified
 
 
 def test_penalties_change_the_choice():
@@ -115,9 +118,10 @@ def test_penalties_change_the_choice():
 
 
 def test_penalties_off_leave_logits_alone(logits):
-    s = Sampler(SamplingParams(temperature=0))
-    s.observe(int(logits.argmax()))
-    assert torch.equal(s.penalize(logits), logits)
+    rs = RowSampler(1, V, "cpu")
+    rs.reset(0, SamplingParams(temperature=0))
+    rs.draw(logits[None], [0])
+    assert torch.equal(rs.adjust(logits[None], [0])[0], logits)
 
 
 def test_ban_end_of_text():
@@ -126,8 +130,36 @@ def test_ban_end_of_text():
     assert Sampler(SamplingParams(temperature=0, ban_end_of_text=True)).sample(lg) == 1
 
 
+def test_require_text_bans_stops_until_visible_text():
+    """Before a visible token, end of text and the stop strings' tokens cannot be drawn; after, they can."""
+    visible = torch.tensor([False, False, True, True])  # 0 end of text, 1 whitespace, 2-3 text
+    rs = RowSampler(1, 4, "cpu", visible, stop_ids=lambda stops: [0, 3])
+    rs.reset(0, SamplingParams(temperature=0, require_text=True))
+    assert int(rs.draw(torch.tensor([[9.0, 8.0, 1.0, 7.0]]), [0])[0]) == 1  # whitespace: still no text
+    assert int(rs.draw(torch.tensor([[9.0, 1.0, 8.0, 7.0]]), [0])[0]) == 2  # visible text
+    assert int(rs.draw(torch.tensor([[9.0, 1.0, 8.0, 7.0]]), [0])[0]) == 0  # now it may end
+    with pytest.raises(InputError):
+        RowSampler(1, 4, "cpu").reset(0, SamplingParams(require_text=True))
+
+
+def test_uniforms_are_splitmix64():
+    """The per-row stream is splitmix64 over (seed, draw counter): checked against plain integers."""
+    def ref(seed, counter):
+        z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return ((z ^ (z >> 31)) >> 11) / 2**53
+
+    seeds = [0, 1, 12345, -1, -(2**63), 2**62 + 7]
+    counters = [0, 1, 2, 1000, 2**40]
+    got = uniforms(torch.tensor([s for s in seeds for _ in counters]), torch.tensor(counters * len(seeds)))
+    want = [ref(s % 2**64, c) for s in seeds for c in counters]
+    assert got.tolist() == pytest.approx(want, abs=0, rel=0)
+    assert all(0 <= u < 1 for u in want)
+
+
 def test_batch_sampling_equals_row_by_row():
-    """sample_batch (what the batch engine uses) draws exactly what each Sampler draws alone."""
+    """A RowSampler drawing for many rows at once draws exactly what each row's own sampler draws."""
     g = torch.Generator().manual_seed(5)
     settings = [
         SamplingParams(temperature=0),
@@ -140,14 +172,30 @@ def test_batch_sampling_equals_row_by_row():
         SamplingParams(temperature=0, frequency_penalty=2.0, penalty_decay=1.0),
     ]
     alone = [Sampler(p.with_(seed=i)) for i, p in enumerate(settings)]
-    batch = [Sampler(p.with_(seed=i)) for i, p in enumerate(settings)]
+    batch = RowSampler(len(settings), V, "cpu")
+    for i, p in enumerate(settings):
+        batch.reset(i, p.with_(seed=i))
+    rows = list(range(len(settings)))
     for step in range(30):
         logits = torch.randn(len(settings), V, generator=g) * 2
         logits[:, END_OF_TEXT] += 3 if step % 3 == 0 else 0  # make the ban matter
         want = [s.sample(logits[i]) for i, s in enumerate(alone)]
-        assert sample_batch(logits, batch) == want
-    assert [b.occurrence for b in batch] == [a.occurrence for a in alone]
-    assert len({t for t in want}) > 1
+        order = rows[step % 2:] + rows[:step % 2]  # rows drawn in another order, and some skipped
+        got = batch.draw(logits[order], order).tolist()
+        assert got == [want[r] for r in order]
+    assert torch.equal(batch.occurrence[6], alone[6].occurrence())
+    assert len(set(want)) > 1
+
+
+def test_rows_not_live_do_not_advance():
+    """A row drawn while not live (it ended on the device) keeps its counter and counts."""
+    rs = RowSampler(2, V, "cpu")
+    for r in range(2):
+        rs.reset(r, SamplingParams(temperature=1.0, frequency_penalty=1.0, seed=4))
+    lg = torch.randn(2, V)
+    rs.draw(lg, [0, 1], live=torch.tensor([1, 0], dtype=torch.int32))
+    assert rs.counter.tolist() == [1, 0]
+    assert float(rs.occurrence[0].sum()) == 1.0 and float(rs.occurrence[1].sum()) == 0.0
 
 
 @pytest.mark.parametrize("kw", [
@@ -187,24 +235,6 @@ def test_held_back(text, stops, want):
 
 # --------------------------------------------------------------------------- stop strings: generation
 
-class ScriptedNet:
-    """A stand-in network whose logits pick the next token of a script (then end of text)."""
-
-    def __init__(self, script, vocab=65536):
-        self.script, self.vocab, self.calls = list(script), vocab, 0
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def forward(self, ids, state, all_logits=True):
-        nxt = self.script[self.calls] if self.calls < len(self.script) else END_OF_TEXT
-        self.calls += 1
-        logits = torch.zeros(ids.shape[0], self.vocab)
-        logits[:, nxt] = 10.0
-        return logits, State(state.att_x.clone(), state.wkv.clone(), state.ffn_x.clone(), state.fingerprint)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return default_tokenizer()
@@ -215,11 +245,17 @@ def byte_tokens(tok, text):
     return [table[bytes([c])] for c in text.encode("utf-8")]
 
 
-def run_scripted(tok, script, **params):
-    net = ScriptedNet(script)
-    gen = Generation(net, tok, [1], State.zeros(1, 1, 4, 1, 4), SamplingParams(temperature=0, **params))
-    pieces = list(gen)
-    return pieces, gen
+def run_scripted(tok, script, stop=(), max_tokens=100):
+    """Feed a script of tokens (then end of text) through a TextStream: (pieces released, stream)."""
+    ts = TextStream(tok, stop, max_tokens)
+    pieces = []
+    for t in list(script) + [END_OF_TEXT]:
+        piece = ts.feed(t)
+        if piece:
+            pieces.append(piece)
+        if ts.done:
+            break
+    return pieces, ts
 
 
 def assert_no_leak(pieces, final):
@@ -281,9 +317,17 @@ def test_end_of_text_finishes(tok):
     assert gen.tokens == tok.encode("short")
 
 
-def test_max_tokens_zero(tok):
-    pieces, gen = run_scripted(tok, tok.encode("abc"), max_tokens=0)
-    assert pieces == [] and gen.finish_reason == "length"
+def test_strip_leading_and_turn_closing(tok):
+    ts = TextStream(tok, ("\n\n",), 50, strip_leading=True)
+    out = ""
+    for t in tok.encode("  \n Hi there\n\nUser:"):
+        out += ts.feed(t)
+        if ts.done:
+            break
+    assert out == "Hi there" and ts.closes_turn() and ts.finish_reason == "stop"
+    ts = TextStream(tok, ("\n\n",), 2)
+    "".join(ts.feed(t) for t in tok.encode("Hi there friend")[:2])
+    assert ts.finish_reason == "length" and not ts.closes_turn()
 
 
 def test_real_model_stop_string(tmp_path):
@@ -301,6 +345,9 @@ def test_real_model_stop_string(tmp_path):
     a = m.generate(prompt, max_tokens=8, temperature=1.0, top_p=0.9, seed=11)
     b = m.generate(prompt, max_tokens=8, temperature=1.0, top_p=0.9, seed=11)
     assert a == b
+    # max_tokens=0 reads the prompt and draws nothing
+    gen = m.stream(prompt, max_tokens=0)
+    assert list(gen) == [] and gen.finish_reason == "length" and gen.state.tokens == len(prompt)
     with pytest.raises(InputError):
         m.generate(prompt, temperature=-1)
     assert math.isfinite(float(m.forward(prompt)[0].abs().max()))

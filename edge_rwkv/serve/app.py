@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import TURN_END, clean_message, user_turn
+from ..chat import TURN_END, clean_message, conversation_segments, encode_segments, user_turn
 from ..errors import InputError
 from ..sampling import SamplingParams
 from . import protocol as P
@@ -54,6 +54,8 @@ class ServeConfig:
     default_max_tokens: int = 256
     default_top_p: float = 0.85
     hot_sessions: int = 64
+    prefill_budget: int | None = 256  # prompt tokens read per engine step, so decoding streams keep flowing
+    prefix_cache_bytes: int = 256 << 20  # host memory for states of known prompt prefixes
     model_name: str | None = None
     allowed_hosts: list[str] = field(default_factory=list)
 
@@ -131,7 +133,7 @@ class Guard:
 
 def create_app(model, cfg: ServeConfig) -> FastAPI:
     store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions)
-    sched = Scheduler(model, cfg.max_slots, cfg.queue)
+    sched = Scheduler(model, cfg.max_slots, cfg.queue, cfg.prefill_budget, cfg.prefix_cache_bytes)
     model_name = cfg.model_name or Path(str(model.path)).stem
     busy: dict[str, object] = {}  # session id → the request continuing it
     vocab = model.config.vocab_size
@@ -238,7 +240,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         return store.public(await run(store.fork, sid, new, title))
 
     # ------------------------------------------------------------------ generation
-    def make_job(tokens, sampling, state=None, close_turn=False, chat=False) -> Job:
+    def make_job(tokens, sampling, state=None, close_turn=False, chat=False, boundaries=()) -> Job:
         if len(tokens) > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(tokens)} tokens; this server accepts at most "
                                 f"{cfg.max_prompt_tokens}", param="messages" if chat else "prompt",
@@ -250,7 +252,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         except InputError as e:
             raise P.bad(str(e)) from None
         job = Job(tokens, params, model.tokenizer, asyncio.get_running_loop(), state=state,
-                  close_turn=close_turn, strip_leading=chat)
+                  close_turn=close_turn, strip_leading=chat, boundaries=boundaries)
         try:
             sched.submit(job)
         except Overloaded:
@@ -292,12 +294,13 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                 if state is None:
                     system = meta.get("system") or next((m["content"] for m in req.messages
                                                          if m["role"] == "system"), None)
-                prompt = user_turn(message, system)
+                segments = user_turn(message, system)
                 close_turn = True
             else:
-                prompt = P.render_messages(req.messages)
+                segments = conversation_segments(req.messages)
+            tokens, boundaries = encode_segments(model.tokenizer, segments)
             sampling = dict(req.sampling, stop=tuple(req.sampling["stop"]) + (TURN_END,))
-            job = make_job(model.tokenizer.encode(prompt), sampling, state, close_turn, chat=True)
+            job = make_job(tokens, sampling, state, close_turn, chat=True, boundaries=boundaries)
         except BaseException:
             if sid is not None:
                 busy.pop(sid, None)

@@ -37,6 +37,10 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     s.add_argument("--default-max-tokens", type=int, default=256)
     s.add_argument("--hot-sessions", type=int, default=64, help="session states kept in memory")
+    s.add_argument("--prefill-budget", type=int, default=256,
+                   help="prompt tokens read per decode step while other streams decode (default 256)")
+    s.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="host memory for states of recently read prompt prefixes (0: off; default 256)")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
@@ -70,11 +74,14 @@ def cmd_serve(a) -> int:
     from ..api import load
     from .app import ServeConfig, create_app, is_loopback
 
-    for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens"):
+    for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens",
+                 "prefill_budget"):
         if getattr(a, name) < 1:
             raise EdgeRWKVError(f"--{name.replace('_', '-')} must be ≥ 1")
     if a.queue < 0 or not 0 <= a.port < 65536:
         raise EdgeRWKVError("--queue must be ≥ 0 and --port in [0, 65535]")
+    if a.prefix_cache_mb < 0:
+        raise EdgeRWKVError("--prefix-cache-mb must be ≥ 0")
     key = _read_key(a.api_key)
     if not is_loopback(a.host) and not key:
         print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
@@ -88,7 +95,8 @@ def cmd_serve(a) -> int:
                       max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
                       max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
-                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [])
+                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
+                      prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20)
     app = create_app(model, cfg)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from ..chat import TURN_END, clean_message
+from ..chat import CHAT_DEFAULTS, clean_message
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ROLES = ("system", "user", "assistant")
@@ -118,7 +118,9 @@ class GenRequest:
     prompt: str | list[int] | None = None
 
 
-def parse_common(body: dict, limits) -> GenRequest:
+def parse_common(body: dict, limits, defaults: dict | None = None) -> GenRequest:
+    """`defaults`: sampling settings a request does not set (chat replies use `edge-rwkv chat`'s)."""
+    defaults = defaults or {}
     model = body.get("model", "")
     if model is not None and not isinstance(model, str):
         raise bad("'model' must be a string", "model", "invalid_type")
@@ -134,16 +136,17 @@ def parse_common(body: dict, limits) -> GenRequest:
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _bool(so or {}, "include_usage")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, key, min(limits.default_max_tokens, limits.max_tokens_limit), 1,
-                      limits.max_tokens_limit)
+    max_tokens = _int(body, key, min(defaults.get("max_tokens", limits.default_max_tokens), limits.max_tokens_limit),
+                      1, limits.max_tokens_limit)
     seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
     sampling = dict(
-        temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=_number(body, "top_p", limits.default_top_p, 0.0, 1.0, lo_open=True),
+        temperature=_number(body, "temperature", defaults.get("temperature", 1.0), 0.0, 100.0),
+        top_p=_number(body, "top_p", defaults.get("top_p", limits.default_top_p), 0.0, 1.0, lo_open=True),
         top_k=_int(body, "top_k", 0, 0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         max_tokens=max_tokens, stop=_stop(body), seed=seed,
+        require_text=defaults.get("require_text", False),
     )
     return GenRequest(model or "", stream, include_usage, sampling)
 
@@ -163,7 +166,7 @@ def _content(msg: dict, i: int) -> str:
 
 
 def parse_chat(body: dict, limits) -> GenRequest:
-    req = parse_common(body, limits)
+    req = parse_common(body, limits, CHAT_DEFAULTS)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list", "messages", "invalid_type" if not isinstance(msgs, list) else "invalid_value")
@@ -207,14 +210,6 @@ def parse_completion(body: dict, limits, vocab_size: int) -> GenRequest:
                   "prompt", "invalid_type")
     req.prompt = p
     return req
-
-
-def render_messages(messages: list[dict]) -> str:
-    """A whole conversation in the RWKV chat format, ending with 'Assistant:' for the reply."""
-    names = {"system": "System", "user": "User", "assistant": "Assistant"}
-    parts = [f"{names[m['role']]}: {clean_message(m['content'])}{TURN_END}" for m in messages
-             if clean_message(m["content"])]
-    return "".join(parts) + "Assistant:"
 
 
 # --------------------------------------------------------------------------- responses

@@ -1,9 +1,12 @@
 """Continuous batching: one thread owns the BatchEngine; requests join through a bounded queue.
 
-A request becomes a `Job` (prompt tokens, sampling settings, optional starting state). The
-scheduler thread admits waiting jobs into free slots between steps, steps the engine, turns each
-slot's tokens into text (stop strings, complete UTF-8 characters) and hands the pieces to the
-request's asyncio queue. A cancelled job (client gone) leaves its slot at the next step.
+A request becomes a `Job` (prompt tokens, sampling settings, optional starting state). The scheduler
+thread runs a tight loop: admit waiting jobs into free slots (a prefix-state cache spares re-reading
+a known prompt prefix), step the engine — decode, then at most `prefill_budget` prompt tokens, then
+sample — and turn each slot's tokens into text through its job's TextStream (the same stream as
+`Model.stream`). A job that ends is closed (a chat turn reads its blank line) and leaves its slot,
+which the next waiting job takes before the next step. The text reaches the requests' event loop in
+one hand-off per step; the loop never waits on a client.
 """
 from __future__ import annotations
 
@@ -13,12 +16,11 @@ import logging
 import threading
 import time
 
-from ..chat import TURN_END
-from ..engine import BatchEngine
-from ..generate import held_back
-from ..sampling import Sampler, SamplingParams
+from ..runtime.engine import BatchEngine
+from ..runtime.prefix_cache import PrefixCache
+from ..runtime.textstream import TURN_END, TextStream
+from ..sampling import SamplingParams
 from ..state import State
-from ..tokenizer import END_OF_TEXT
 
 log = logging.getLogger("edge_rwkv.serve")
 
@@ -28,93 +30,49 @@ class Overloaded(Exception):
 
 
 class Job:
-    """One generation. Events on `events`: ("text", str), ("done", self), ("error", message)."""
+    """One generation. Events on `events`: ("text", str), ("done", self), ("error", message).
+
+    `boundaries`: prompt lengths after which the state is worth caching (message boundaries); the
+    whole prompt always is, with its logits."""
 
     def __init__(self, tokens: list[int], params: SamplingParams, tokenizer, loop: asyncio.AbstractEventLoop,
-                 state: State | None = None, close_turn: bool = False, strip_leading: bool = False):
+                 state: State | None = None, close_turn: bool = False, strip_leading: bool = False,
+                 boundaries: tuple[int, ...] = ()):
         self.tokens, self.params, self.state = tokens, params, state
-        self.close_turn, self.strip_leading = close_turn, strip_leading
+        self.close_turn = close_turn
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.sampler = Sampler(params)
-        self.decoder = tokenizer.stream_decoder()
-        self._tok = tokenizer
-        self.generated: list[int] = []
-        self.pieces: list[str] = []
-        self._pending = ""
-        self.finish_reason: str | None = None
+        self.stream = TextStream(tokenizer, params.stop, params.max_tokens, strip_leading)
         self.closing = False
         self.final_state: State | None = None
         self.prompt_tokens = len(tokens)
+        self.boundaries = boundaries
         self.queued_at = time.monotonic()
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        return self.stream.text
+
+    @property
+    def generated(self) -> list[int]:
+        return self.stream.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.stream.finish_reason
 
     def cancel(self) -> None:
         self.cancelled = True
 
-    def _emit(self, kind: str, payload) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is gone (shutdown)
-            self.cancelled = True
-
-    def _text(self, piece: str) -> None:
-        if self.strip_leading and not self.pieces:
-            piece = piece.lstrip()
-        if piece:
-            self.pieces.append(piece)
-            self._emit("text", piece)
-
-    def on_token(self, token: int) -> bool:
-        """Take the slot's next token; True when the generation has ended."""
-        p = self.params
-        if token == END_OF_TEXT:
-            self.finish_reason = "stop"
-            self._flush()
-            return True
-        self.generated.append(token)
-        self._pending += self.decoder.feed(token)
-        hit = min((i for i in (self._pending.find(s) for s in p.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            if hit:
-                self._text(self._pending[:hit])
-            self._pending = ""
-            self.finish_reason = "stop"
-            return True
-        keep = held_back(self._pending, p.stop)
-        if len(self._pending) > keep:
-            self._text(self._pending[:len(self._pending) - keep])
-            self._pending = self._pending[len(self._pending) - keep:]
-        if len(self.generated) >= p.max_tokens:
-            self.finish_reason = "length"
-            self._flush()
-            return True
-        return False
-
-    def _flush(self) -> None:
-        tail = self._pending + self.decoder.flush()
-        self._pending = ""
-        if tail:
-            self._text(tail)
-
-    def needs_turn_end(self) -> bool:
-        """A chat turn must end with a blank line read by the state; add one unless the reply wrote it."""
-        if not self.close_turn:
-            return False
-        if self.finish_reason == "stop" and self.generated and self.generated[-1] != END_OF_TEXT:
-            return TURN_END not in self._tok.decode(self.generated[-4:])
-        return True
-
 
 class Scheduler:
-    def __init__(self, model, max_slots: int, queue_size: int):
+    def __init__(self, model, max_slots: int, queue_size: int, prefill_budget: int | None = None,
+                 prefix_cache_bytes: int = 0):
         self.model = model
-        self.engine = BatchEngine(model, max_slots)
+        self.engine = BatchEngine(model, max_slots, prefill_budget=prefill_budget)
         self.queue_size = queue_size
+        self.cache = PrefixCache(prefix_cache_bytes)
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, Job] = {}
         self._lock = threading.Lock()
@@ -145,7 +103,7 @@ class Scheduler:
         with self._lock:
             return {"slots": self.engine.max_slots, "slots_busy": len(self._running),
                     "queued": sum(not j.cancelled for j in self._waiting), "queue_size": self.queue_size,
-                    "steps": self.steps}
+                    "steps": self.steps, "prefix_cache": self.cache.stats()}
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
@@ -154,6 +112,7 @@ class Scheduler:
                 self._admit()
                 self._drop_cancelled()
                 if not self._running:
+                    self.engine.drain()
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
@@ -164,25 +123,38 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 with self._lock:
                     running, self._running = self._running, {}
-                for slot, job in running.items():
-                    job._emit("error", f"generation failed: {e}")
+                self._deliver([(job, "error", f"generation failed: {e}") for job in running.values()])
+                for slot in running:
                     try:
                         self.engine.leave(slot)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - the slot is gone already
                         pass
 
     def _admit(self) -> None:
+        failed = []
         with self._lock:
             while self._waiting and self.engine.free:
                 job = self._waiting.popleft()
                 if job.cancelled:
                     continue
                 try:
-                    slot = self.engine.join(job.tokens, state=job.state, sampler=job.sampler)
-                except Exception as e:
-                    job._emit("error", str(e))
-                    continue
-                self._running[slot] = job
+                    self._running[self._join(job)] = job
+                except Exception as e:  # noqa: BLE001 - a bad state or prompt fails this request only
+                    failed.append((job, "error", str(e)))
+        self._deliver(failed)
+
+    def _join(self, job: Job) -> int:
+        tokens, state, logits = job.tokens, job.state, None
+        if state is None and self.cache.max_bytes:
+            hit = self.cache.lookup(tokens)
+            if hit is not None:
+                tokens, state, logits = tokens[hit.length:], hit.state, hit.logits
+        skipped = len(job.tokens) - len(tokens)
+        snapshots = [n - skipped for n in (*job.boundaries, len(job.tokens)) if n > skipped] \
+            if job.state is None and self.cache.max_bytes else ()
+        return self.engine.join(tokens, job.params, state, sample_after=job.params.max_tokens > 0, logits=logits,
+                                snapshots=snapshots,
+                                on_snapshot=lambda slot, n, st, lg: self.cache.put(job.tokens[:n + skipped], st, lg))
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -192,18 +164,26 @@ class Scheduler:
                 del self._running[s]
 
     def _dispatch(self, results: dict[int, int]) -> None:
-        finished = []
+        events, finished = [], []
         for slot, job in list(self._running.items()):
             if job.closing:
                 if not self.engine.busy(slot):
                     finished.append(slot)
                 continue
+            if job.params.max_tokens == 0:
+                if not self.engine.busy(slot):
+                    job.stream.finish("length")
+                    finished.append(slot)
+                continue
             token = results.get(slot)
             if token is None:
                 continue
-            if job.on_token(token):
-                if job.needs_turn_end():
-                    job.closing = True
+            piece = job.stream.feed(token)
+            if piece:
+                events.append((job, "text", piece))
+            if job.stream.done:
+                if job.close_turn and not job.stream.closes_turn():
+                    job.closing = True  # the state reads the turn's blank line before the slot is freed
                     self.engine.feed(slot, self._turn_end, sample_after=False)
                 else:
                     finished.append(slot)
@@ -211,4 +191,22 @@ class Scheduler:
             with self._lock:
                 job = self._running.pop(slot)
                 job.final_state = self.engine.leave(slot)
-            job._emit("done", job)
+            events.append((job, "done", job))
+        self._deliver(events)
+
+    def _deliver(self, events: list) -> None:
+        """Hand this step's events to the requests' event loop(s) in one call each: no waiting here."""
+        by_loop: dict = {}
+        for job, kind, payload in events:
+            by_loop.setdefault(job.loop, []).append((job, kind, payload))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                for job, _, _ in items:
+                    job.cancelled = True
+
+
+def _put_all(items) -> None:
+    for job, kind, payload in items:
+        job.events.put_nowait((kind, payload))

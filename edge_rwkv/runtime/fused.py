@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import RWKV7, DenseLinear, Layer
-from .state import State
+from ..model import RWKV7, DenseLinear, Layer
+from ..state import State
 
 
 @dataclass
@@ -88,8 +88,8 @@ def _dense16(lin) -> bool:
 def seg_supported(net: RWKV7) -> bool:
     """fp16 LoRA matrices with widths the segmented GEMV takes (ranks and widths multiples of 8).
     Dense fp16 r/k/v/output/FFN matrices join the segments; quantized ones keep their own GEMVs."""
-    from .cuda_kernels._runtime import simulator
-    from .cuda_kernels.gemv_seg import ROWS_PER_BLOCK
+    from ..cuda_kernels._runtime import simulator
+    from ..cuda_kernels.gemv_seg import ROWS_PER_BLOCK
 
     align = max(8, ROWS_PER_BLOCK)  # 16-byte loads of fp16; whole row blocks per segment
     if net.dtype != torch.float16 or net.cfg.n_embd % align or not (net.device.type == "cuda" or simulator()):
@@ -146,14 +146,14 @@ def _stack_quantized_rkv(L: Layer):
     """Quantized Wr, Wk, Wv of one format stacked into one weight (the three QuantLinears rebound
     to views of it), prepared for gemv_a8 with groups=3: one x-rounding launch and one GEMV instead
     of three of each. None where they differ or carry activation scales, or off CUDA."""
-    from .quant.linear import QuantLinear
+    from ..quant.linear import QuantLinear
 
     lins = (L.receptance, L.key, L.value)
     if not all(isinstance(x, QuantLinear) and x.input_scale is None and x.qweight.is_cuda for x in lins):
         return None
     if len({(x.spec.format, x.spec.group, x.in_features, x.out_features) for x in lins}) != 1:
         return None
-    from .cuda_kernels import gemv_int4, gemv_int8
+    from ..cuda_kernels import gemv_int4, gemv_int8
 
     n = lins[0].out_features
     qw, sc = torch.cat([x.qweight for x in lins]), torch.cat([x.scale for x in lins])
@@ -177,7 +177,7 @@ class SegTables:
 def seg_tables(L: Layer, seg: SegLayer, B: int) -> SegTables:
     """Tables for B rows. Stage 1 writes r, k, v, then each LoRA-down as contiguous [B, width]
     blocks of one flat buffer; stage 2 writes the v, w, a, g LoRA outputs as [4, B, C]."""
-    from .cuda_kernels.gemv_seg import Segment, build_table
+    from ..cuda_kernels.gemv_seg import Segment, build_table
 
     C = L.mix.shape[1]
     slot = {"v": 2, "w": 3, "a": 4, "g": 5}
@@ -233,17 +233,14 @@ class FusedStep:
     logits returned on that path are a buffer the next call overwrites (the graph's static output).
     """
 
-    def __init__(self, net: RWKV7, batch: int):
-        from .cuda_kernels import decode_step
+    def __init__(self, net: RWKV7, batch: int, packed: list[PackedLayer]):
+        from ..cuda_kernels import decode_step
 
         self.k = decode_step
         self.net, self.batch = net, batch
         cfg, dev, dt = net.cfg, net.device, net.dtype
         B, C = batch, cfg.n_embd
-        if not hasattr(net, "_packed"):
-            pack = pack_layer_seg if seg_supported(net) else pack_layer
-            net._packed = [pack(L) for L in net.layers]
-        self.packed = net._packed
+        self.packed = packed
         acc = torch.float64 if dt == torch.float64 else torch.float32
         self.x = torch.zeros(B, C, dtype=acc, device=dev)
         self.v_first = torch.zeros(B, C, dtype=acc, device=dev)
@@ -255,7 +252,7 @@ class FusedStep:
         self.hn = torch.zeros(1, B, C, dtype=dt, device=dev)
         self.tables = None
         if self.packed[0].seg is not None:
-            from .cuda_kernels import gemv_seg
+            from ..cuda_kernels import gemv_seg
 
             if B <= gemv_seg.MAX_ROWS:
                 self._init_seg(B, C, dev)
@@ -263,7 +260,7 @@ class FusedStep:
                 self.lora = torch.zeros(3, B, C, dtype=dt, device=dev)
 
     def _init_seg(self, B: int, C: int, dev) -> None:
-        from .cuda_kernels.gemv_seg import ROWS_PER_BLOCK, Segment, build_table
+        from ..cuda_kernels.gemv_seg import ROWS_PER_BLOCK, Segment, build_table
 
         net = self.net
         self.out1 = torch.zeros(B * max(p.seg.n1 for p in self.packed), dtype=torch.float16, device=dev)
@@ -298,7 +295,7 @@ class FusedStep:
             dx = L.ffn_value(h * h)
         k.norm_mix(self.x, dx, net.ln_out[0], net.ln_out[1], self.final_prev, live, self.zero_mix, self.hn, add=True)
         if self.tables is not None and self.head_table is not None:
-            from .cuda_kernels.gemv_seg import seg_gemv
+            from ..cuda_kernels.gemv_seg import seg_gemv
 
             seg_gemv(net.head.weight, *self.head_table, self.hn, self.logits, B)
             return self.logits
@@ -306,7 +303,7 @@ class FusedStep:
 
     def _layer_seg(self, i: int, L: Layer, p: PackedLayer, state: State, live: torch.Tensor) -> torch.Tensor:
         """One layer through the segmented GEMV (after its first norm_mix); returns the FFN output."""
-        from .cuda_kernels.gemv_seg import seg_gemv
+        from ..cuda_kernels.gemv_seg import seg_gemv
 
         k, t, C, B = self.k, self.tables[i], L.mix.shape[1], self.batch
         seg_gemv(p.seg.buf1, *t.stage1, self.xin, self.out1, B)
@@ -314,7 +311,7 @@ class FusedStep:
         if p.seg.rkv:
             r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
         elif p.seg.rkv_prep is not None and all(x.int8_activations for x in (L.receptance, L.key, L.value)):
-            from .cuda_kernels.gemv_a8 import gemv_a8
+            from ..cuda_kernels.gemv_a8 import gemv_a8
 
             r, kk, v = gemv_a8(self.xin[0:3].view(3 * B, C), p.seg.rkv_prep, self.rkv_out, groups=3)
         else:
@@ -326,7 +323,7 @@ class FusedStep:
         if t.ffn_key is not None:
             h = self._product(L.ffn_key, t.ffn_key, self.xk, self.h)
         elif (prep := _a8_views(L.ffn_key, B)) is not None:  # quantized: relu² at the GEMV's store
-            from .cuda_kernels.gemv_a8 import gemv_a8
+            from ..cuda_kernels.gemv_a8 import gemv_a8
 
             h = gemv_a8(self.xk[0], prep, out=self.h, act="relu2")
         else:
@@ -338,7 +335,7 @@ class FusedStep:
         """A dense fp16 matrix through the segmented GEMV (into `out`), else the linear itself."""
         if table is None:
             return lin(x.view(self.batch, -1))
-        from .cuda_kernels.gemv_seg import seg_gemv
+        from ..cuda_kernels.gemv_seg import seg_gemv
 
         seg_gemv(lin.weight, *table, x, out, self.batch)
         return out
@@ -370,9 +367,15 @@ def _a8_views(lin, rows: int):
     return views(rows) if views is not None else None
 
 
+def pack_layers(net: RWKV7) -> list[PackedLayer]:
+    """The layers' weights laid out for FusedStep (once per model: the runner keeps the result)."""
+    pack = pack_layer_seg if seg_supported(net) else pack_layer
+    return [pack(L) for L in net.layers]
+
+
 def fused_step_supported(net: RWKV7) -> str | None:
     """None when FusedStep can run this network here, else the reason."""
-    from .cuda_kernels._runtime import kernel_device_ok
+    from ..cuda_kernels._runtime import kernel_device_ok
 
     if not kernel_device_ok(net.ln_out[0]):  # a plain tensor (the embedding may be Int8Rows)
         return "tensors not on a device the Numba kernels run on"

@@ -4,44 +4,45 @@ launch overhead paid once at capture, not per token.
 The step (embedding → all layers → head) is captured for a fixed batch size into a torch CUDA graph
 with static buffers: token ids and a per-row `live` mask in, logits out, and the state updated in
 place (rows whose `live` is 0 keep their state: the batch engine runs idle slots through the same
-graph). Where the fused step runs (fused_decode.FusedStep: Numba kernels around the matmuls) it is
+graph). Where the fused step runs (fused.FusedStep: Numba kernels around the matmuls) it is
 what is captured; otherwise the model's own forward is. Numba kernels launch on torch's current
 stream, so they are captured with the rest.
 """
 from __future__ import annotations
 
-import logging
 import threading
 
 import torch
 
-from .fused_decode import FusedStep, fused_step_supported
-from .state import State
+from .fused import FusedStep
+from ..state import State
 
-log = logging.getLogger("edge_rwkv.cuda_graph")
-_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphStep:
-    """`step(tokens [B]) -> logits [B,V]` advancing `self.state` by one token.
+    """`step()` replays one decode step of `batch` rows: reads `tokens` [B,1], writes `logits` [B,V]
+    and advances `state` in place for the rows whose `live` [B] int32 entry is non-zero.
 
-    `state` may be given (e.g. the first B rows of a batch engine's state: per-layer rows contiguous);
-    otherwise a zero state of B rows is made. Nothing in it changes until the first `step`.
+    The buffers may be given (the batch engine passes views of its first B rows, so its sampler
+    writes the next tokens straight into the graph's input); otherwise they are made here.
+    `packed` is the runner's FusedStep layout (None: capture the model's own forward).
+    Nothing in `state` changes during capture (warm-up runs with `live` all zero).
     """
 
-    def __init__(self, net, batch: int, state: State | None = None, warmup: int = 2, fused: bool = True):
+    def __init__(self, net, batch: int, packed=None, state: State | None = None,
+                 tokens: torch.Tensor | None = None, live: torch.Tensor | None = None, warmup: int = 2):
         if net.device.type != "cuda":
             raise ValueError("CUDA-graph decode needs a CUDA model")
         self.net, self.batch = net, batch
         cfg = net.cfg
         dev = net.device
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.live = torch.zeros(batch, dtype=torch.int32, device=dev)  # 0 while warming up: state untouched
+        self.tokens = tokens if tokens is not None else torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.live = live if live is not None else torch.zeros(batch, dtype=torch.int32, device=dev)
         self.state = state if state is not None else State.zeros(cfg.n_layer, batch, cfg.n_embd, cfg.n_head,
                                                                   cfg.head_size, dev)
-        reason = fused_step_supported(net) if fused else "not requested"
-        self.fused = FusedStep(net, batch) if reason is None else None
-        self.how = "cuda-graph, fused step" if self.fused else f"cuda-graph, model forward ({reason})"
+        self.fused = FusedStep(net, batch, packed) if packed is not None else None
+        saved_live = self.live.clone()
+        self.live.zero_()  # warm-up and capture leave every row's state as it was
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
@@ -51,7 +52,7 @@ class GraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.logits = self._body()
-        self.live.fill_(1)
+        self.live.copy_(saved_live)
 
     def _body(self) -> torch.Tensor:
         if self.fused is not None:
@@ -63,18 +64,8 @@ class GraphStep:
             old.copy_(torch.where(mask, upd, old))
         return logits
 
-    def load_state(self, state: State) -> None:
-        self.state.copy_(state.to(self.state.device))
-
-    @torch.inference_mode()  # the static buffers are inference tensors (made under inference mode)
-    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B] (device); live [B] int32 (device) or None for all rows."""
-        self.tokens.copy_(tokens.view(self.batch, 1))
-        if live is not None:
-            self.live.copy_(live)
+    def step(self) -> torch.Tensor:
         self.graph.replay()
-        if live is None:
-            self.state.tokens += 1
         return self.logits
 
 
@@ -93,7 +84,7 @@ class PrefillGraph:
     def __init__(self, net, T: int, like: State, warmup: int = 1):
         if net.device.type != "cuda":
             raise ValueError("CUDA-graph prefill needs a CUDA model")
-        self.T = T  # no reference to net: the graph is kept on it (no cycle holding GPU memory)
+        self.T = T
         self._lock = threading.Lock()
         self.tokens = torch.zeros(1, T, dtype=torch.long, device=net.device)
         self.state = State(*(torch.zeros_like(t) for t in (like.att_x, like.wkv, like.ffn_x)))
@@ -123,24 +114,3 @@ class PrefillGraph:
             # copies made outside inference mode: ordinary tensors, like the eager forward's
             out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint)
             return self.logits.clone(), out
-
-
-def prefill_graph(net, T: int, like: State) -> PrefillGraph | None:
-    """The model's captured prefill chunk of T tokens for one sequence with a state like `like` (made
-    on first use), or None: off CUDA, for several sequences, or where capture is impossible (the
-    reason is logged once and the chunk runs eagerly)."""
-    if net.device.type != "cuda" or like.batch != 1:
-        return None
-    with _CAPTURE_LOCK:
-        graphs = net.__dict__.setdefault("_prefill_graphs", {})
-        g = graphs.get(T)
-        if g is None and T not in graphs:
-            try:
-                g = PrefillGraph(net, T, like)
-            except Exception as e:  # noqa: BLE001 - capture impossible here: prefill eagerly, say why once
-                log.warning("prefill chunk of %d tokens runs eagerly: CUDA-graph capture failed (%s: %s)",
-                            T, type(e).__name__, e)
-                net.__dict__.setdefault("_prefill_graph_errors", {})[T] = f"{type(e).__name__}: {e}"
-                torch.cuda.synchronize()
-            graphs[T] = g
-    return g if g is not None and g.matches(like) else None

@@ -1,0 +1,330 @@
+"""Batched decoding: sequences join and leave fixed slots between steps; one decode step per step.
+
+    eng = BatchEngine(model, max_slots=8)
+    a = eng.join(model.tokenizer.encode("Hello"), SamplingParams(temperature=0))
+    b = eng.join(prompt_b, params_b, state=saved_state)      # continue a saved conversation
+    while ...:
+        for slot, token in eng.step().items(): ...            # tokens as they reach the host
+    state_a = eng.leave(a)                                    # the slot's state (batch 1); the slot is free
+
+Every face decodes through this engine: `Model.stream` with one slot, the daemon with many.
+
+The engine holds one batched State of `max_slots` rows (slot i = row i), a logits row, a token and a
+`live` flag per slot, all on the model's device. A step is, in stream order on the device:
+
+  1. decode: the rows that are decoding read the token sampled for them last step (a captured CUDA
+     graph over the first b rows, b a power of two covering them; eagerly elsewhere); a row whose
+     `live` flag is 0 keeps its state;
+  2. prefill: slots with tokens to read read up to `prefill_budget` of them (chunked, full chunks
+     replayed from a captured graph), so a long prompt never stalls the decoding slots for long;
+  3. sample: every decoding row and every row that just finished reading draws its next token
+     (sampling.RowSampler, batched on the device); the token goes straight into the decode input,
+     and a row that drew end of text gets `live` = 0 on the device — it will not read it.
+
+Only the sampled token ids cross to the host, one small copy per step, and the host reads them one
+step later: while the device runs step k, the host turns step k-1's tokens into text. So `step()`
+returns the tokens sampled by the previous step. A caller that ends a sequence on such a token
+(stop string, token limit) calls `stop`, `feed` or `leave` before the next step: the state is then
+exactly "every token returned so far, except end of text" — the token the device drew meanwhile
+is dropped unread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..sampling import RowSampler, SamplingParams
+from ..state import State
+from ..tokenizer import END_OF_TEXT
+
+
+@dataclass
+class Slot:
+    pending: list[int] = field(default_factory=list)  # tokens still to read
+    hold: bool = False  # after reading `pending`, draw nothing until fed again or left
+    decoding: bool = False  # the row reads its last drawn token at the next step
+    tokens: int = 0  # tokens the row's state has read (counting the one in flight)
+    epoch: int = 0  # bumped whenever the slot's sequence changes course: older draws are dropped
+    order: int = 0  # join order: prompts are read first come, first served
+    fresh: bool = False  # the logits row holds a distribution not drawn from yet (given at join)
+    read: int = 0  # tokens read since joining (for snapshots)
+    snapshots: list[int] = field(default_factory=list)  # read counts at which to report the state
+    on_snapshot: object = None  # callable(slot, read, state, logits [V] or None at the last token)
+
+
+class BatchEngine:
+    def __init__(self, model, max_slots: int, prefill_chunk: int | None = None,
+                 prefill_budget: int | None = None):
+        if not isinstance(max_slots, int) or max_slots < 1:
+            raise InputError(f"max_slots must be a positive integer, got {max_slots!r}")
+        for name, v in (("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        self.model = model
+        self.net = model.net
+        self.runner = model.runner
+        self.device = self.net.device
+        self.max_slots = max_slots
+        self.prefill_chunk = prefill_chunk or self.runner.chunk
+        self.prefill_budget = prefill_budget
+        self.vocab_size = model.config.vocab_size
+        dev = self.device
+        self.state: State = model.new_state(max_slots)  # row i = slot i
+        self.logits = torch.zeros(max_slots, self.vocab_size, dtype=torch.float32, device=dev)
+        self.next_tokens = torch.zeros(max_slots, 1, dtype=torch.long, device=dev)  # decode input
+        self.live = torch.zeros(max_slots, dtype=torch.int32, device=dev)
+        self.sampler = RowSampler(max_slots, self.vocab_size, dev, model.visible_tokens(), model.stop_token_ids)
+        self.slots: list[Slot | None] = [None] * max_slots
+        self.forward_calls = 0  # batched decode steps run (for tests and stats)
+        self._graphs: dict[int, object] = {}
+        self._joined = 0
+        self._epochs = 0
+        self._indices: dict[tuple, torch.Tensor] = {}
+        self._in_flight = None  # (tokens on the host or a copy in flight, event, [(row, epoch)])
+        self._pinned = None
+        if dev.type == "cuda":
+            self._pinned = [torch.zeros(max_slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._flip = 0
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
+
+    @property
+    def free(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    @property
+    def decode_how(self) -> str:
+        return self.runner.decode_how()
+
+    def join(self, tokens: list[int], params: SamplingParams | None = None, state: State | None = None,
+             sample_after: bool = True, logits: torch.Tensor | None = None, snapshots=(), on_snapshot=None) -> int:
+        """Take a free slot; its state starts as `state` (or zeros) and reads `tokens` first.
+
+        `logits` [V]: the distribution after `state` (then `tokens` may be empty). `on_snapshot(slot,
+        n, state, logits)` is called once the slot has read n of `tokens`, for each n in `snapshots`
+        (prompt reading is chunked to stop there; logits are given at the last token, else None)."""
+        if not tokens and logits is None:
+            raise InputError("a sequence needs at least one token to start from")
+        self._check_tokens(tokens)
+        try:
+            i = self.slots.index(None)
+        except ValueError:
+            raise InputError(f"all {self.max_slots} slots are busy") from None
+        if state is not None:
+            self.model.check_state(state, 1)
+        self.sampler.reset(i, params or SamplingParams())
+        if state is not None:
+            self._write_row(i, state.to(self.device))
+        else:
+            self._zero_row(i)
+        self.live[i] = 0
+        if logits is not None:
+            self.logits[i].copy_(logits)
+        self._joined += 1
+        self.slots[i] = Slot(list(tokens), hold=not sample_after, tokens=state.tokens if state is not None else 0,
+                             order=self._joined, epoch=self._next_epoch(), fresh=logits is not None and not tokens,
+                             snapshots=sorted(n for n in set(snapshots) if 0 < n <= len(tokens)),
+                             on_snapshot=on_snapshot)
+        return i
+
+    def feed(self, slot: int, tokens: list[int], sample_after: bool = True) -> None:
+        """Queue more tokens for a slot to read (e.g. the end of a turn); they are read on the next steps.
+        With sample_after=False the slot then holds: its state stays "everything read so far"."""
+        s = self._slot(slot)
+        self._check_tokens(tokens)
+        self._halt(slot, s)
+        s.pending.extend(tokens)
+        s.hold = not sample_after
+
+    def stop(self, slot: int) -> None:
+        """The slot draws nothing more (its state keeps what it has read) until fed or left."""
+        s = self._slot(slot)
+        self._halt(slot, s)
+        s.hold = True
+
+    def leave(self, slot: int) -> State:
+        """Free the slot and return its state (batch 1, on the engine's device)."""
+        s = self._slot(slot)
+        self._halt(slot, s)
+        st = self.state.select(slot)
+        st.tokens = s.tokens
+        self.slots[slot] = None
+        return st
+
+    def busy(self, slot: int) -> bool:
+        """Whether the slot still has tokens to read."""
+        return bool(self._slot(slot).pending)
+
+    def _halt(self, i: int, s: Slot) -> None:
+        if s.decoding:
+            self.live[i] = 0  # the token drawn for it last step is not read
+        s.decoding = False
+        s.epoch = self._next_epoch()
+
+    def _next_epoch(self) -> int:
+        """Epochs are unique over the engine's life: a draw made for an earlier sequence in the same
+        slot can never pass for one of a later sequence."""
+        self._epochs += 1
+        return self._epochs
+
+    # ------------------------------------------------------------------ stepping
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        """Advance every active slot by one step; return {slot: token} drawn by the previous step."""
+        decoding = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
+        if decoding:
+            self._decode(decoding)
+        ready = self._prefill()
+        drawn = sorted(decoding + ready)
+        launched = self._sample(drawn) if drawn else None
+        out = self._collect()
+        self._in_flight = launched
+        return out
+
+    def drain(self) -> dict[int, int]:
+        """The tokens of the last step, without starting another (what `step` would return next)."""
+        out = self._collect()
+        self._in_flight = None
+        return out
+
+    def _decode(self, rows: list[int]) -> None:
+        g = self._graph_for(max(rows) + 1)
+        if g is not None:
+            g.step()
+            self.logits[:g.batch].copy_(g.logits)
+        else:
+            self._decode_eager(rows)
+        self.forward_calls += 1
+        for i in rows:
+            self.slots[i].tokens += 1  # taken back if the token turns out to be end of text
+
+    def _graph_for(self, rows: int):
+        """The captured step covering the first `rows` rows (None: decode eagerly)."""
+        b = 1
+        while b < rows:
+            b *= 2
+        b = min(b, self.max_slots)
+        if b not in self._graphs:
+            st = self.state
+            view = State(st.att_x[:, :b], st.wkv[:, :b], st.ffn_x[:, :b], st.fingerprint)
+            self._graphs[b] = self.runner.decode_graph(b, view, self.next_tokens[:b], self.live[:b])
+        return self._graphs[b]
+
+    def _decode_eager(self, rows: list[int]) -> None:
+        idx = self._index(rows)
+        st = self.state
+        sub = State(st.att_x.index_select(1, idx), st.wkv.index_select(1, idx), st.ffn_x.index_select(1, idx),
+                    st.fingerprint)
+        logits, new = self.net.forward(self.next_tokens.index_select(0, idx), sub, all_logits=False)
+        keep = self.live.index_select(0, idx).bool()
+        for old, part, upd in ((st.att_x, sub.att_x, new.att_x), (st.wkv, sub.wkv, new.wkv),
+                               (st.ffn_x, sub.ffn_x, new.ffn_x)):
+            mask = keep.view((1, -1) + (1,) * (upd.dim() - 2))
+            old.index_copy_(1, idx, torch.where(mask, upd, part))
+        self.logits.index_copy_(0, idx, logits.float())
+
+    def _prefill(self) -> list[int]:
+        """Read pending tokens, first come first served, up to the budget; the rows now ready to draw."""
+        budget = self.prefill_budget
+        chunk = self.prefill_chunk if budget is None else min(self.prefill_chunk, budget)
+        ready = []
+        waiting = sorted((s.order, i) for i, s in enumerate(self.slots)
+                         if s is not None and (s.pending or (s.fresh and not s.hold)))
+        for _, i in waiting:
+            s = self.slots[i]
+            while s.pending and (budget is None or budget > 0):
+                n = min(chunk, len(s.pending)) if budget is None else min(chunk, len(s.pending), budget)
+                if s.snapshots:
+                    n = min(n, s.snapshots[0] - s.read)
+                part, s.pending = s.pending[:n], s.pending[n:]
+                ids = torch.tensor([part], dtype=torch.long, device=self.device)
+                row = self.state.select(i)
+                logits, new = self.runner.read(ids, row, chunk)
+                self._write_row(i, new)
+                self.logits[i].copy_(logits[0])
+                s.tokens += n
+                s.read += n
+                if budget is not None:
+                    budget -= n
+                if s.snapshots and s.read == s.snapshots[0]:
+                    s.snapshots.pop(0)
+                    new.tokens = s.tokens
+                    s.on_snapshot(i, s.read, new, None if s.pending else logits[0])
+            if not s.pending and not s.hold:
+                s.fresh = False
+                ready.append(i)
+        for i in ready:
+            self.live[i] = 1
+            self.slots[i].decoding = True
+        return ready
+
+    def _sample(self, rows: list[int]):
+        idx = self._index(rows)
+        tokens = self.sampler.draw(self.logits.index_select(0, idx), rows, idx, self.live)
+        self.next_tokens.index_copy_(0, idx, tokens[:, None])
+        self.live.index_copy_(0, idx, self.live.index_select(0, idx) * (tokens != END_OF_TEXT).int())
+        tags = [(i, self.slots[i].epoch) for i in rows]
+        if self._pinned is None:
+            return tokens, None, tags
+        buf = self._pinned[self._flip][:len(rows)]
+        self._flip ^= 1
+        buf.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event, tags
+
+    def _collect(self) -> dict[int, int]:
+        if self._in_flight is None:
+            return {}
+        tokens, event, tags = self._in_flight
+        if event is not None:
+            event.synchronize()
+        out = {}
+        for (i, epoch), t in zip(tags, tokens.tolist()):
+            s = self.slots[i]
+            if s is None or s.epoch != epoch:
+                continue  # the slot changed course since: this draw is never read
+            out[i] = t
+            if t == END_OF_TEXT:  # drawn with live = 0: the row did not read it
+                s.tokens -= 1
+                s.decoding = False
+                s.hold = True
+                s.epoch = self._next_epoch()
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """rows as a device tensor; the last few sets are kept (the decoding rows rarely change)."""
+        key = tuple(rows)
+        idx = self._indices.get(key)
+        if idx is None:
+            idx = torch.tensor(rows, dtype=torch.long)
+            if self.device.type == "cuda":  # a copy from pinned memory does not wait for the stream
+                idx = idx.pin_memory().to(self.device, non_blocking=True)
+            if len(self._indices) >= 64:
+                self._indices.clear()
+            self._indices[key] = idx
+        return idx
+
+    def _slot(self, slot: int) -> Slot:
+        if not isinstance(slot, int) or not 0 <= slot < self.max_slots or self.slots[slot] is None:
+            raise InputError(f"slot {slot!r} is not active")
+        return self.slots[slot]
+
+    def _check_tokens(self, tokens) -> None:
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in tokens):
+            raise InputError(f"token ids must be ints in [0, {self.vocab_size})")
+
+    def _write_row(self, i: int, st: State) -> None:
+        self.state.att_x[:, i].copy_(st.att_x[:, 0])
+        self.state.wkv[:, i].copy_(st.wkv[:, 0])
+        self.state.ffn_x[:, i].copy_(st.ffn_x[:, 0])
+
+    def _zero_row(self, i: int) -> None:
+        self.state.att_x[:, i].zero_(), self.state.wkv[:, i].zero_(), self.state.ffn_x[:, i].zero_()
+        self.logits[i].zero_()
