@@ -5,8 +5,9 @@
                     [--prefill 1024,8192,32768] [--memory-ctx 8192,32768,131072] [--json o.json] [--plot o.png]
 
 Both runtimes read the same weights: random weights in the official x070 layout (or MODEL), written
-once as `<tmp>/model.pth`. Ours runs in this process: CUDA-graph decode (cuda_graph.GraphStep, batch 1
-and batched) on CUDA, the eager forward on CPU; chunked prefill through generate.prefill. The peer
+once as `<tmp>/model.pth`. Ours runs in this process through the runtime: its captured decode step (batch 1
+and batched) on CUDA, the eager forward on CPU; chunked prefill through Runner.prefill; and end to end,
+`Model.stream` greedy and top_p 0.8 (the peer: its PIPELINE.generate). The peer
 (`rwkv` pip package, strategy "cuda fp16" / "cpu fp32") reads its configuration from environment
 variables when imported, so it runs in a subprocess of its own (`python -m edge_rwkv.bench
 --peer-worker`); on CUDA it first tries its nvcc-built op (RWKV_CUDA_ON=1) and, if that build fails,
@@ -67,7 +68,7 @@ class BenchOptions:
     prefill: list[int] = field(default_factory=lambda: [1024, 8192, 32768])
     memory_ctx: list[int] = field(default_factory=lambda: [8192, 32768, 131072])
     peer: bool = True
-    chunk: int | None = None  # None: our default for the model (generate.prefill_chunk_for), both runtimes
+    chunk: int | None = None  # None: our default for the model (runtime.runner.prefill_chunk_for), both runtimes
     quality: bool = False
     decode_steps: int = 100
     warmup: int = 20
@@ -75,6 +76,7 @@ class BenchOptions:
     item_limit_s: float = 60.0  # skip a prefill length whose estimated time exceeds this
     seed: int = 0
     log_dir: str | None = None
+    e2e_tokens: int = 256  # Model.stream rows: tokens after a 120-token prompt (0: no such rows)
 
 
 # =========================================================================== timing and memory helpers
@@ -344,6 +346,10 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=g).tolist()
 
 
+E2E_PROMPT = 120  # end-to-end rows: tokens generated after a prompt of this length
+E2E_MODES = {"greedy": {"temperature": 0}, "top_p 0.8": {"temperature": 1.0, "top_p": 0.8, "seed": 1}}
+
+
 class Ours:
     def __init__(self, model, opts: BenchOptions):
         self.m, self.net, self.o = model, model.net, opts
@@ -352,26 +358,19 @@ class Ours:
 
     @torch.inference_mode()
     def decode(self, batch: int) -> tuple[float, str]:
-        """Seconds per decode step at this batch size, and how it ran."""
+        """Seconds per decode step at this batch size, and how it ran: the runtime's captured step
+        (what the batch engine replays) on CUDA, the eager forward elsewhere."""
         o = self.o
         steps = max(o.decode_steps, 5)
-        if self.dev.type == "cuda":
-            try:
-                from .cuda_graph import GraphStep
-
-                g = GraphStep(self.net, batch=batch)
-                ids = torch.randint(0, VOCAB, (batch,), device=self.dev)
-                t = self.timer.each(lambda: g.step(ids), reps=steps, warmup=o.warmup)
-                how = g.how
-                del g
-                torch.cuda.empty_cache()
-                return t, how
-            except Exception as e:  # noqa: BLE001  (visible in the table's note)
-                how = f"eager (graph capture failed: {type(e).__name__})"
-        else:
-            how = "eager"
         st = self.m.new_state(batch)
         ids = torch.randint(0, VOCAB, (batch, 1), device=self.dev)
+        live = torch.ones(batch, dtype=torch.int32, device=self.dev)
+        g = self.m.runner.decode_graph(batch, st, ids, live)
+        if g is not None:
+            t = self.timer.each(g.step, reps=steps, warmup=o.warmup)
+            del g
+            torch.cuda.empty_cache()
+            return t, self.m.runner.decode_how()
         box = [st]
 
         def step():
@@ -379,12 +378,31 @@ class Ours:
             box[0].att_x.copy_(new.att_x), box[0].wkv.copy_(new.wkv), box[0].ffn_x.copy_(new.ffn_x)
             return logits
 
-        return self.timer.each(step, reps=steps, warmup=o.warmup), how
+        return self.timer.each(step, reps=steps, warmup=o.warmup), self.m.runner.decode_how()
+
+    def end_to_end(self, sampling: dict, n: int, prompt_len: int = E2E_PROMPT) -> float:
+        """Tokens per second of `Model.stream` — what a user of the Python API gets: decode steps,
+        sampling, detokenizing — over n tokens after a prompt (the prompt's time subtracted: the
+        time of the same call stopped after its first token)."""
+        prompt = _tokens(prompt_len, self.o.seed + 3)
+
+        def run(k: int) -> float:
+            _sync(self.dev)
+            t0 = time.perf_counter()
+            gen = self.m.stream(prompt, max_tokens=k, ban_end_of_text=True, **sampling)
+            for _ in gen:
+                pass
+            _sync(self.dev)
+            assert len(gen.tokens) == k, (len(gen.tokens), k)
+            return time.perf_counter() - t0
+
+        run(n)  # warm-up: graphs captured, kernels compiled
+        full = statistics.median(run(n) for _ in range(3))
+        first = statistics.median(run(1) for _ in range(3))
+        return (n - 1) / (full - first)
 
     @torch.inference_mode()
     def prefill(self, n: int, reps: int) -> tuple[float, int | None, int | None]:
-        from .generate import prefill
-
         toks = _tokens(n, self.o.seed + n)
         times, peak, base = [], None, None
         for r in range(reps):
@@ -392,7 +410,7 @@ class Ours:
             with PeakMemory(self.dev) as pm:
                 _sync(self.dev)
                 t0 = time.perf_counter()
-                prefill(self.net, toks, st, chunk=self.o.chunk)
+                self.m.runner.prefill(toks, st, chunk=self.o.chunk)
                 _sync(self.dev)
                 times.append(time.perf_counter() - t0)
             if r == 0:
@@ -445,6 +463,9 @@ def _peer_worker(cfg_path: str) -> int:
 
         res["decode_s"] = timer.each(step, reps=cfg["steps"], warmup=cfg["warmup"])
         dump()
+        if cfg["e2e_tokens"] >= 2:
+            res["e2e_top_p_tok_s"] = _peer_generate_rate(m, dev, cfg["e2e_tokens"])
+        dump()
         # chunked prefill at each length
         res["prefill"] = {}
         last_rate = None
@@ -477,6 +498,30 @@ def _peer_worker(cfg_path: str) -> int:
     return 0
 
 
+def _peer_generate_rate(m, dev, n: int) -> float | None:
+    """The peer's end-to-end rate: its `PIPELINE.generate` (what its users run), top_p 0.8, n tokens
+    after an E2E_PROMPT-token prompt, the prompt's time subtracted as for ours."""
+    try:
+        from rwkv.utils import PIPELINE, PIPELINE_ARGS
+    except ImportError:
+        return None
+    pipe = PIPELINE(m, "rwkv_vocab_v20230424")
+    ctx = pipe.decode(_tokens(E2E_PROMPT, 3))
+
+    def run(k: int) -> float:
+        args = PIPELINE_ARGS(temperature=1.0, top_p=0.8, token_ban=[0], token_stop=[])
+        _sync(dev)
+        t0 = time.perf_counter()
+        pipe.generate(ctx, token_count=k, args=args)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    run(8)
+    full = statistics.median(run(n) for _ in range(2))
+    first = statistics.median(run(1) for _ in range(2))
+    return (n - 1) / (full - first)
+
+
 def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], reps: dict, workdir: Path,
              quality_tokens: list[int] | None, log) -> dict:
     """Run the rwkv package in a subprocess; on CUDA try its nvcc-built op, then without it."""
@@ -494,6 +539,7 @@ def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], 
     for cuda_op in attempts:
         out = workdir / f"peer_{int(cuda_op)}.json"
         cfg = dict(base=base, strategy=strategy, device=str(dev), cuda_op=cuda_op, seed=o.seed, steps=o.decode_steps,
+                   e2e_tokens=o.e2e_tokens,
                    warmup=o.peer_warmup, lengths=lengths, reps={str(k): v for k, v in reps.items()}, chunk=o.chunk,
                    item_limit_s=o.item_limit_s, out=str(out), quality_tokens=quality_tokens)
         cfg_path = workdir / f"peer_{int(cuda_op)}.cfg.json"
@@ -659,6 +705,25 @@ def _decode_row(r: _Run, prec: str, m, row: dict) -> None:
     except Exception as e:  # noqa: BLE001
         row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
         r.log(f"decode {prec}: {row['note']}")
+    _e2e_rows(r, prec, m, row.get("ours_tok_s"))
+
+
+def _e2e_rows(r: _Run, prec: str, m, step_tok_s: float | None) -> None:
+    """`Model.stream` end to end (greedy and top_p 0.8) beside the captured step of the same run."""
+    if r.o.e2e_tokens < 2:
+        return
+    ours = Ours(m, r.o)
+    for mode, sampling in E2E_MODES.items():
+        row = {"precision": prec, "mode": mode, "step_tok_s": step_tok_s}
+        try:
+            row["ours_tok_s"] = ours.end_to_end(sampling, r.o.e2e_tokens)
+            if step_tok_s:
+                row["of_step"] = row["ours_tok_s"] / step_tok_s
+            r.log(f"Model.stream {prec} {mode}: {row['ours_tok_s']:.1f} tok/s")
+        except Exception as e:  # noqa: BLE001
+            row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            r.log(f"Model.stream {prec} {mode}: {row['note']}")
+        r.res["e2e"].append(row)
 
 
 def _batched_rows(r: _Run, prec: str, m) -> None:
@@ -680,10 +745,8 @@ def _prefill_rows(r: _Run, prec: str, m, lengths: list[int]) -> None:
     """Prefill speed and peak memory per length; a length whose estimated time exceeds the item limit is
     skipped. Only this model is resident, so a CUDA peak is its deployment footprint."""
     o = r.o
-    if r.auto_chunk and prec != r.base:  # e.g. a quantized model reads in smaller chunks (generate.py)
-        from .generate import prefill_chunk_for
-
-        o = dataclasses.replace(o, chunk=prefill_chunk_for(m.net))
+    if r.auto_chunk and prec != r.base:  # e.g. a quantized model reads in smaller chunks (runner.py)
+        o = dataclasses.replace(o, chunk=m.runner.chunk)
         r.res["meta"].setdefault("chunk_by_precision", {})[prec] = o.chunk
     ours = Ours(m, o)
     try:
@@ -747,6 +810,11 @@ def _merge_peer(res: dict, peer: dict, base: str, gbs) -> None:
         base_decode["ratio"] = base_decode["ours_tok_s"] * peer["decode_s"]
         pg, ppct = gbs(peer["decode_s"], base_decode["bytes_per_step"])
         base_decode.update(peer_gbs=pg, peer_pct_bound=ppct)
+    for row in res.get("e2e", []):
+        if row["precision"] == base and row["mode"] == "top_p 0.8" and peer.get("e2e_top_p_tok_s"):
+            row["peer_tok_s"] = peer["e2e_top_p_tok_s"]
+            if "ours_tok_s" in row:
+                row["ratio"] = row["ours_tok_s"] / row["peer_tok_s"]
     for row in res["batched"]:
         if peer.get("decode_s"):
             row["peer_note"] = "batch 1 only"
@@ -800,7 +868,7 @@ def run_bench(o: BenchOptions, log=print) -> dict:
     o = dataclasses.replace(o, batch_precisions=o.batch_precisions or [base_prec],
                             memory_precisions=o.memory_precisions or [base_prec])
     dtype = FLOAT_PRECISIONS[base_prec]
-    res: dict = {"meta": {}, "decode": [], "batched": [], "prefill": [], "quality": []}
+    res: dict = {"meta": {}, "decode": [], "e2e": [], "batched": [], "prefill": [], "quality": []}
     meta = res["meta"]
     with tempfile.TemporaryDirectory(prefix="edge_rwkv_bench_") as tmp:
         workdir = Path(tmp)
@@ -809,9 +877,7 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         cfg = model.config
         auto_chunk = o.chunk is None
         if auto_chunk:
-            from .generate import prefill_chunk_for
-
-            o = dataclasses.replace(o, chunk=prefill_chunk_for(model.net))
+            o = dataclasses.replace(o, chunk=model.runner.chunk)
         meta.update(model=label, config=cfg.to_dict(), device=str(dev),
                     device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
                     torch=torch.__version__, dtype=base_prec, chunk=o.chunk, wkv=model.wkv_backend,
@@ -923,6 +989,15 @@ def _decode_lines(res: dict, base: str) -> list[str]:
         g = f"{r['gbs']:.3g}" + (f" / {r['peer_gbs']:.3g}" if "peer_gbs" in r else "")
         pct = f"{r['pct_bound']:.1f}%" + (f" / {r['peer_pct_bound']:.1f}%" if "peer_pct_bound" in r else "")
         lines.append(f"| decode tok/s, B=1 | {r['precision']} ({r.get('how')}) | {_fmt_rate(r['ours_tok_s'])} | {peer} | {ratio} | {g} | {pct} |")
+    for r in res.get("e2e", []):
+        if "ours_tok_s" not in r:
+            lines.append(f"| Model.stream tok/s, B=1 | {r['precision']} {r['mode']} | {r.get('note', 'n/a')} | | | | |")
+            continue
+        peer = f"{_fmt_rate(r['peer_tok_s'])} (PIPELINE.generate)" if "peer_tok_s" in r else ""
+        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
+        of_step = f"{100 * r['of_step']:.0f}% of the step" if "of_step" in r else ""
+        lines.append(f"| Model.stream tok/s, B=1 | {r['precision']} {r['mode']} | {_fmt_rate(r['ours_tok_s'])} | {peer} | "
+                     f"{ratio} | {of_step} | |")
     for r in res["batched"]:
         label = _label("decode tok/s, batched", r.get("precision", base), base)
         if "ours_tok_s" not in r:
@@ -1055,9 +1130,11 @@ def add_bench_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefill", type=_int_list, default=[1024, 8192, 32768])
     s.add_argument("--memory-ctx", type=_int_list, default=[8192, 32768, 131072])
     s.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the rwkv pip package")
-    s.add_argument("--chunk", type=int, default=None, help="prefill chunk, both runtimes (default: ours for the model, generate.prefill_chunk_for)")
+    s.add_argument("--chunk", type=int, default=None, help="prefill chunk, both runtimes (default: ours for the model, runtime.runner.prefill_chunk_for)")
     s.add_argument("--steps", type=int, default=None, help="timed decode steps (default 100 on cuda, 30 on cpu)")
     s.add_argument("--item-limit", type=float, default=60.0, help="skip a prefill length estimated to take longer (s)")
+    s.add_argument("--e2e-tokens", type=int, default=256,
+                   help="Model.stream rows (greedy, top_p 0.8): tokens after a 120-token prompt (0: none; default 256)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, metavar="OUT.json")
     s.add_argument("--plot", default=None, metavar="OUT.png")
@@ -1070,15 +1147,17 @@ def options_from_args(a) -> BenchOptions:
     cpu = str(a.device).startswith("cpu")
     if a.model and not Path(a.model).is_file():
         raise InputError(f"{a.model}: no such model file")
-    chunk = a.chunk  # None: generate.prefill_chunk_for(model), decided once the model is loaded
+    chunk = a.chunk  # None: runtime.runner.prefill_chunk_for(model), decided once the model is loaded
     if chunk is not None and chunk < 1:
         raise InputError("--chunk must be positive")
+    if a.e2e_tokens < 0:
+        raise InputError("--e2e-tokens must be ≥ 0")
     return BenchOptions(
         model=a.model, preset=a.preset, device=a.device,
         precisions=a.precisions or (["fp32", "int8", "int4"] if cpu else ["fp16", "int8", "int4"]),
         batch_precisions=a.batch_precisions, memory_precisions=a.memory_precisions, batch=a.batch, prefill=a.prefill, memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
         decode_steps=a.steps or (30 if cpu else 100), warmup=5 if cpu else 20, peer_warmup=10 if cpu else 60,
-        item_limit_s=a.item_limit, seed=a.seed, log_dir=a.log_dir)
+        item_limit_s=a.item_limit, seed=a.seed, log_dir=a.log_dir, e2e_tokens=a.e2e_tokens)
 
 
 def write_outputs(results: list[dict], json_path: str | None, plot_path: str | None, log=print) -> None:

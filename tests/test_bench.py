@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 def test_bench_cpu_tiny(tmp_path):
     out_json, out_png = tmp_path / "x.json", tmp_path / "x.png"
     cmd = [sys.executable, "-m", "edge_rwkv", "bench", "--preset", "tiny", "--device", "cpu", "--batch", "1,2",
-           "--prefill", "64", "--memory-ctx", "64,128", "--json", str(out_json), "--plot", str(out_png)]
+           "--prefill", "64", "--memory-ctx", "64,128", "--e2e-tokens", "12", "--json", str(out_json), "--plot", str(out_png)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| decode tok/s, B=1 |" in proc.stdout and "| peak memory |" in proc.stdout
@@ -26,6 +26,10 @@ def test_bench_cpu_tiny(tmp_path):
     assert decode["fp32"]["ours_tok_s"] > 0 and decode["fp32"]["gbs"] > 0 and decode["fp32"]["pct_bound"] > 0
     for q in ("int8", "int4"):  # either measured or reported as unavailable, never a crash
         assert "ours_tok_s" in decode[q] or "n/a" in decode[q].get("note", "")
+
+    e2e = {(r["precision"], r["mode"]): r for r in res["e2e"]}  # Model.stream end to end, beside the step
+    assert e2e[("fp32", "greedy")]["ours_tok_s"] > 0 and e2e[("fp32", "top_p 0.8")]["of_step"] > 0
+    assert "| Model.stream tok/s, B=1 | fp32 top_p 0.8 |" in proc.stdout
 
     assert [r["batch"] for r in res["batched"]] == [1, 2]
     assert all(r["ours_tok_s"] > 0 for r in res["batched"])
@@ -49,7 +53,7 @@ def test_bench_quantized_batch_and_memory_rows(tmp_path):
     out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
     cmd = [sys.executable, "-m", "edge_rwkv", "bench", "--preset", "tiny", "--device", "cpu", "--no-peer",
            "--precisions", "fp32,int8", "--batch-precisions", "fp32,int8", "--memory-precisions", "fp32,int4",
-           "--batch", "1,2", "--prefill", "64", "--memory-ctx", "64,128", "--steps", "5",
+           "--batch", "1,2", "--prefill", "64", "--memory-ctx", "64,128", "--steps", "5", "--e2e-tokens", "0",
            "--json", str(out_json), "--plot", str(out_png)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ def _checks() -> dict:
 
     from edge_rwkv.checkpoint import derive_config
     from edge_rwkv.cuda_kernels._runtime import simulator
-    from edge_rwkv.fused_decode import FusedStep, fused_step_supported
+    from edge_rwkv.runtime.fused import FusedStep, fused_step_supported, pack_layers
     from edge_rwkv.model import build_model
     from edge_rwkv.state import State
     from edge_rwkv.synthetic import random_checkpoint
@@ -38,7 +38,7 @@ def _checks() -> dict:
         g = torch.Generator().manual_seed(len(name))
         st = random_state(cfg, B, g)
         st_ref = st.clone()
-        step = FusedStep(net, B)
+        step = FusedStep(net, B, pack_layers(net))
         live = torch.ones(B, dtype=torch.int32)
         worst = 0.0
         for _ in range(steps):
@@ -84,7 +84,7 @@ def _checks() -> dict:
 
     # packing rebinds the layers' tensors to stacked views: the model's own forward is unchanged
     net, ref = build_model(cfg, sd, torch.float32, "cpu"), build_model(cfg, sd, torch.float32, "cpu")
-    FusedStep(net, 1)
+    FusedStep(net, 1, pack_layers(net))
     tok = torch.tensor([[5, 6, 7]])
     st = State.zeros(cfg.n_layer, 1, cfg.n_embd, cfg.n_head, cfg.head_size, "cpu")
     a, _ = net.forward(tok, st)
@@ -98,7 +98,7 @@ def _checks() -> dict:
     before = st.clone()
     live = torch.tensor([1, 0, 1], dtype=torch.int32)
     tok = torch.tensor([[11], [12], [13]])
-    logits = FusedStep(net, 3)(tok, st, live)
+    logits = FusedStep(net, 3, pack_layers(net))(tok, st, live)
     idle_same = all(torch.equal(getattr(st, k)[:, 1], getattr(before, k)[:, 1]) for k in ("att_x", "wkv", "ffn_x"))
     alone = before.select(2)
     la, sa = build_model(cfg, sd, torch.float32, "cpu").forward(tok[2:], alone, all_logits=False)

@@ -34,7 +34,8 @@ def test_graph_decode_equals_eager(model_file):
     m = edge_rwkv.load(model_file, device="cuda", dtype="float32")
     graph_text, graph_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
     assert m.describe()["decode"] == "cuda-graph, fused step"
-    m._graph_error = "forced eager for the comparison"
+    m.runner.graph_error = "forced eager for the comparison"
+    m._idle_engines.clear()  # the next generation takes a fresh engine, which decodes eagerly
     eager_text, eager_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
     assert graph_text == eager_text
     assert torch.allclose(graph_state.wkv, eager_state.wkv, atol=1e-4, rtol=1e-4)
@@ -44,7 +45,7 @@ def test_graph_decode_equals_eager(model_file):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
 def test_fused_step_equals_forward(model_file, dtype, tol):
     """The fused decode step (Numba kernels around the matmuls) against the model's own forward."""
-    from edge_rwkv.fused_decode import FusedStep
+    from edge_rwkv.runtime.fused import FusedStep
 
     m = edge_rwkv.load(model_file, device="cuda", dtype=dtype)
     ref = edge_rwkv.load(model_file, device="cuda", dtype=dtype)
@@ -57,7 +58,7 @@ def test_fused_step_equals_forward(model_file, dtype, tol):
     st_ref = st.clone()
     live = torch.tensor([1, 0, 1], dtype=torch.int32, device="cuda")
     idle = st.select(1)
-    step = FusedStep(m.net, B)
+    step = FusedStep(m.net, B, m.runner.packed())
     with torch.inference_mode():
         for _ in range(4):
             tok = torch.randint(0, 65536, (B, 1), generator=g, device="cuda")
@@ -74,7 +75,7 @@ def test_fused_step_equals_forward(model_file, dtype, tol):
 
 def test_engine_graph_batched_equals_alone(model_file):
     """Batched decode through the engine's per-bucket CUDA graphs == each sequence alone (greedy)."""
-    from edge_rwkv.engine import BatchEngine
+    from edge_rwkv.runtime.engine import BatchEngine
     from edge_rwkv.sampling import SamplingParams
 
     m = edge_rwkv.load(model_file, device="cuda", dtype="float32")
@@ -83,10 +84,10 @@ def test_engine_graph_batched_equals_alone(model_file):
     eng = BatchEngine(m, max_slots=8)
     slots = [eng.join(p, SamplingParams(temperature=0, ban_end_of_text=True)) for p in ps]
     out = {s: [] for s in slots}
-    for _ in range(13):
+    for _ in range(14):  # tokens reach the host a step after they are drawn
         for i, t in eng.step().items():
             out[i].append(t)
-    assert eng.decode_how == "cuda-graph" and eng._graphs
+    assert eng.decode_how.startswith("cuda-graph") and any(eng._graphs.values())
     for s, p in zip(slots, ps):
         gen = m.stream(p, max_tokens=12, temperature=0, ban_end_of_text=True)
         for _ in gen:
@@ -99,7 +100,7 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     GEMVs (three live rows of a batch of 3) — against the model's own forward on the same weights."""
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.checkpoint import load_checkpoint
-    from edge_rwkv.fused_decode import FusedStep
+    from edge_rwkv.runtime.fused import FusedStep
     from edge_rwkv.quant.policy import QuantPolicy
     from edge_rwkv.quantize import quantize_checkpoint
 
@@ -110,8 +111,8 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     from edge_rwkv.quant.linear import quantized_linears
 
     B = 3
-    step = FusedStep(m.net, B)
-    assert step.tables is not None and not m.net._packed[1].seg.rkv
+    step = FusedStep(m.net, B, m.runner.packed())
+    assert step.tables is not None and not m.runner.packed()[1].seg.rkv
     live = torch.ones(B, dtype=torch.int32, device="cuda")
     # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
     # activations: rounding x to int8 also follows those small differences (random weights amplify)
@@ -133,7 +134,7 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
 def test_engine_fp16_segmented_batched_equals_alone(model_file):
     """fp16 batches of ≤ 4 take the segmented GEMV, whose per-row arithmetic does not depend on the
     batch: three sequences batched give the tokens each gives alone (greedy)."""
-    from edge_rwkv.engine import BatchEngine
+    from edge_rwkv.runtime.engine import BatchEngine
     from edge_rwkv.sampling import SamplingParams
 
     m = edge_rwkv.load(model_file, device="cuda", dtype="float16")
@@ -141,10 +142,10 @@ def test_engine_fp16_segmented_batched_equals_alone(model_file):
     eng = BatchEngine(m, max_slots=4)
     slots = [eng.join(p, SamplingParams(temperature=0, ban_end_of_text=True)) for p in ps]
     out = {s: [] for s in slots}
-    for _ in range(9):
+    for _ in range(10):
         for i, t in eng.step().items():
             out[i].append(t)
-    assert eng.decode_how == "cuda-graph" and m.net._packed[0].seg is not None
+    assert eng.decode_how == "cuda-graph, fused step" and m.runner.packed()[0].seg is not None
     for s, p in zip(slots, ps):
         gen = m.stream(p, max_tokens=8, temperature=0, ban_end_of_text=True)
         for _ in gen:
@@ -158,7 +159,7 @@ def test_prefill_graph_equals_eager(model_file, tmp_path, quantized):
     (fp16; an int4 artifact: its many-row dequantize-and-GEMM path); what a caller got from one prefill
     is not changed by the next replay; the batch engine's prompt chunks take the same graph."""
     from edge_rwkv.cuda_graph import PrefillGraph
-    from edge_rwkv.engine import BatchEngine
+    from edge_rwkv.runtime.engine import BatchEngine
     from edge_rwkv.generate import prefill
     from edge_rwkv.sampling import SamplingParams
 
@@ -175,23 +176,50 @@ def test_prefill_graph_equals_eager(model_file, tmp_path, quantized):
     m = edge_rwkv.load(path, device="cuda", dtype="float16")
     g = torch.Generator().manual_seed(5)
     toks = torch.randint(0, 65536, (3 * 64 + 17,), generator=g).tolist()
-    la, sa = prefill(m.net, toks, m.new_state(1), chunk=64, graph=False)
-    lb, sb = prefill(m.net, toks, m.new_state(1), chunk=64)
-    assert isinstance(m.net._prefill_graphs.get(64), PrefillGraph)
+    eager = edge_rwkv.load(path, device="cuda", dtype="float16")
+    eager.runner.device = torch.device("cpu")  # a runner that never captures: the eager chunked forward
+    la, sa = eager.runner.prefill(toks, m.new_state(1), chunk=64)
+    lb, sb = m.runner.prefill(toks, m.new_state(1), chunk=64)
+    assert isinstance(m.runner._prefill_graphs.get(64), PrefillGraph)
     scale = la.float().std()
     assert ((lb - la).abs().max() / scale).item() < 1e-3
     for a, b in ((sa.wkv, sb.wkv), (sa.att_x, sb.att_x), (sa.ffn_x, sb.ffn_x)):
         assert ((b - a).abs().max() / a.abs().max()).item() < 1e-3
     assert sb.tokens == sa.tokens == len(toks)
     kept = lb.clone(), sb.wkv.clone()
-    prefill(m.net, toks[::-1], m.new_state(1), chunk=64)  # another replay of the same graph
+    m.runner.prefill(toks[::-1], m.new_state(1), chunk=64)  # another replay of the same graph
     assert torch.equal(lb, kept[0]) and torch.equal(sb.wkv, kept[1])
     # the engine reads prompts chunk by chunk through the graph too: the first sampled token agrees
     eng = BatchEngine(m, max_slots=2, prefill_chunk=64)
     slot = eng.join(toks, SamplingParams(temperature=0, ban_end_of_text=True))
     first = None
-    for _ in range(10):  # 4 prompt chunks, then the first sample
+    for _ in range(3):  # the whole prompt (4 chunks) and the first draw, then its token reaches the host
         first = eng.step().get(slot)
         if first is not None:
             break
     assert first == 1 + int(la.float()[1:].argmax())  # greedy, end-of-text (id 0) banned
+
+
+def test_sampling_on_the_device(model_file):
+    """Seeded top-p / top-k / penalty sampling on CUDA: the random stream equals the CPU's, and a
+    sequence draws the same tokens alone as batched with others (fp32, the engine's graphs)."""
+    from edge_rwkv.runtime.engine import BatchEngine
+    from edge_rwkv.sampling import SamplingParams, uniforms
+
+    seeds, counters = torch.tensor([3, -7, 2**62]), torch.tensor([0, 5, 2**40])
+    assert torch.equal(uniforms(seeds.cuda(), counters.cuda()).cpu(), uniforms(seeds, counters))
+    m = edge_rwkv.load(model_file, device="cuda", dtype="float32")
+    params = [SamplingParams(temperature=1.0, top_p=0.8, seed=1), SamplingParams(temperature=0.7, top_k=50, seed=2),
+              SamplingParams(temperature=1.0, top_p=0.9, frequency_penalty=0.4, seed=3)]
+    ps = [m.tokenizer.encode(t) for t in ("Hello", "1 2 3", "The quick brown fox")]
+    eng = BatchEngine(m, max_slots=4)
+    slots = [eng.join(p, q.with_(max_tokens=10)) for p, q in zip(ps, params)]
+    out = {s: [] for s in slots}
+    for _ in range(16):
+        for i, t in eng.step().items():
+            if len(out[i]) < 10 and 0 not in out[i]:
+                out[i].append(t)
+    for s, p, q in zip(slots, ps, params):
+        gen = m.stream(p, **{**q.__dict__, "max_tokens": 10})
+        list(gen)
+        assert [t for t in out[s] if t != 0] == gen.tokens
