@@ -158,9 +158,8 @@ def test_prefill_graph_equals_eager(model_file, tmp_path, quantized):
     """Full prompt chunks replayed from a captured CUDA graph give the eager forward's logits and state
     (fp16; an int4 artifact: its many-row dequantize-and-GEMM path); what a caller got from one prefill
     is not changed by the next replay; the batch engine's prompt chunks take the same graph."""
-    from edge_rwkv.cuda_graph import PrefillGraph
     from edge_rwkv.runtime.engine import BatchEngine
-    from edge_rwkv.generate import prefill
+    from edge_rwkv.runtime.graph import PrefillGraph
     from edge_rwkv.sampling import SamplingParams
 
     path = model_file

@@ -101,6 +101,21 @@ class BatchEngine:
     def decode_how(self) -> str:
         return self.runner.decode_how()
 
+    def warm(self) -> None:
+        """Capture now what a step would capture on first use — the decode graph of every batch
+        bucket and the prompt chunk's graph — so no request pays for a capture (a daemon at start)."""
+        if self.device.type != "cuda":
+            return
+        b = 1
+        while True:
+            self._graph_for(b)
+            if b >= self.max_slots:
+                break
+            b *= 2
+        chunk = self.prefill_chunk if self.prefill_budget is None else min(self.prefill_chunk, self.prefill_budget)
+        self.runner.prefill_graph(chunk, self.state.select(0))
+        torch.cuda.synchronize()
+
     def join(self, tokens: list[int], params: SamplingParams | None = None, state: State | None = None,
              sample_after: bool = True, logits: torch.Tensor | None = None, snapshots=(), on_snapshot=None) -> int:
         """Take a free slot; its state starts as `state` (or zeros) and reads `tokens` first.

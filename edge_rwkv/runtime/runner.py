@@ -102,7 +102,9 @@ class Runner:
 
     def read(self, ids: torch.Tensor, state: State, chunk: int | None = None) -> tuple[torch.Tensor, State]:
         """One forward over ids [1,T] (T ≤ chunk) from `state`: (logits [1,V] of the last token, new
-        state counting the tokens). A full chunk replays its captured graph where there is one."""
+        state counting the tokens). A full chunk replays its captured graph where there is one; a
+        shorter piece runs eagerly (capturing pieces of power-of-two lengths is the next step: an
+        eager short prompt costs thousands of launches, tens of ms at 1.5B)."""
         chunk = chunk or self.chunk
         g = self.prefill_graph(chunk, state) if ids.shape[1] == chunk else None
         logits, new = g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)

@@ -54,7 +54,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     default_top_p: float = 0.85
     hot_sessions: int = 64
-    prefill_budget: int | None = 256  # prompt tokens read per engine step, so decoding streams keep flowing
+    prefill_budget: int | None = 128  # prompt tokens read per engine step, so decoding streams keep flowing
     prefix_cache_bytes: int = 256 << 20  # host memory for states of known prompt prefixes
     model_name: str | None = None
     allowed_hosts: list[str] = field(default_factory=list)
@@ -136,6 +136,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     sched = Scheduler(model, cfg.max_slots, cfg.queue, cfg.prefill_budget, cfg.prefix_cache_bytes)
     model_name = cfg.model_name or Path(str(model.path)).stem
     busy: dict[str, object] = {}  # session id → the request continuing it
+    job_held: dict = {}  # job → an event taken from its queue behind merged text, delivered next
     vocab = model.config.vocab_size
     started = int(time.time())
 
@@ -260,6 +261,23 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                            "rate_limit_error", None, "server_overloaded", {"Retry-After": "1"}) from None
         return job
 
+    async def next_event(job: Job):
+        """The job's next event; text events waiting behind it are merged into one: under load a
+        stream gets one SSE chunk per pass of this loop, not one per token, so writing to clients
+        does not fall behind the engine."""
+        held = job_held.pop(job, None)
+        kind, payload = held if held is not None else await job.events.get()
+        if kind != "text":
+            return kind, payload
+        parts = [payload]
+        while not job.events.empty():
+            k, p = job.events.get_nowait()
+            if k != "text":
+                job_held[job] = (k, p)
+                break
+            parts.append(p)
+        return kind, "".join(parts)
+
     async def wait_done(job: Job, request: Request) -> None:
         while True:
             try:
@@ -339,7 +357,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
             try:
                 yield P.sse(P.chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, session=sid))
                 while True:
-                    kind, payload = await job.events.get()
+                    kind, payload = await next_event(job)
                     if kind == "text":
                         yield P.sse(P.chat_chunk(rid, created, name, {"content": payload}, session=sid))
                     elif kind == "error":
@@ -398,7 +416,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         async def events():
             try:
                 while True:
-                    kind, payload = await job.events.get()
+                    kind, payload = await next_event(job)
                     if kind == "text":
                         yield P.sse(P.completion_chunk(rid, created, name, payload))
                     elif kind == "error":

@@ -37,8 +37,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     s.add_argument("--default-max-tokens", type=int, default=256)
     s.add_argument("--hot-sessions", type=int, default=64, help="session states kept in memory")
-    s.add_argument("--prefill-budget", type=int, default=256,
-                   help="prompt tokens read per decode step while other streams decode (default 256)")
+    s.add_argument("--prefill-budget", type=int, default=128,
+                   help="prompt tokens read per decode step while other streams decode (default 128)")
     s.add_argument("--prefix-cache-mb", type=int, default=256,
                    help="host memory for states of recently read prompt prefixes (0: off; default 256)")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")

@@ -83,6 +83,7 @@ class Scheduler:
         self.steps = 0
 
     def start(self) -> None:
+        self.engine.warm()  # graphs captured before the first request, not during it
         self._thread.start()
 
     def stop(self) -> None:
