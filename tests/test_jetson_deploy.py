@@ -125,7 +125,9 @@ def unit_settings() -> dict[str, list[str]]:
 
 def test_unit_settings_the_gpu_and_memory_need():
     s = unit_settings()
-    assert "PrivateDevices" not in s and "MemoryDenyWriteExecute" not in s and "PrivateUsers" not in s
+    for gpu_breaking in ("PrivateDevices", "MemoryDenyWriteExecute", "PrivateUsers", "ProtectClock", "DeviceAllow",
+                         "DevicePolicy", "ProcSubset"):
+        assert gpu_breaking not in s, gpu_breaking
     assert "SupplementaryGroups" not in s  # groups are set on the user, only where they exist
     model = s["ConditionPathExists"][0]
     assert model in s["ExecStart"][0] and "--device cuda" in s["ExecStart"][0]
