@@ -81,6 +81,19 @@ fastest_mode() {
   return 1
 }
 
+# copy_clean_tree SRC DEST: the files git tracks in SRC (as they are in the work tree), or, outside a git
+# checkout, SRC without .git, .venv and build leftovers
+copy_clean_tree() {
+  local git=(git -c "safe.directory=$1" -C "$1")  # root reading a user's checkout
+  install -d "$2"
+  if "${git[@]}" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    "${git[@]}" ls-files -z | tar -C "$1" --no-recursion --ignore-failed-read --null -cf - -T - | tar -xf - -C "$2"
+  else
+    tar -C "$1" --exclude=.git --exclude=.venv --exclude='__pycache__' --exclude='*.egg-info' -cf - . |
+      tar -xf - -C "$2"
+  fi
+}
+
 parse_args() {
   MODEL="" PORT=8000 SERVICE=1 JTOP=1 POWER_MODE="" MAXN=0 TORCH_INDEX="" TORCH_VERSION=""
   while [ $# -gt 0 ]; do
@@ -158,19 +171,13 @@ main() {
 
   # ------------------------------------------------------------ source: the tracked files only
   rm -rf "$PREFIX/src.new"
-  install -d "$PREFIX/src.new"
-  if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git -C "$src" ls-files -z | tar -C "$src" --null -T - --no-recursion --ignore-failed-read -cf - |
-      tar -xf - -C "$PREFIX/src.new"
-  else
-    tar -C "$src" --exclude=.git --exclude=.venv --exclude='__pycache__' --exclude='*.egg-info' -cf - . |
-      tar -xf - -C "$PREFIX/src.new"
-  fi
+  copy_clean_tree "$src" "$PREFIX/src.new"
   rm -rf "$PREFIX/src" && mv "$PREFIX/src.new" "$PREFIX/src"
 
   # ------------------------------------------------------------ venv
   # pip's user and system configuration is ignored: an extra index there could put PyPI's torch in.
   export PIP_CONFIG_FILE=/dev/null
+  if systemctl is-active --quiet edge-rwkv.service 2>/dev/null; then systemctl stop edge-rwkv.service; fi
   rm -rf "$PREFIX/venv"
   python3 -m venv "$PREFIX/venv"
   local pip="$PREFIX/venv/bin/pip" vpy="$PREFIX/venv/bin/python"

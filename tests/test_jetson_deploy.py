@@ -98,6 +98,28 @@ def test_power_mode_by_name(tmp_path):
     assert sh('power_mode_id MAXN "$1"', str(agx)).stdout.strip() == "0"
 
 
+def test_installed_source_is_the_clean_tree(tmp_path):
+    src, dest, plain = tmp_path / "src", tmp_path / "dest", tmp_path / "plain"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("a = 1\n")
+    (src / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(src)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (src / ".venv" / "bin").mkdir(parents=True)
+    (src / ".venv" / "bin" / "python").write_text("")
+    (src / "pkg" / "a.py").write_text("a = 2\n")  # the work tree's version is installed
+    r = sh('copy_clean_tree "$1" "$2"', str(src), str(dest))
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [".gitignore", "pkg", "pkg/a.py"]
+    assert (dest / "pkg" / "a.py").read_text() == "a = 2\n"
+    subprocess.run(["rm", "-rf", str(src / ".git")], check=True)  # not a checkout: excludes instead
+    r = sh('copy_clean_tree "$1" "$2"', str(src), str(plain))
+    assert r.returncode == 0, r.stderr
+    assert not (plain / ".venv").exists() and (plain / "pkg" / "a.py").exists()
+
+
 def test_torch_comes_from_the_jetson_index_only():
     for jp in ("6", "7"):
         lines = [ln.strip() for ln in (JETSON / f"torch-jp{jp}.txt").read_text().splitlines()
