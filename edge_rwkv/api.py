@@ -245,6 +245,17 @@ class _InferenceIter:
         return getattr(self._gen, name)
 
 
+def read_device(dev: torch.device) -> torch.device:
+    """Where a checkpoint's tensors are read to (one at a time, from the file mapping).
+
+    Straight to a GPU that shares the host's memory (a Jetson): a host copy would be a second copy of
+    the weights in the same DRAM. Elsewhere to the host, file-mapped, so that a file stored wider than
+    the model's dtype is narrowed on its way to a discrete GPU instead of landing there at full width."""
+    if dev.type == "cuda" and torch.cuda.get_device_properties(dev).is_integrated:
+        return dev
+    return torch.device("cpu")
+
+
 CPU_DEQUANT_CACHE_BYTES = 1 << 30  # on a CPU, keep dequantized fp32 matrices when they all fit in this
 
 
@@ -291,8 +302,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
          progress: bool = False) -> Model:
     """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
     dev = parse_device(device)
-    # Tensors go straight to the device, one at a time: on a Jetson the host and the GPU share one DRAM.
-    ckpt = load_checkpoint(path, progress=progress, device=dev)
+    ckpt = load_checkpoint(path, progress=progress, device=read_device(dev))
     if dtype is None:
         dtype = ckpt.metadata.get("dtype") if dev.type == "cuda" else "float32"
         dtype = dtype or ("float16" if dev.type == "cuda" else "float32")

@@ -83,3 +83,14 @@ def test_api_load_unchanged_on_cpu(tiny_model):
     a, _ = m.forward([5, 6, 7])
     b, _ = m2.forward([5, 6, 7])
     assert torch.equal(a, b)
+
+
+def test_read_device_is_the_gpu_only_where_it_shares_host_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from edge_rwkv.api import read_device
+
+    assert read_device(torch.device("cpu")) == torch.device("cpu")
+    for integrated, want in ((1, "cuda"), (0, "cpu")):  # a Jetson; a discrete GPU (narrowed on the way)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, i=integrated: SimpleNamespace(is_integrated=i))
+        assert read_device(torch.device("cuda")).type == want
