@@ -94,3 +94,28 @@ def test_read_device_is_the_gpu_only_where_it_shares_host_memory(monkeypatch):
     for integrated, want in ((1, "cuda"), (0, "cpu")):  # a Jetson; a discrete GPU (narrowed on the way)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, i=integrated: SimpleNamespace(is_integrated=i))
         assert read_device(torch.device("cuda")).type == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [None, 4], ids=["dense", "int4"])
+def test_straight_to_gpu_load_matches_the_host_read(tiny_model, monkeypatch, tmp_path, bits):
+    """The unified-memory path (tensors read to the GPU, validated and built there) on any CUDA GPU."""
+    import edge_rwkv.api as api
+
+    path = tiny_model[0]
+    if bits:
+        from edge_rwkv.checkpoint import load_checkpoint
+        from edge_rwkv.quant.policy import QuantPolicy
+        from edge_rwkv.quantize import quantize_checkpoint
+
+        tensors, meta = quantize_checkpoint(load_checkpoint(path), QuantPolicy(bits=bits, group=32))
+        path = tmp_path / "q.safetensors"
+        write_artifact(path, tensors, meta)
+    ref = load(path, device="cuda")
+    monkeypatch.setattr(api, "read_device", lambda dev: dev)
+    m = load(path, device="cuda")
+    assert m.fingerprint == ref.fingerprint
+    a, _ = ref.forward([5, 6, 7])
+    b, _ = m.forward([5, 6, 7])
+    assert torch.equal(a, b)
