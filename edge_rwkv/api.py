@@ -57,7 +57,7 @@ def model_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str
     """Identity of the trained weights, independent of file format, precision and quantization."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for name in _FINGERPRINT_TENSORS:
-        h.update(tensors[name].detach().float().reshape(-1).to(torch.float16).numpy().tobytes())
+        h.update(tensors[name].detach().float().reshape(-1).to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -233,6 +233,17 @@ def _visible_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
                         dtype=torch.bool)
 
 
+def read_device(dev: torch.device) -> torch.device:
+    """Where a checkpoint's tensors are read to (one at a time, from the file mapping).
+
+    Straight to a GPU that shares the host's memory (a Jetson): a host copy would be a second copy of
+    the weights in the same DRAM. Elsewhere to the host, file-mapped, so that a file stored wider than
+    the model's dtype is narrowed on its way to a discrete GPU instead of landing there at full width."""
+    if dev.type == "cuda" and torch.cuda.get_device_properties(dev).is_integrated:
+        return dev
+    return torch.device("cpu")
+
+
 CPU_DEQUANT_CACHE_BYTES = 1 << 30  # on a CPU, keep dequantized fp32 matrices when they all fit in this
 
 
@@ -241,7 +252,8 @@ def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, de
 
     Matrices stay quantized behind QuantLinear (GEMV kernels on CUDA, dequantize+matmul on CPU); the
     embedding is a lookup table, so an int8 embedding is dequantized once here (fp32, on the CPU) for
-    build_model to fold ln0 into; on CUDA the folded table is stored int8 again (keeps_int8_embedding).
+    build_model to fold ln0 into (fp32, on the tensors' device); on CUDA the folded table is stored int8
+    again (keeps_int8_embedding).
     On a CPU, a model whose matrices dequantize to at most CPU_DEQUANT_CACHE_BYTES keeps them
     dequantized (decoding re-unpacked every int4 matrix per token: the default model ran 12 tok/s
     instead of hundreds); bigger models dequantize per call and keep the small footprint.
@@ -278,7 +290,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
          progress: bool = False) -> Model:
     """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
     dev = parse_device(device)
-    ckpt = load_checkpoint(path, progress=progress)
+    ckpt = load_checkpoint(path, progress=progress, device=read_device(dev))
     if dtype is None:
         dtype = ckpt.metadata.get("dtype") if dev.type == "cuda" else "float32"
         dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
@@ -290,8 +302,12 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     if specs:
         tensors, make_linear = quantized_build_inputs(ckpt, specs, dt, dev)
     with torch.inference_mode():
+        # A dense checkpoint hands its tensors over (release_source): a tensor converted to another dtype
+        # never coexists with all the originals.
         net = build_model(ckpt.config, tensors, dt, dev, make_linear=make_linear, wkv=wkv,
-                          int8_embedding=keeps_int8_embedding(specs, dev))
+                          int8_embedding=keeps_int8_embedding(specs, dev), release_source=not specs)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the load's transients go back to the system (the same DRAM on a Jetson)
     return Model(net, ckpt, fingerprint, backend)
 
 

@@ -5,9 +5,19 @@ recurrent state, so on these memory-bound devices the speed limit is
 
     tok/s ≤ memory bandwidth / (weight bytes streamed per token + 2 × state bytes)
 
-and the model fits when weights + states (one per slot) + runtime overhead ≤ memory left by the
-system. Jetsons share one LPDDR memory between CPU and GPU, so the operating system's share
-comes off the same budget. The bound is a ceiling: real decoding reaches some fraction of it.
+and real decoding reaches a fraction of it (EFFICIENCY, printed beside the bound).
+
+Memory: a Jetson's CPU and GPU share one DRAM, and Linux sees less than the module's capacity (the
+firmware carves out memory for the boot processors, the secure world and the display/camera engines).
+From what Linux sees, the OS and its services take their share; the daemon then needs, at its worst,
+
+    steady state: weights + allocator slack + CUDA context + Python/torch/tokenizer
+                  + states (2 per decode slot: current and next, + one per hot session kept in memory)
+                  + step activations (logits and sampling buffers per slot, a prefill chunk)
+    load peak:    weights + the stored embedding (alive while its ln0-folded copy is built)
+                  + chunk transients + CUDA context + Python/torch/tokenizer
+
+(api.load reads tensors to the device one at a time, so no host copy of the weights is counted).
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from .errors import InputError
 
 GB = 1e9
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -26,36 +37,67 @@ class DeviceProfile:
     name: str
     title: str
     memory_bytes: int  # physical memory (shared CPU/GPU on Jetson)
+    visible_bytes: int  # estimate: what Linux sees (MemTotal) after the firmware carve-outs
     bandwidth: float  # peak memory bandwidth, bytes/s
-    reserved_bytes: int  # estimate: memory taken by the OS and services before the model loads
+    reserved_bytes: int  # estimate: memory taken by a headless OS and its services before the model loads
     source: str  # where the memory and bandwidth figures come from
 
 
-DEVICES: dict[str, DeviceProfile] = {p.name: p for p in (
-    DeviceProfile(
-        "orin-nano-8gb", "Jetson Orin Nano 8GB", 8 * GiB, 68 * GB, int(1.5 * GiB),
-        "NVIDIA Jetson Orin Nano Series datasheet / Jetson Orin module comparison: 8 GB 128-bit LPDDR5, "
-        "68 GB/s (102 GB/s in the JetPack 6.2 'Super' MAXN mode: profile orin-nano-8gb-super)"),
-    DeviceProfile(
-        "orin-nano-8gb-super", "Jetson Orin Nano 8GB (Super / MAXN SUPER)", 8 * GiB, 102 * GB, int(1.5 * GiB),
-        "NVIDIA Jetson Orin Nano Super Developer Kit announcement and JetPack 6.2 release notes: "
-        "memory clock raised, 102 GB/s"),
-    DeviceProfile(
-        "orin-nx-16gb", "Jetson Orin NX 16GB", 16 * GiB, 102.4 * GB, int(1.5 * GiB),
-        "NVIDIA Jetson Orin NX Series datasheet / Jetson Orin module comparison: 16 GB 128-bit LPDDR5, 102.4 GB/s"),
-    DeviceProfile(
-        "agx-orin-64gb", "Jetson AGX Orin 64GB", 64 * GiB, 204.8 * GB, 2 * GiB,
-        "NVIDIA Jetson AGX Orin Series datasheet / Jetson Orin module comparison: 64 GB 256-bit LPDDR5, 204.8 GB/s"),
-    DeviceProfile(
-        "thor", "Jetson AGX Thor (T5000, 128GB)", 128 * GiB, 273 * GB, 3 * GiB,
-        "NVIDIA Jetson AGX Thor Developer Kit / Jetson T5000 module specifications: 128 GB 256-bit LPDDR5X, 273 GB/s"),
-)}
+def _gib(x: float) -> int:
+    return int(x * GiB)
 
-# Reserved memory is an estimate (a headless JetPack image with its services uses roughly 1-1.5 GB on the
-# small modules; a desktop session adds more). Runtime overhead (CUDA context, allocator slack, kernels,
-# activations and the logits of a step) is an estimate too:
-RUNTIME_OVERHEAD = int(0.6 * GiB)
+
+_ORIN = ("NVIDIA Jetson Orin module data sheets / Jetson Orin module comparison: {mem}, {bw}. Visible memory "
+         "{vis} GiB is an estimate (firmware carve-outs; check MemTotal in /proc/meminfo and pass --visible)")
+_SUPER = " in the JetPack 6.2 'MAXN SUPER' power mode (memory clock raised; JetPack 6.2 release notes)"
+DEVICES: dict[str, DeviceProfile] = {p.name: p for p in (
+    DeviceProfile("orin-nano-4gb", "Jetson Orin Nano 4GB", _gib(4), _gib(3.4), 34 * GB, _gib(1.0),
+                  _ORIN.format(mem="4 GB 64-bit LPDDR5", bw="34 GB/s", vis="3.4")),
+    DeviceProfile("orin-nano-4gb-super", "Jetson Orin Nano 4GB (MAXN SUPER)", _gib(4), _gib(3.4), 51 * GB,
+                  _gib(1.0), _ORIN.format(mem="4 GB 64-bit LPDDR5", bw="51 GB/s" + _SUPER, vis="3.4")),
+    DeviceProfile("orin-nano-8gb", "Jetson Orin Nano 8GB", _gib(8), _gib(7.4), 68 * GB, _gib(1.0),
+                  _ORIN.format(mem="8 GB 128-bit LPDDR5", bw="68 GB/s (102 GB/s in MAXN SUPER: "
+                               "profile orin-nano-8gb-super)", vis="7.4")),
+    DeviceProfile("orin-nano-8gb-super", "Jetson Orin Nano 8GB (MAXN SUPER)", _gib(8), _gib(7.4), 102 * GB,
+                  _gib(1.0), _ORIN.format(mem="8 GB 128-bit LPDDR5", bw="102 GB/s" + _SUPER, vis="7.4")),
+    DeviceProfile("orin-nx-8gb", "Jetson Orin NX 8GB", _gib(8), _gib(7.4), 102.4 * GB, _gib(1.0),
+                  _ORIN.format(mem="8 GB 128-bit LPDDR5", bw="102.4 GB/s", vis="7.4")),
+    DeviceProfile("orin-nx-16gb", "Jetson Orin NX 16GB", _gib(16), _gib(15.3), 102.4 * GB, _gib(1.0),
+                  _ORIN.format(mem="16 GB 128-bit LPDDR5", bw="102.4 GB/s", vis="15.3")),
+    DeviceProfile("agx-orin-32gb", "Jetson AGX Orin 32GB", _gib(32), _gib(30.5), 204.8 * GB, _gib(1.5),
+                  _ORIN.format(mem="32 GB 256-bit LPDDR5", bw="204.8 GB/s", vis="30.5")),
+    DeviceProfile("agx-orin-64gb", "Jetson AGX Orin 64GB", _gib(64), _gib(61.3), 204.8 * GB, _gib(1.5),
+                  _ORIN.format(mem="64 GB 256-bit LPDDR5", bw="204.8 GB/s", vis="61.3")),
+    DeviceProfile("thor-t4000", "Jetson T4000 (64GB)", _gib(64), _gib(61.0), 273 * GB, _gib(1.5),
+                  "NVIDIA Jetson T4000 module announcement (JetPack 7.1, Jetson Linux 38.4): 64 GB 256-bit LPDDR5X, "
+                  "273 GB/s. Visible memory 61 GiB is an estimate (check MemTotal and pass --visible)"),
+    DeviceProfile("thor", "Jetson AGX Thor (T5000, 128GB)", _gib(128), _gib(122.0), 273 * GB, _gib(2.0),
+                  "NVIDIA Jetson AGX Thor Developer Kit / Jetson T5000 module specifications: 128 GB 256-bit "
+                  "LPDDR5X, 273 GB/s. Visible memory 122 GiB is an estimate (check MemTotal and pass --visible)"),
+)}
+ALIASES = {"thor-t5000": "thor", "agx-thor": "thor"}
+
+# The runtime's own share (estimates are marked; "measured" figures come from benchmarks/load_peak.py on a CPU,
+# torch 2.13): the CUDA context with cuBLAS and the kernels it loads is at least 1 GiB on a Jetson (not
+# measured here: no Jetson in development; the figure reviewers report for JetPack 6); the interpreter with
+# torch imported 0.22 GiB and the tokenizer's tables 0.24 GiB (measured).
+CUDA_CONTEXT = _gib(1.0)
+PROCESS_BASE = _gib(0.22 + 0.24)
+# The load's transients beyond the stored embedding: row chunks of the ln0 fold (8192 rows, fp32) and the
+# finiteness check's mask (2^24 elements), ≈0.1 GiB at the sizes measured.
+LOAD_TRANSIENT = _gib(0.1)
+# The CUDA caching allocator rounds a request up to 512 B, and one of 10 MiB or more up to 2 MiB (smaller
+# ones share pooled segments), and keeps freed blocks for reuse: slack = the weights' rounding + this
+# fraction of the other device allocations (states of the slots, step activations).
+ALLOCATOR_LARGE = 10 * MiB
+ALLOCATOR_SLACK = 0.10
+# Share of the bandwidth bound decoding reaches. MLC's published int4 decode on an Orin Nano sits at
+# 75-80 % of the bound (Llama-3.2-3B 27.7 tok/s, 43 with MAXN SUPER; Llama-3.1-8B 14 → 19): the top of
+# the range. Half the bound is the bottom: this runtime has not yet been measured on a Jetson.
+EFFICIENCY = (0.50, 0.80)
 PRECISIONS = ("fp16", "int8", "int4")
+SERVE_SLOTS = 4  # `edge-rwkv serve` defaults, which the plan follows unless told otherwise
+SERVE_HOT_SESSIONS = 64
 
 # Released RWKV-7 "World" (x070) sizes, for planning without the file. LoRA ranks are those of the
 # released checkpoints as far as they are known; they are < 2 % of the parameters either way.
@@ -68,8 +110,26 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def preset_config(name: str) -> ModelConfig | None:
+    """A released size ("rwkv7-1.5b" or "1.5b"), or a random-weight shape `edge-rwkv bench --preset` knows."""
+    key = name.lower().strip()
+    for k in (key, f"rwkv7-{key}"):
+        if k in PRESETS:
+            return PRESETS[k]
+    from .bench import HEAD_SIZE, PRESETS as BENCH_PRESETS, VOCAB
+
+    if key in BENCH_PRESETS:  # e.g. "tiny": the shape bench draws random weights for
+        from .synthetic import lora_ranks
+
+        n_layer, n_embd = BENCH_PRESETS[key]
+        r = lora_ranks(n_embd)
+        return ModelConfig(n_layer, n_embd, HEAD_SIZE, VOCAB, 4 * n_embd, r["decay"], r["aaa"], r["mv"], r["gate"])
+    return None
+
+
 def get_device(name: str) -> DeviceProfile:
     key = name.lower().strip()
+    key = ALIASES.get(key, key)
     if key not in DEVICES:
         raise InputError(f"unknown device {name!r}; known: {', '.join(DEVICES)}")
     return DEVICES[key]
@@ -103,45 +163,90 @@ def _quant_bytes(name: str, shape: tuple[int, ...], precision: str, quantize_hea
         return out * k + 2 * out if bits == 8 else out * k // 2 + 2 * out * (k // 128)
 
 
-def weight_bytes(cfg: ModelConfig, precision: str, quantize_head: bool = False) -> tuple[int, int]:
-    """(bytes resident in memory, bytes streamed per decoded token)."""
+def tensor_bytes(cfg: ModelConfig, precision: str, quantize_head: bool = False) -> dict[str, int]:
+    """Stored bytes of each weight tensor at a precision."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    resident = streamed = 0
-    for name, shape in _shapes(cfg).items():
-        b = _quant_bytes(name, shape, precision, quantize_head)
-        resident += b
-        streamed += b if name != "emb.weight" else b // shape[0]  # one embedding row per token
+    return {name: _quant_bytes(name, shape, precision, quantize_head) for name, shape in _shapes(cfg).items()}
+
+
+def weight_bytes(cfg: ModelConfig, precision: str, quantize_head: bool = False) -> tuple[int, int]:
+    """(bytes resident in memory, bytes streamed per decoded token)."""
+    sizes = tensor_bytes(cfg, precision, quantize_head)
+    resident = sum(sizes.values())
+    streamed = resident - sizes["emb.weight"] + sizes["emb.weight"] // cfg.vocab_size  # one embedding row
     return resident, streamed
 
 
-def plan(cfg: ModelConfig, device: str | DeviceProfile, slots: int = 1, quantize_head: bool = False) -> dict:
+def _allocations(shape: tuple[int, ...], stored: int) -> list[int]:
+    """The device allocations behind one stored tensor: a quantized matrix is its values plus its scales."""
+    n = math.prod(shape)
+    if stored == 2 * n:
+        return [stored]
+    values = n if stored >= n else n // 2  # int8, or int4 (the policy stores some int4 requests as int8)
+    return [values, stored - values]
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def memory_rows(cfg: ModelConfig, precision: str, slots: int, hot_sessions: int, quantize_head: bool) -> dict:
+    """The memory model of the module docstring for one precision, in bytes."""
+    sizes = tensor_bytes(cfg, precision, quantize_head)
+    weights = sum(sizes.values())
+    state = cfg.state_bytes(1)
+    states = (2 * slots + hot_sessions) * state
+    # logits fp32 + sampling buffers (probabilities, sorted copy, indices) per slot; a prefill chunk of
+    # 32 tokens through the widest layer (the FFN, fp32) for one sequence
+    activations = 4 * slots * cfg.vocab_size * 4 + 32 * cfg.dim_ffn * 4 * 4
+    slack = (sum(_round_up(b, 2 * MiB if b >= ALLOCATOR_LARGE else 512) - b
+                 for name, shape in _shapes(cfg).items() for b in _allocations(shape, sizes[name]))
+             + int(ALLOCATOR_SLACK * (slots * 2 * state + activations)))
+    runtime = CUDA_CONTEXT + PROCESS_BASE
+    steady = weights + slack + runtime + states + activations
+    load_peak = weights + sizes["emb.weight"] + LOAD_TRANSIENT + runtime
+    return {"weights_bytes": weights, "state_bytes": state, "states_bytes": states,
+            "activation_bytes": activations, "slack_bytes": slack, "runtime_bytes": runtime,
+            "steady_bytes": steady, "load_peak_bytes": load_peak, "total_bytes": max(steady, load_peak)}
+
+
+def plan(cfg: ModelConfig, device: str | DeviceProfile, slots: int = SERVE_SLOTS,
+         hot_sessions: int = SERVE_HOT_SESSIONS, quantize_head: bool = False,
+         visible_bytes: int | None = None) -> dict:
     dev = device if isinstance(device, DeviceProfile) else get_device(device)
     if slots < 1:
         raise InputError("slots must be ≥ 1")
+    if hot_sessions < 0:
+        raise InputError("hot sessions must be ≥ 0")
+    visible = dev.visible_bytes if visible_bytes is None else visible_bytes
+    if not 0 < visible <= dev.memory_bytes:
+        raise InputError(f"visible memory must lie in (0, {dev.memory_bytes / GiB:.1f}] GiB for {dev.title}")
+    budget = visible - dev.reserved_bytes
     state = cfg.state_bytes(1)
-    budget = dev.memory_bytes - dev.reserved_bytes
     rows = []
     for p in PRECISIONS:
-        resident, streamed = weight_bytes(cfg, p, quantize_head)
-        need = resident + slots * state + RUNTIME_OVERHEAD
+        _, streamed = weight_bytes(cfg, p, quantize_head)
+        mem = memory_rows(cfg, p, slots, hot_sessions, quantize_head)
         per_token = streamed + 2 * state
+        bound = dev.bandwidth / per_token
         rows.append({
-            "precision": p, "weights_bytes": resident, "state_bytes": slots * state,
-            "overhead_bytes": RUNTIME_OVERHEAD, "total_bytes": need, "fits": need <= budget,
-            "headroom_bytes": budget - need, "bytes_per_token": per_token,
-            "tok_s_bound": dev.bandwidth / per_token,
+            "precision": p, **mem, "fits": mem["total_bytes"] <= budget,
+            "headroom_bytes": budget - mem["total_bytes"], "bytes_per_token": per_token,
+            "tok_s_bound": bound, "tok_s_expected": [bound * e for e in EFFICIENCY],
             "tok_s_bound_batch": slots * dev.bandwidth / (streamed + 2 * slots * state),
         })
     fitting = [r["precision"] for r in rows if r["fits"]]
-    return {"device": asdict(dev), "config": cfg.to_dict(), "slots": slots, "budget_bytes": budget,
+    return {"device": asdict(dev), "config": cfg.to_dict(), "slots": slots, "hot_sessions": hot_sessions,
+            "visible_bytes": visible, "budget_bytes": budget, "efficiency": list(EFFICIENCY),
             "rows": rows, "recommended": fitting[0] if fitting else None}
 
 
 def config_of(model: str) -> ModelConfig:
-    """A preset name (rwkv7-1.5b, …) or a model file (safetensors header only when possible)."""
-    if model.lower() in PRESETS:
-        return PRESETS[model.lower()]
+    """A preset name (rwkv7-1.5b, 1.5b, …) or a model file (safetensors header only when possible)."""
+    preset = preset_config(model)
+    if preset is not None:
+        return preset
     from pathlib import Path
 
     from .checkpoint import derive_config, load_checkpoint, read_safetensors_header
@@ -149,7 +254,8 @@ def config_of(model: str) -> ModelConfig:
 
     path = Path(model)
     if not path.is_file():
-        raise InputError(f"{model}: no such model file (or use a preset: {', '.join(PRESETS)})")
+        names = ", ".join(PRESETS) + " (or without the rwkv7- prefix)"
+        raise InputError(f"{model}: no such model file (or use a preset: {names})")
     if path.suffix == ".safetensors":
         try:
             header, meta = read_safetensors_header(path)
@@ -161,15 +267,17 @@ def config_of(model: str) -> ModelConfig:
     return load_checkpoint(path).config
 
 
-def plan_model(model: str, device: str, slots: int = 1, quantize_head: bool = False) -> dict:
-    result = plan(config_of(model), device, slots, quantize_head)
+def plan_model(model: str, device: str, slots: int = SERVE_SLOTS, hot_sessions: int = SERVE_HOT_SESSIONS,
+               quantize_head: bool = False, visible_bytes: int | None = None) -> dict:
+    result = plan(config_of(model), device, slots, hot_sessions, quantize_head, visible_bytes)
     result["model"] = model
     return result
 
 
 def _h(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """Binary units, named as such (GiB, not GB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
@@ -177,25 +285,43 @@ def _h(n: float) -> str:
 
 def format_plan(r: dict) -> str:
     d, c = r["device"], r["config"]
+    lo, hi = r["efficiency"]
     lines = [
-        f"{d['title']}: {_h(d['memory_bytes'])} shared memory, {d['bandwidth'] / GB:.1f} GB/s peak bandwidth",
+        f"{d['title']}: {_h(d['memory_bytes'])} shared CPU/GPU memory, ≈{_h(r['visible_bytes'])} visible to Linux "
+        f"(firmware carve-outs), {d['bandwidth'] / GB:.1f} GB/s peak bandwidth",
         f"  source: {d['source']}",
-        f"  budget for the model: {_h(r['budget_bytes'])} (≈{_h(d['reserved_bytes'])} reserved for the system, estimate)",
+        f"  budget: {_h(r['budget_bytes'])} (visible − ≈{_h(d['reserved_bytes'])} for a headless OS and its "
+        f"services, estimate)",
         f"model {r.get('model', '')}: {c['n_layer']} layers, width {c['n_embd']}, vocab {c['vocab_size']}; "
-        f"{r['slots']} slot(s)",
+        f"state {_h(r['rows'][0]['state_bytes'])} per sequence; {r['slots']} slot(s), {r['hot_sessions']} hot "
+        f"session(s)",
         "",
-        f"{'precision':9s} {'weights':>10s} {'state':>10s} {'overhead':>9s} {'total':>10s} {'fits':>5s} "
-        f"{'tok/s bound':>12s}" + (f" {'batch tok/s':>12s}" if r["slots"] > 1 else ""),
+        f"{'precision':9s} {'weights':>10s} {'states':>10s} {'runtime':>10s} {'slack':>10s} {'steady':>10s} "
+        f"{'load peak':>10s} {'fits':>5s} {'tok/s bound':>11s} {'expected':>13s}",
     ]
     for row in r["rows"]:
+        exp = row["tok_s_expected"]
         lines.append(
-            f"{row['precision']:9s} {_h(row['weights_bytes']):>10s} {_h(row['state_bytes']):>10s} "
-            f"{_h(row['overhead_bytes']):>9s} {_h(row['total_bytes']):>10s} {'yes' if row['fits'] else 'NO':>5s} "
-            f"{row['tok_s_bound']:>12.1f}" + (f" {row['tok_s_bound_batch']:>12.1f}" if r["slots"] > 1 else ""))
+            f"{row['precision']:9s} {_h(row['weights_bytes']):>10s} {_h(row['states_bytes']):>10s} "
+            f"{_h(row['runtime_bytes'] + row['activation_bytes']):>10s} {_h(row['slack_bytes']):>10s} "
+            f"{_h(row['steady_bytes']):>10s} {_h(row['load_peak_bytes']):>10s} {'yes' if row['fits'] else 'NO':>5s} "
+            f"{row['tok_s_bound']:>11.1f} {exp[0]:>6.1f}–{exp[1]:<6.1f}")
     rec = r["recommended"]
-    lines.append("")
-    lines.append(f"recommended: {rec} (the most precise that fits)" if rec else
-                 "recommended: none — the model does not fit this device at any precision")
-    lines.append("tok/s bound = bandwidth / (weight bytes read per token + 2 × state); real decoding reaches a "
-                 "fraction of it")
+    lines += [
+        "",
+        f"recommended: {rec} (the most precise that fits)" if rec else
+        "recommended: none — the model does not fit this device at any precision (try fewer --hot-sessions "
+        "or --slots, or a smaller model)",
+        f"states = (2 per slot + 1 per hot session) × state; runtime = CUDA context ≈{_h(CUDA_CONTEXT)} "
+        f"(estimate) + interpreter, torch and tokenizer {_h(PROCESS_BASE)} + step activations;",
+        "load peak = weights + the stored embedding + chunk transients + runtime (tensors go to the GPU one at "
+        "a time); fits = max(steady, load peak) ≤ budget",
+        f"tok/s bound = bandwidth / (weight bytes read per token + 2 × state), one sequence; expected = bound × "
+        f"{lo:.2f}–{hi:.2f} (MLC's int4 decode on an Orin Nano reaches 75–80 % of its bound; this runtime is "
+        "not yet measured on a Jetson)",
+    ]
+    if r["slots"] > 1:
+        lines.append(f"all {r['slots']} slots decoding together: ≤ "
+                     + ", ".join(f"{row['precision']} {row['tok_s_bound_batch']:.0f}" for row in r["rows"])
+                     + " tok/s in total (bound)")
     return "\n".join(lines)

@@ -206,42 +206,53 @@ def channel_mix(L: Layer, x, prev_x, dtype):
 
 # --------------------------------------------------------------------------- building from tensors
 
-EMB_CHUNK_ROWS = 8192  # rows folded and quantized at a time: the fp32 transient stays ≤ 128 MB at C=4096
+EMB_CHUNK_ROWS = 8192  # rows folded at a time: the fp32 transient stays ≤ 128 MB at C=4096
 
 
 def folded_embedding(emb: torch.Tensor, ln0, dtype: torch.dtype, device, int8: bool) -> torch.Tensor | Int8Rows:
     """layer_norm(emb, ln0) as the lookup table: dense in `dtype`, or Int8Rows (`int8`).
 
     ln0 applies to the embedding only, so it is folded in once (as the reference implementation does).
-    The int8 table is built chunk by chunk so the whole fp32 table never sits on the device."""
-    if not int8:
-        return layer_norm(emb.to(device), ln0).to(dtype)
+    The table is built chunk by chunk so the whole fp32 table (1 GiB at V=65536, C=4096) never sits on
+    the device: on a Jetson that transient would come out of the same memory as the weights."""
     V, C = emb.shape
-    q = torch.empty(V, C, dtype=torch.int8, device=device)
-    scale = torch.empty(V, 1, dtype=torch.float32, device=device)
+    if int8:
+        q = torch.empty(V, C, dtype=torch.int8, device=device)
+        scale = torch.empty(V, 1, dtype=torch.float32, device=device)
+    else:
+        table = torch.empty(V, C, dtype=dtype, device=device)
     for s in range(0, V, EMB_CHUNK_ROWS):
         e = min(V, s + EMB_CHUNK_ROWS)
-        q[s:e], scale[s:e] = quantize_rows(layer_norm(emb[s:e].to(device), ln0))
-    return Int8Rows(q, scale, dtype)
+        rows = layer_norm(emb[s:e].to(device), ln0)
+        if int8:
+            q[s:e], scale[s:e] = quantize_rows(rows)
+        else:
+            table[s:e] = rows
+    return Int8Rows(q, scale, dtype) if int8 else table
 
 
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device,
                 make_linear: Callable[[str], Linear] | None = None, wkv: WKVFn = wkv7_reference,
-                int8_embedding: bool = False) -> RWKV7:
+                int8_embedding: bool = False, release_source: bool = False) -> RWKV7:
     """Assemble the network from official-name tensors. `make_linear(name)` may return quantized linears;
-    `int8_embedding` keeps the (ln0-folded) embedding as Int8Rows instead of a dense `dtype` table."""
+    `int8_embedding` keeps the (ln0-folded) embedding as Int8Rows instead of a dense `dtype` table.
+    `release_source` removes each tensor from `tensors` once it is placed, so a tensor converted to another
+    dtype or device never coexists with all the originals (unified memory: one DRAM for both)."""
+    def take(name):
+        return tensors.pop(name) if release_source else tensors[name]
+
     def vec(name):
-        return tensors[name].reshape(-1).to(device=device, dtype=torch.float32)
+        return take(name).reshape(-1).to(device=device, dtype=torch.float32)
 
     def mat(name):
-        return tensors[name].to(device=device, dtype=dtype)
+        return take(name).to(device=device, dtype=dtype)
 
     def dense(name):
         return DenseLinear(mat(name))
 
     linear = make_linear or dense
     ln0 = (vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"))
-    emb = folded_embedding(tensors["emb.weight"], ln0, dtype, device, int8_embedding)
+    emb = folded_embedding(take("emb.weight"), ln0, dtype, device, int8_embedding)
     layers = []
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
@@ -253,7 +264,7 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
             mix=torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]),
             w0=vec(a + "w0"), a0=vec(a + "a0"), v0=vec(a + "v0") if has_v else None,
             k_k=vec(a + "k_k"), k_a=vec(a + "k_a"),
-            r_k=tensors[a + "r_k"].to(device=device, dtype=torch.float32),
+            r_k=take(a + "r_k").to(device=device, dtype=torch.float32),
             w1=mat(a + "w1"), w2=mat(a + "w2"), a1=mat(a + "a1"), a2=mat(a + "a2"),
             v1=mat(a + "v1") if has_v else None, v2=mat(a + "v2") if has_v else None,
             g1=mat(a + "g1"), g2=mat(a + "g2"),

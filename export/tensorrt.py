@@ -72,6 +72,10 @@ def build_engines(folder: str | Path, graphs=None, workspace: int = WORKSPACE_BY
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
+        # TensorRT >= 10.15 lets a registered `wkv7` plugin replace the rwkv7.wkv7 local function only with
+        # this flag (10.7-10.14 prefer the plugin unasked; older parsers expand the function body).
+        if hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+            parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise EdgeRWKVError(f"{onnx_path.name}: TensorRT could not parse the graph: {errors}")
