@@ -10,13 +10,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, read_time_states
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
 from .generate import Generation, decode_one, prefill
 from .model import RWKV7, build_model
 from .sampling import SamplingParams
-from .state import State
+from .state import State, is_state_file
 from .tokenizer import default_tokenizer
 
 _DTYPES = {
@@ -103,6 +103,21 @@ class Model:
 
     def load_state(self, path) -> State:
         return State.load(path, device=self.device, expect_fingerprint=self.fingerprint)
+
+    def initial_state(self, path) -> State:
+        """A starting state read from a file, to pass as `state=` to forward / stream / generate / chat.
+
+        Either an edge-rwkv state file of this model (one sequence), or an RWKV-PEFT state-tuning file
+        (`blocks.{i}.att.time_state`, .pth or safetensors): its tuned WKV matrices with token-shift rows
+        at zero, as the state-tuning trainer starts every sequence."""
+        if is_state_file(path):
+            state = self.load_state(path)
+            if state.batch != 1:
+                raise StateError(f"{path}: holds {state.batch} sequences; an initial state has one")
+            return state
+        state = self.new_state()
+        state.wkv.copy_(read_time_states(path, self.config)[:, None].to(self.device))
+        return state
 
     def check_state(self, state: State, batch: int | None = None) -> None:
         if not isinstance(state, State):

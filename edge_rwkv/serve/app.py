@@ -3,6 +3,8 @@
     POST /v1/chat/completions   (stream or not; extra body field "session": continue that session)
     POST /v1/completions        (raw text or token-id prompt)
     GET  /v1/models             GET /health
+Both generation endpoints take an extra field "initial_state": the name of a state in --init-states (a
+state-tuned persona), which the request starts from instead of the zero state; /v1/models lists them.
     POST /v1/sessions           GET /v1/sessions   GET|DELETE /v1/sessions/{id}   POST /v1/sessions/{id}/fork
     GET  /                      the web chat page
 
@@ -27,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import TURN_END, clean_message, user_turn
-from ..errors import InputError
+from ..errors import EdgeRWKVError, InputError
 from ..sampling import SamplingParams
 from . import protocol as P
 from .protocol import APIError
@@ -56,6 +58,28 @@ class ServeConfig:
     hot_sessions: int = 64
     model_name: str | None = None
     allowed_hosts: list[str] = field(default_factory=list)
+    init_states_dir: str | None = None  # folder of named initial states (state-tuning or edge-rwkv state files)
+
+
+INIT_STATE_SUFFIXES = (".pth", ".pt", ".safetensors", ".state")
+
+
+def load_initial_states(model, folder: str | None) -> dict:
+    """name (file stem) → State for every state file in `folder`; a bad file stops the daemon at start."""
+    if folder is None:
+        return {}
+    d = Path(folder)
+    if not d.is_dir():
+        raise EdgeRWKVError(f"{d}: --init-states must be a folder of state files")
+    states = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix in INIT_STATE_SUFFIXES:
+            if not P.STATE_NAME.match(f.stem):
+                raise EdgeRWKVError(f"{f}: initial state names are letters, digits, '_' or '-' (rename the file)")
+            if f.stem in states:
+                raise EdgeRWKVError(f"{d}: two files are named {f.stem!r}")
+            states[f.stem] = model.initial_state(f)
+    return states
 
 
 def is_loopback(host: str) -> bool:
@@ -133,6 +157,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions)
     sched = Scheduler(model, cfg.max_slots, cfg.queue)
     model_name = cfg.model_name or Path(str(model.path)).stem
+    initial_states = load_initial_states(model, cfg.init_states_dir)
     busy: dict[str, object] = {}  # session id → the request continuing it
     vocab = model.config.vocab_size
     started = int(time.time())
@@ -184,7 +209,8 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "edge-rwkv", "fingerprint": model.fingerprint}]}
+                                            "owned_by": "edge-rwkv", "fingerprint": model.fingerprint,
+                                            "initial_states": sorted(initial_states)}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -238,6 +264,16 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         return store.public(await run(store.fork, sid, new, title))
 
     # ------------------------------------------------------------------ generation
+    def initial_state(name: str | None):
+        """The named initial state (a copy: a job advances its state), or None."""
+        if name is None:
+            return None
+        if name not in initial_states:
+            have = ", ".join(sorted(initial_states)) or "none (start the server with --init-states DIR)"
+            raise P.bad(f"unknown initial_state '{name}'; this server has: {have}", "initial_state",
+                        "unknown_initial_state")
+        return initial_states[name].clone()
+
     def make_job(tokens, sampling, state=None, close_turn=False, chat=False) -> Job:
         if len(tokens) > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(tokens)} tokens; this server accepts at most "
@@ -292,10 +328,15 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                 if state is None:
                     system = meta.get("system") or next((m["content"] for m in req.messages
                                                          if m["role"] == "system"), None)
+                    state = initial_state(req.initial_state)
+                elif req.initial_state is not None:
+                    raise P.bad("'initial_state' starts a conversation; this session already has turns",
+                                "initial_state")
                 prompt = user_turn(message, system)
                 close_turn = True
             else:
                 prompt = P.render_messages(req.messages)
+                state = initial_state(req.initial_state)
             sampling = dict(req.sampling, stop=tuple(req.sampling["stop"]) + (TURN_END,))
             job = make_job(model.tokenizer.encode(prompt), sampling, state, close_turn, chat=True)
         except BaseException:
@@ -380,7 +421,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     async def completions(request: Request):
         req = P.parse_completion(await read_json(request), cfg, vocab)
         tokens = model.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-        job = make_job(tokens, req.sampling)
+        job = make_job(tokens, req.sampling, initial_state(req.initial_state))
         rid = P.new_id("cmpl")
         created = int(time.time())
         name = req.model or model_name

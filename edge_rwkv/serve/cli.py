@@ -38,6 +38,9 @@ def register(sub) -> None:
     s.add_argument("--default-max-tokens", type=int, default=256)
     s.add_argument("--hot-sessions", type=int, default=64, help="session states kept in memory")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
+    s.add_argument("--init-states", default=None, metavar="DIR",
+                   help="folder of named initial states (RWKV-PEFT state-tuning or edge-rwkv state files; the file "
+                        "name without suffix is the name a request gives as \"initial_state\")")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
@@ -88,7 +91,8 @@ def cmd_serve(a) -> int:
                       max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
                       max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
-                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [])
+                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
+                      init_states_dir=a.init_states)
     app = create_app(model, cfg)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "
