@@ -234,7 +234,9 @@ class Model:
 
     def describe(self) -> dict:
         c = self.config
-        return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
+        arch = f"RWKV-7a x070 + DeepEmbed (rank {c.deep_embed})" if c.deep_embed else "RWKV-7 x070"
+        return {"architecture": arch, "config": c.to_dict(), "n_head": c.n_head,
+                "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
                 "decode": self._decode_how(), "prefill": self._prefill_how(), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}

@@ -62,7 +62,9 @@ def canonical_name(name: str) -> str:
 
 _OTHER_VERSIONS = (
     # (marker regex on key names, message)
-    (r"\.ffn\.(s_emb|s0|s1|s2)\b|deepemb|\.s_emb\.", "RWKV-7a (DeepEmbed) — only plain RWKV-7 x070 is supported"),
+    (r"^blocks\.\d+\.qkv\.", "RWKV-7b (DeepEmbedAttention): its attention keeps every past token's keys and "
+                              "values, so memory grows with the context — refused, this runtime keeps a "
+                              "constant-size state"),
     (r"\.att\.time_maa_x$|\.att\.time_decay_w1$", "RWKV-6 (x060)"),
     (r"\.att\.time_faaaa$", "RWKV-5 (x052/x060 family)"),
     (r"\.att\.time_first$", "RWKV-4"),
@@ -253,8 +255,11 @@ def derive_config(tensors: dict[str, torch.Tensor], path: str = "<memory>", shap
         mv = 0  # a one-layer model without the (unused) layer-0 value LoRA
     if H * N != C:
         raise CheckpointError(f"{path}: r_k shape {H}x{N} does not match embedding width {C}")
+    # RWKV-7a: DeepEmbed tensors in the FFN; their rank D comes from s1 [C, D]
+    deep = _pair(shapes["blocks.0.ffn.s1"], "blocks.0.ffn.s1", path)[1] if "blocks.0.ffn.s1" in shapes else 0
     return ModelConfig(n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab, dim_ffn=F,
-                       decay_lora=ranks["w1"], aaa_lora=ranks["a1"], mv_lora=mv, gate_lora=ranks["g1"])
+                       decay_lora=ranks["w1"], aaa_lora=ranks["a1"], mv_lora=mv, gate_lora=ranks["g1"],
+                       deep_embed=deep)
 
 
 def _pair(shape, name, path):
@@ -288,7 +293,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[k] = (F, C)
             elif short == "ffn.value.weight":
                 shapes[k] = (C, F)
+        if cfg.deep_embed:
+            shapes.update(deep_embed_shapes(cfg, i))
     return shapes
+
+
+def deep_embed_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """RWKV-7a's DeepEmbed tensors of layer i: a per-token D×D table (s_emb, plus s_emb_x applied to the
+    ln0-normed embedding) and the FFN-key scale around it (s1 [C, D], s2 [D, F], s0 [1, 1, F])."""
+    C, F, V, D = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.deep_embed
+    f = f"blocks.{i}.ffn."
+    return {f + "s_emb.weight": (V, D * D), f + "s_emb_x.weight": (D * D, C), f + "s0": (1, 1, F),
+            f + "s1": (C, D), f + "s2": (D, F)}
 
 
 def _same_shape(actual, expected) -> bool:
@@ -678,6 +694,9 @@ def write_hf_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], c
     from .fileio import atomic_write_bytes, fsync_dir
 
     dest = Path(path)
+    if cfg.deep_embed:
+        raise CheckpointError(f"{dest}: the fla layout has no RWKV-7a DeepEmbed tensors; keep this model as an "
+                              "official file or an edge-rwkv artifact")
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise CheckpointError(f"{dest}: already exists; choose a new folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
