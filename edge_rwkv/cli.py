@@ -108,7 +108,8 @@ def cmd_info(a) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"file            {info['file']}  ({human_bytes(info['file_bytes'])}, {kind})")
-    print(f"architecture    RWKV-7 x070: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads × {cfg.head_size}, "
+    arch = f"RWKV-7a x070 + DeepEmbed rank {cfg.deep_embed}" if cfg.deep_embed else "RWKV-7 x070"
+    print(f"architecture    {arch}: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads × {cfg.head_size}, "
           f"ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}")
     print(f"LoRA ranks      decay {cfg.decay_lora}, a {cfg.aaa_lora}, v {cfg.mv_lora}, gate {cfg.gate_lora}")
     print(f"parameters      {n_params:,}  (fp32 {human_bytes(n_params * 4)}, fp16 {human_bytes(n_params * 2)}, "
