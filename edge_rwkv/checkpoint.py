@@ -608,8 +608,7 @@ def _check_hf_shapes(shapes: dict[str, tuple], cfg: ModelConfig, table: dict, ti
                               "in the fla layout")
     for name, shape in want.items():
         if tuple(shapes[name]) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(shapes[name])}, expected {list(shape)} "
-                                  "(from config.json)")
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(shapes[name])}, expected {list(shape)}")
 
 
 def _read_hf_tensors(where: dict[str, Path]) -> dict[str, torch.Tensor]:

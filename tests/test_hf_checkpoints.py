@@ -210,6 +210,10 @@ def test_official_to_hf_to_loader_is_exact(sd, tmp_path, dtype):
 
 def test_hf_output_never_replaces_an_existing_folder(sd, tmp_path, capsys):
     torch.save(sd, tmp_path / "m.pth")
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder (made beforehand, e.g. a mount point's child) is filled
+    assert cli_main(["convert", str(tmp_path / "m.pth"), "-o", str(empty), "--format", "hf"]) == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

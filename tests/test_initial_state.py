@@ -218,6 +218,14 @@ def test_daemon_named_initial_states(world, tmp_path):
                                                    "max_tokens": 6, "temperature": 0, "initial_state": "pirate"})
         assert chat.json()["choices"][0]["message"]["content"] == m.chat(state=init, temperature=0,
                                                                          max_tokens=6).ask("Hi")
+        # a session starts from the tuned state; once it has turns, its own state is what continues
+        sid = c.post("/v1/sessions", json={}).json()["id"]
+        turn = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+                "session": sid, "initial_state": "pirate"}
+        first = c.post("/v1/chat/completions", json=turn)
+        assert first.json()["choices"][0]["message"]["content"] == chat.json()["choices"][0]["message"]["content"]
+        again = c.post("/v1/chat/completions", json=turn)
+        assert again.status_code == 400 and again.json()["error"]["param"] == "initial_state"
         for bad, code in (("ninja", "unknown_initial_state"), ("../x", "invalid_value"), (5, "invalid_type")):
             r = c.post("/v1/completions", json={**body, "initial_state": bad})
             assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
