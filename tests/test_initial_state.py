@@ -242,3 +242,15 @@ def test_daemon_refuses_a_bad_state_folder(world, tmp_path):
     m = edge_rwkv.load(world / "m.safetensors")
     with pytest.raises(EdgeRWKVError, match="half.pth"):
         create_app(m, ServeConfig(str(tmp_path / "data"), init_states_dir=str(states)))
+
+
+def test_serve_command_takes_a_state_folder(world, tmp_path):
+    import httpx
+
+    from edge_rwkv.serve.testing import ServerProcess
+
+    states = tmp_path / "states"
+    states.mkdir()
+    (states / "pirate.pth").write_bytes((world / "pirate.pth").read_bytes())
+    with ServerProcess(world / "m.safetensors", tmp_path / "data", "--init-states", str(states)) as srv:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["initial_states"] == ["pirate"]
