@@ -378,3 +378,29 @@ def test_bad_index(sd, tmp_path):
 
 def test_directory_without_config(tmp_path):
     rejected(tmp_path, "without config.json")
+
+
+# --------------------------------------------------------------------------- against fla itself (where installed)
+
+def test_folders_load_in_fla_and_back(sd, tmp_path):
+    """Our --format hf folder is what fla's RWKV7ForCausalLM loads key for key, and what fla saves
+    (single file and sharded) loads here as the original weights."""
+    pytest.importorskip("fla.models")
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edge_rwkv.checkpoint import load_checkpoint
+
+    torch.save(sd, tmp_path / "m.pth")
+    assert cli_main(["convert", str(tmp_path / "m.pth"), "-o", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    ours = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    fla_model = RWKV7ForCausalLM(RWKV7Config(**json.loads((tmp_path / "hf" / "config.json").read_text())))
+    assert not any(fla_model.load_state_dict(ours, strict=True))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
+    loaded.save_pretrained(str(tmp_path / "fla1"))
+    loaded.save_pretrained(str(tmp_path / "fla3"), max_shard_size="200KB")
+    assert len(list((tmp_path / "fla3").glob("model-*.safetensors"))) > 1
+    for folder in ("fla1", "fla3"):
+        same_tensors(load_checkpoint(tmp_path / folder).tensors, sd)
