@@ -305,7 +305,8 @@ def keeps_int8_embedding(specs: dict, device: torch.device) -> bool:
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
          progress: bool = False) -> Model:
-    """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
+    """Load an official .pth, a safetensors checkpoint, an edge-rwkv artifact (quantized or not) or a
+    Hugging Face / fla folder (config.json + model.safetensors or shards)."""
     dev = parse_device(device)
     ckpt = load_checkpoint(path, progress=progress)
     if dtype is None:

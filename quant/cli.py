@@ -9,7 +9,7 @@ def register(sub) -> None:
                        description="Quantize the big matrices of a model to int8 (per output channel) or int4 "
                                    "(group-wise along K), optionally calibrated on text (awq / gptq), and write "
                                    "an artifact that `edge_rwkv.load` reads on CPU and GPU.")
-    s.add_argument("model", help="official .pth, safetensors or an unquantized edge-rwkv artifact")
+    s.add_argument("model", help="official .pth, safetensors, an unquantized edge-rwkv artifact or a Hugging Face folder")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--bits", type=int, choices=(8, 4), required=True)
     s.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="int4 group along K")

@@ -18,7 +18,8 @@ def register(sub) -> None:
                                    "sessions (each conversation is a state file under --data-dir) and a web chat "
                                    "page at /.")
     s.add_argument("model", nargs="?", default=None,
-                   help="model file: official .pth, safetensors, or an edge-rwkv artifact (default: the embedded model)")
+                   help="model: official .pth, safetensors, an edge-rwkv artifact or a Hugging Face folder "
+                        "(default: the embedded model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
