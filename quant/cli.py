@@ -26,10 +26,9 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
-    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
     from edge_rwkv.cli import human_bytes, parameter_count
     from edge_rwkv.errors import EdgeRWKVError, InputError
-    from edge_rwkv.fileio import sha256_file
     from edge_rwkv.quantize import default_calibration_tokens, quantize_checkpoint
     from edge_rwkv.api import parse_device
     from edge_rwkv.artifact import write_artifact
@@ -62,7 +61,7 @@ def run(a) -> int:
                 raise InputError(f"{a.calib}: calibration text is too short ({len(calib)} tokens)")
         else:
             calib = default_calibration_tokens(tok, a.calib_tokens)
-    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=sha256_file(src),
+    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=source_sha256(src),
                                         device=device)
     write_artifact(dst, tensors, meta)
     fp16 = parameter_count(ckpt.config) * 2

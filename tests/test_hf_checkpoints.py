@@ -208,6 +208,17 @@ def test_official_to_hf_to_loader_is_exact(sd, tmp_path, dtype):
     assert (tmp_path / "hf2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+def test_other_commands_take_a_folder(sd, tmp_path, capsys):
+    from edge_rwkv.checkpoint import source_sha256
+
+    folder = write_folder(tmp_path / "hf", sd, shards=2)
+    assert cli_main(["quantize", str(folder), "-o", str(tmp_path / "q.safetensors"), "--bits", "8"]) == 0
+    assert edge_rwkv.load(tmp_path / "q.safetensors").metadata["source_sha256"] == source_sha256(folder)
+    capsys.readouterr()
+    assert cli_main(["plan", str(folder), "--json"]) == 0
+    assert '"n_layer": 2' in capsys.readouterr().out
+
+
 def test_hf_output_never_replaces_an_existing_folder(sd, tmp_path, capsys):
     torch.save(sd, tmp_path / "m.pth")
     empty = tmp_path / "empty"
