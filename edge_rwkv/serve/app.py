@@ -3,10 +3,10 @@
     POST /v1/chat/completions   (stream or not; extra body field "session": continue that session)
     POST /v1/completions        (raw text or token-id prompt)
     GET  /v1/models             GET /health
-Both generation endpoints take an extra field "initial_state": the name of a state in --init-states (a
-state-tuned persona), which the request starts from instead of the zero state; /v1/models lists them.
     POST /v1/sessions           GET /v1/sessions   GET|DELETE /v1/sessions/{id}   POST /v1/sessions/{id}/fork
     GET  /                      the web chat page
+Both generation endpoints take an extra field "initial_state": the name of a state in --init-states (a
+state-tuned persona), which the request (or a session's first turn) starts from; /v1/models lists them.
 
 Safe defaults: loopback bind, Host-header check against DNS rebinding while bound to loopback,
 optional bearer API key (not needed for /health and the page), CORS only for named origins, a cap
