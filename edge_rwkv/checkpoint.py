@@ -406,13 +406,9 @@ def hf_name_map(n_layer: int) -> dict[str, tuple[str, str]]:
                 m[f"{b}ln0.{wb}"] = (f"{hb}pre_norm.{wb}", _SAME)
         for x in HF_MIX_ORDER:
             m[a + x] = (ha + x, _SAME)
-        for letter, module in HF_LORA.items():
-            if letter == "v" and i == 0:
-                continue  # the first layer's value LoRA is unused, and fla has none
-            m[f"{a}{letter}1"] = (f"{ha}{module}.lora.0.weight", _T)
-            m[f"{a}{letter}2"] = (f"{ha}{module}.lora.2.weight", _T)
-            if letter != "g":
-                m[f"{a}{letter}0"] = (f"{ha}{module}.lora.2.bias", _FLAT)
+        for letter in HF_LORA:
+            if letter != "v" or i > 0:  # the first layer's value LoRA is unused, and fla has none
+                m.update(_hf_lora(i, letter))
         for n in ("k_k", "k_a"):
             m[a + n] = (ha + n, _FLAT)
         m[a + "r_k"] = (ha + "r_k", _SAME)
@@ -422,6 +418,18 @@ def hf_name_map(n_layer: int) -> dict[str, tuple[str, str]]:
         for n in ("key", "value"):
             m[f"{b}ffn.{n}.weight"] = (f"{hb}ffn.{n}.weight", _SAME)
     return m
+
+
+def _hf_lora(i: int, letter: str) -> dict[str, tuple[str, str]]:
+    a, ha = f"blocks.{i}.att.", f"model.layers.{i}.attn.{HF_LORA[letter]}.lora."
+    m = {f"{a}{letter}1": (ha + "0.weight", _T), f"{a}{letter}2": (ha + "2.weight", _T)}
+    if letter != "g":
+        m[f"{a}{letter}0"] = (ha + "2.bias", _FLAT)
+    return m
+
+
+# Older fla builds made a value LoRA in layer 0 too (unused there, as in official files): read, not required.
+HF_LAYER0_VALUE = _hf_lora(0, "v")
 
 
 def to_hf_tensor(t: torch.Tensor, how: str) -> torch.Tensor:
@@ -601,7 +609,8 @@ def _check_hf_shapes(shapes: dict[str, tuple], cfg: ModelConfig, table: dict, ti
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{more}")
-    unexpected = sorted(set(shapes) - set(want) - old_mix)
+    unused = {hf for hf, _ in HF_LAYER0_VALUE.values()}
+    unexpected = sorted(set(shapes) - set(want) - old_mix - unused)
     if unexpected:
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{where}: unexpected tensor(s) {unexpected[:5]}{more} — not part of RWKV-7 x070 "
@@ -645,7 +654,7 @@ def load_hf_folder(path: str | os.PathLike, progress: bool = False) -> Checkpoin
     hf_tensors = _read_hf_tensors(where)
     check_values(hf_tensors, str(folder), progress=progress)
     tensors = {}
-    for official, (hf, how) in table.items():
+    for official, (hf, how) in {**table, **HF_LAYER0_VALUE}.items():
         if hf in hf_tensors:
             tensors[official] = from_hf_tensor(hf_tensors[hf], how)
     for i in range(cfg.n_layer):

@@ -150,6 +150,17 @@ def test_fused_mix_of_older_fla_folders(sd, tmp_path):
     same_tensors(load_checkpoint(write_folder(tmp_path / "v1", sd, hf=hf)).tensors, sd)
 
 
+def test_layer0_value_lora_of_older_fla_builds_is_read(sd, tmp_path):
+    from edge_rwkv.checkpoint import load_checkpoint
+
+    hf = fla_layout(sd)
+    p = "model.layers.0.attn.v_lora.lora."
+    hf.update({p + "0.weight": sd["blocks.0.att.v1"].T.contiguous(), p + "2.weight": sd["blocks.0.att.v2"].T.contiguous(),
+               p + "2.bias": sd["blocks.0.att.v0"].flatten()})
+    got = load_checkpoint(write_folder(tmp_path / "v0", sd, hf=hf)).tensors
+    assert all(torch.equal(got[k].reshape(sd[k].shape), sd[k]) for k in sd)
+
+
 def test_tied_embeddings(sd, tmp_path):
     from edge_rwkv.checkpoint import load_checkpoint
 
