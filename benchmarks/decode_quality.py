@@ -20,14 +20,15 @@ import torch
 
 def decode_logprobs(model, tokens: list[int]) -> torch.Tensor:
     """log-softmax [T-1, V] of each next token, fed one token at a time through the graph step."""
-    from edge_rwkv.cuda_graph import GraphStep
-
-    g = GraphStep(model.net, batch=1)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    live = torch.ones(1, dtype=torch.int32, device=model.device)
+    g = model.runner.decode_graph(1, model.new_state(1), tok, live)
     out = []
     ids = torch.tensor(tokens, device=model.device)
     with torch.inference_mode():
         for i in range(len(tokens) - 1):
-            out.append(torch.log_softmax(g.step(ids[i:i + 1]).float(), -1).cpu())
+            tok.fill_(ids[i])
+            out.append(torch.log_softmax(g.step().float(), -1).cpu())
     return torch.cat(out), g.how
 
 

@@ -2,7 +2,7 @@
 
     python3 benchmarks/profile_decode.py [--presets 0.1b,1.5b] [--batch 1] [--bits 16|8|4]
 
-Runs the fused step (edge_rwkv.fused_decode.FusedStep) eagerly a few times under the profiler on random
+Runs the fused step (edge_rwkv.runtime.fused.FusedStep) eagerly a few times under the profiler on random
 official-shape fp16 weights (quantized as `edge-rwkv bench` does for --bits 8 / 4) and prints, per
 preset, the kernels by total GPU time per step, then the
 graph-replayed step time (CUDA events, median of 50) for comparison with the sum of kernel times.
@@ -16,8 +16,7 @@ import torch
 
 from edge_rwkv.api import load
 from edge_rwkv.bench import PRESETS, Timer, bench_weights, quantized_model
-from edge_rwkv.cuda_graph import GraphStep
-from edge_rwkv.fused_decode import FusedStep
+from edge_rwkv.runtime.fused import FusedStep
 
 
 def profile(preset: str, batch: int, bits: int = 16, steps: int = 5) -> None:
@@ -34,7 +33,7 @@ def profile(preset: str, batch: int, bits: int = 16, steps: int = 5) -> None:
     live = torch.ones(batch, dtype=torch.int32, device=dev)
     tok = torch.randint(0, 65536, (batch, 1), device=dev)
     with torch.inference_mode():
-        f = FusedStep(net, batch)
+        f = FusedStep(net, batch, m.runner.packed())
         for _ in range(3):
             f(tok, st, live)
         torch.cuda.synchronize()
@@ -55,9 +54,8 @@ def profile(preset: str, batch: int, bits: int = 16, steps: int = 5) -> None:
     print("| kernel | µs/step | launches/step | µs/launch |\n|---|---|---|---|")
     for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"| {name} | {t / steps:.1f} | {n / steps:.0f} | {t / n:.2f} |")
-    g = GraphStep(net, batch)
-    ids = torch.randint(0, 65536, (batch,), device=dev)
-    step_s = Timer(dev).each(lambda: g.step(ids), reps=50, warmup=10)
+    g = m.runner.decode_graph(batch, m.new_state(batch), tok, live)
+    step_s = Timer(dev).each(g.step, reps=50, warmup=10)
     print(f"graph-replayed step: {step_s * 1e6:.1f} µs (median of 50)")
 
 

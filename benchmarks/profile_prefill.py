@@ -3,7 +3,7 @@
     python3 benchmarks/profile_prefill.py [--preset 1.5b] [--bits 16|8|4] [--chunks 4]
 
 Random official-shape weights (quantized as `edge-rwkv bench` does for --bits 8 / 4), the chunk
-generate.prefill_chunk_for picks. A wall time well above the summed kernel time means the chunk is
+runtime.runner.prefill_chunk_for picks. A wall time well above the summed kernel time means the chunk is
 bound by the host (Python and launch overhead), not the GPU.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from edge_rwkv.api import load
 from edge_rwkv.bench import PRESETS, bench_weights, quantized_model
-from edge_rwkv.generate import prefill, prefill_chunk_for
+
 
 
 def main() -> None:
@@ -32,18 +32,18 @@ def main() -> None:
         m = (load(f"{tmp}/m.pth", device="cuda", dtype="float16") if a.bits == 16
              else quantized_model(f"{tmp}/m.pth", a.bits, dev, torch.float16)[0])
     net = m.net
-    chunk = prefill_chunk_for(net)
+    chunk = m.runner.chunk
     toks = torch.randint(0, 65536, (chunk * a.chunks,)).tolist()
     with torch.inference_mode():
-        prefill(net, toks[:2 * chunk], m.new_state(1))  # warm-up: kernels compiled, allocator primed
+        m.runner.prefill(toks[:2 * chunk], m.new_state(1))  # warm-up: kernels compiled, allocator primed
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        prefill(net, toks, m.new_state(1))
+        m.runner.prefill(toks, m.new_state(1))
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / a.chunks
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
-            prefill(net, toks, m.new_state(1))
+            m.runner.prefill(toks, m.new_state(1))
             torch.cuda.synchronize()
     gpu = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"\n## {a.preset} {'fp16' if a.bits == 16 else f'int{a.bits}'}: chunk {chunk}, wall {wall * 1e3:.1f} ms/chunk "

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, read_time_states
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
 from .model import RWKV7, build_model
@@ -20,7 +20,7 @@ from .runtime.engine import BatchEngine
 from .runtime.generation import Generation
 from .runtime.runner import Runner
 from .sampling import SamplingParams
-from .state import State
+from .state import State, is_state_file
 from .tokenizer import END_OF_TEXT, default_tokenizer
 
 _DTYPES = {
@@ -108,6 +108,21 @@ class Model:
 
     def load_state(self, path) -> State:
         return State.load(path, device=self.device, expect_fingerprint=self.fingerprint)
+
+    def initial_state(self, path) -> State:
+        """A starting state read from a file, to pass as `state=` to forward / stream / generate / chat.
+
+        Either an edge-rwkv state file of this model (one sequence), or an RWKV-PEFT state-tuning file
+        (`blocks.{i}.att.time_state`, .pth or safetensors): its tuned WKV matrices with token-shift rows
+        at zero, as the state-tuning trainer starts every sequence."""
+        if is_state_file(path):
+            state = self.load_state(path)
+            if state.batch != 1:
+                raise StateError(f"{path}: holds {state.batch} sequences; an initial state has one")
+            return state
+        state = self.new_state()
+        state.wkv.copy_(read_time_states(path, self.config)[:, None].to(self.device))
+        return state
 
     def check_state(self, state: State, batch: int | None = None) -> None:
         if not isinstance(state, State):
@@ -220,7 +235,9 @@ class Model:
 
     def describe(self) -> dict:
         c = self.config
-        return {"config": c.to_dict(), "n_head": c.n_head, "dtype": str(self.dtype).replace("torch.", ""),
+        arch = f"RWKV-7a x070 + DeepEmbed (rank {c.deep_embed})" if c.deep_embed else "RWKV-7 x070"
+        return {"architecture": arch, "config": c.to_dict(), "n_head": c.n_head,
+                "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
                 "decode": self.runner.decode_how(), "prefill": self.runner.prefill_how(), "fingerprint": self.fingerprint,
                 "state_bytes": c.state_bytes()}
@@ -288,7 +305,8 @@ def keeps_int8_embedding(specs: dict, device: torch.device) -> bool:
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
          progress: bool = False) -> Model:
-    """Load an official .pth, a safetensors checkpoint or an edge-rwkv artifact (quantized or not)."""
+    """Load an official .pth, a safetensors checkpoint, an edge-rwkv artifact (quantized or not) or a
+    Hugging Face / fla folder (config.json + model.safetensors or shards)."""
     dev = parse_device(device)
     ckpt = load_checkpoint(path, progress=progress, device=read_device(dev))
     if dtype is None:

@@ -20,7 +20,8 @@ def add_model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
     if optional:
         p.add_argument("model", nargs="?", default=None, help="model file (default: the embedded default model)")
     else:
-        p.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact")
+        p.add_argument("model", help="model: official .pth, safetensors, an edge-rwkv artifact, or a Hugging Face "
+                                     "folder (config.json + safetensors)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def human_bytes(n: float) -> str:
 
 
 def cmd_info(a) -> int:
-    from .checkpoint import load_checkpoint, sniff_format
+    from .checkpoint import hf_shard_files, is_hf_folder, load_checkpoint, sniff_format
     from .default_model import resolve_model
 
     a.model = resolve_model(a.model)
@@ -74,14 +75,21 @@ def cmd_info(a) -> int:
 
         print(json.dumps(load_manifest(a.model), indent=2) if a.json else describe(a.model))
         return 0
-    fmt = sniff_format(a.model)
+    hf = is_hf_folder(a.model)
+    fmt = "hf" if hf else sniff_format(a.model)
     ckpt = load_checkpoint(a.model, progress=True)
     cfg = ckpt.config
     n_params = parameter_count(cfg)
     stored = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
-    kind = "edge-rwkv artifact" if ckpt.metadata else {"safetensors": "safetensors (official names)"}.get(fmt, "official torch checkpoint")
+    if hf:
+        shards = hf_shard_files(a.model)[0]
+        kind = f"Hugging Face / fla folder, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}"
+        file_bytes = sum(f.stat().st_size for f in shards)
+    else:
+        kind = "edge-rwkv artifact" if ckpt.metadata else {"safetensors": "safetensors (official names)"}.get(fmt, "official torch checkpoint")
+        file_bytes = os.path.getsize(a.model)
     info = {
-        "file": str(a.model), "format": kind, "file_bytes": os.path.getsize(a.model), "stored_tensor_bytes": stored,
+        "file": str(a.model), "format": kind, "file_bytes": file_bytes, "stored_tensor_bytes": stored,
         "config": cfg.to_dict(), "n_head": cfg.n_head, "parameters": n_params,
         "bytes_fp32": n_params * 4, "bytes_fp16": n_params * 2,
         "state_bytes_per_sequence": cfg.state_bytes(1),
@@ -100,7 +108,8 @@ def cmd_info(a) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"file            {info['file']}  ({human_bytes(info['file_bytes'])}, {kind})")
-    print(f"architecture    RWKV-7 x070: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads × {cfg.head_size}, "
+    arch = f"RWKV-7a x070 + DeepEmbed rank {cfg.deep_embed}" if cfg.deep_embed else "RWKV-7 x070"
+    print(f"architecture    {arch}: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads × {cfg.head_size}, "
           f"ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}")
     print(f"LoRA ranks      decay {cfg.decay_lora}, a {cfg.aaa_lora}, v {cfg.mv_lora}, gate {cfg.gate_lora}")
     print(f"parameters      {n_params:,}  (fp32 {human_bytes(n_params * 4)}, fp16 {human_bytes(n_params * 2)}, "
@@ -138,20 +147,25 @@ def parameter_count(cfg) -> int:
 
 def cmd_convert(a) -> int:
     from .artifact import make_metadata, write_artifact
-    from .checkpoint import load_checkpoint
-    from .fileio import sha256_file
+    from .checkpoint import HF_WEIGHTS, load_checkpoint, source_sha256, write_hf_folder
 
     src, dst = Path(a.model), Path(a.output)
     if dst.exists() and dst.resolve() == src.resolve():
         raise EdgeRWKVError("output would overwrite the input; choose another path")
+    if a.format == "hf" and dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        raise EdgeRWKVError(f"{dst}: already exists; --format hf writes a new folder")
     ckpt = load_checkpoint(src, progress=True)
     if ckpt.metadata.get("quant", {}).get("tensors"):
         raise EdgeRWKVError(f"{src}: already a quantized artifact; convert reads unquantized checkpoints")
     dtype = _target_dtype(a.dtype, ckpt)
+    name = str(dtype).replace("torch.", "")
+    if a.format == "hf":
+        write_hf_folder(dst, ckpt.tensors, ckpt.config, dtype)
+        print(f"wrote {dst}/ (config.json + {HF_WEIGHTS}, {human_bytes((dst / HF_WEIGHTS).stat().st_size)}, {name})")
+        return 0
     tensors = {k: v.to(dtype) for k, v in ckpt.tensors.items()}
-    meta = make_metadata(ckpt.config, str(dtype).replace("torch.", ""), sha256_file(src))
-    write_artifact(dst, tensors, meta)
-    print(f"wrote {dst} ({human_bytes(dst.stat().st_size)}, {str(dtype).replace('torch.', '')})")
+    write_artifact(dst, tensors, make_metadata(ckpt.config, name, source_sha256(src)))
+    print(f"wrote {dst} ({human_bytes(dst.stat().st_size)}, {name})")
     return 0
 
 
@@ -191,8 +205,10 @@ def cmd_generate(a) -> int:
     if len(a.model_and_prompt) > 2:
         raise EdgeRWKVError("generate takes [MODEL] PROMPT; quote a prompt that has spaces")
     a.model, a.prompt = ([None] + a.model_and_prompt)[-2:]
+    if a.state_in and a.init_state:
+        raise EdgeRWKVError("--state-in and --init-state both give the starting state; use one")
     m = load_model(a)
-    state = m.load_state(a.state_in) if a.state_in else None
+    state = m.load_state(a.state_in) if a.state_in else m.initial_state(a.init_state) if a.init_state else None
     gen = m.stream(a.prompt, state=state, **sampling_kwargs(a))
     out = sys.stdout
     for piece in gen:
@@ -209,8 +225,12 @@ CHAT_HELP = "commands: /save PATH  /load PATH  /reset  /quit"
 
 
 def cmd_chat(a) -> int:
+    if a.init_state and (a.state_in or a.system):
+        raise EdgeRWKVError("--init-state sets the starting state (a tuned persona); it does not combine with "
+                            "--state-in or --system")
     m = load_model(a)
-    chat = m.chat(system=a.system, **sampling_kwargs(a))
+    initial = m.initial_state(a.init_state) if a.init_state else None
+    chat = m.chat(system=a.system, state=initial, **sampling_kwargs(a))
     if a.state_in:
         chat.load(a.state_in)
     interactive = sys.stdin.isatty()
@@ -226,7 +246,7 @@ def cmd_chat(a) -> int:
         if not line.strip():
             continue
         if line.startswith("/"):
-            if not chat_command(chat, line):
+            if not chat_command(chat, line, initial):
                 break
             continue
         print("Assistant: ", end="", flush=True)
@@ -236,8 +256,9 @@ def cmd_chat(a) -> int:
     return 0
 
 
-def chat_command(chat, line: str) -> bool:
-    """Run a /command; False means quit. Errors are reported and the chat goes on."""
+def chat_command(chat, line: str, initial=None) -> bool:
+    """Run a /command; False means quit. Errors are reported and the chat goes on.
+    `/reset` returns to `initial` (the --init-state) when there is one."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
     try:
@@ -245,6 +266,8 @@ def chat_command(chat, line: str) -> bool:
             return False
         if cmd == "/reset":
             chat.reset()
+            if initial is not None:
+                chat.state = initial.clone()
             print("[conversation reset]", file=sys.stderr)
         elif cmd in ("/save", "/load"):
             if not arg:
@@ -281,11 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensors", action="store_true", help="list per-tensor quantization formats")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("convert", help="convert a checkpoint to an edge-rwkv artifact (safetensors)",
-                       description="Read an official .pth (without unpickling code) or safetensors checkpoint, validate it, "
-                                   "and write an edge-rwkv artifact that devices and the daemon load without pickle.")
+    s = sub.add_parser("convert", help="convert a checkpoint to an edge-rwkv artifact or a Hugging Face folder",
+                       description="Read an official .pth (without unpickling code), a safetensors checkpoint or a "
+                                   "Hugging Face / fla folder, validate it, and write an edge-rwkv artifact that devices "
+                                   "and the daemon load without pickle (or, with --format hf, a folder in the fla "
+                                   "layout that transformers + flash-linear-attention load).")
     add_model_arg(s)
-    s.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    s.add_argument("-o", "--output", required=True, help="output .safetensors path (a new folder with --format hf)")
+    s.add_argument("--format", choices=("artifact", "hf"), default="artifact",
+                   help="artifact (default): one edge-rwkv safetensors file; hf: config.json + model.safetensors")
     s.add_argument("--dtype", default="keep", help="keep (default), float16, bfloat16 or float32")
     s.set_defaults(func=cmd_convert)
 
@@ -307,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_args(s)
     add_sampling_args(s)
     s.add_argument("--state-in", help="continue from a saved state file")
+    s.add_argument("--init-state", help="start from a tuned initial state: an RWKV-PEFT state-tuning file "
+                                        "(blocks.N.att.time_state) or an edge-rwkv state file")
     s.add_argument("--state-out", help="save the final state here")
     s.set_defaults(func=cmd_generate)
 
@@ -316,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(s, max_tokens=500, temperature=1.0, top_p=0.3)
     s.add_argument("--system", default=None, help="system prompt for the first turn")
     s.add_argument("--state-in", help="resume a conversation from a saved state file")
+    s.add_argument("--init-state", help="start (and /reset) from a tuned initial state: an RWKV-PEFT state-tuning "
+                                        "file or an edge-rwkv state file")
     s.set_defaults(func=cmd_chat)
 
     for mod in EXTRA_COMMANDS:

@@ -249,10 +249,12 @@ def config_of(model: str) -> ModelConfig:
         return preset
     from pathlib import Path
 
-    from .checkpoint import derive_config, load_checkpoint, read_safetensors_header
+    from .checkpoint import derive_config, is_hf_folder, load_checkpoint, read_safetensors_header
     from .errors import CheckpointError
 
     path = Path(model)
+    if is_hf_folder(path):
+        return load_checkpoint(path).config
     if not path.is_file():
         names = ", ".join(PRESETS) + " (or without the rwkv7- prefix)"
         raise InputError(f"{model}: no such model file (or use a preset: {names})")

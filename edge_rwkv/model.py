@@ -1,4 +1,5 @@
 """RWKV-7 (x070) in torch: the reference math and the CPU path. Pure: no file I/O, no globals.
+RWKV-7a (x070 plus DeepEmbed: a per-token scale on every FFN key, see DeepEmbed) runs here too.
 
 Weights arrive under official names (checkpoint.py is the only place that knows other spellings).
 Matrices run through `Linear` objects so that quantized formats swap in without touching the math.
@@ -95,6 +96,28 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class DeepEmbed:
+    """RWKV-7a's per-token FFN scale: k ← k · ((x s1) E[token] s2 + s0), with E[token] a D×D matrix.
+
+    `table` [V, D·D] is s_emb with the ln0-normed embedding's projection (s_emb_x) folded in once, as the
+    reference demo does; x is the FFN's normed input (before the token shift)."""
+
+    table: torch.Tensor  # [V, D*D] in the model dtype (the big part: V·D² per layer)
+    s1: torch.Tensor  # [C, D] fp32
+    s2: torch.Tensor  # [D, F] fp32
+    s0: torch.Tensor  # [F] fp32
+
+    def scale(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x [B,T,C], tokens [B,T] → the FFN-key scale [B,T,F], in fp32 like the other gates (the rank D
+        is small, so this costs little next to the FFN matrices)."""
+        D = self.s1.shape[1]
+        h = x.float() @ self.s1  # [B,T,D]
+        e = self.table[tokens].view(*tokens.shape, D, D).float()
+        h = (h.unsqueeze(-2) @ e).squeeze(-2)  # [B,T,D]
+        return h @ self.s2 + self.s0
+
+
+@dataclass
 class Layer:
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
@@ -121,6 +144,7 @@ class Layer:
     ffn_mix: torch.Tensor  # [C]
     ffn_key: Linear
     ffn_value: Linear
+    deep: DeepEmbed | None = None  # RWKV-7a only
 
 
 WKVFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -149,7 +173,7 @@ class RWKV7:
             dx, ax, s, v_first = self.time_mix(layer, h, state.att_x[i], state.wkv[i], v_first, i == 0)
             x = x + dx
             h = layer_norm(x, layer.ln2)
-            dx, fx = channel_mix(layer, h, state.ffn_x[i], self.dtype)
+            dx, fx = channel_mix(layer, h, state.ffn_x[i], self.dtype, tokens)
             x = x + dx
             att_x.append(ax), wkv_s.append(s), ffn_x.append(fx)
         if not all_logits:
@@ -197,10 +221,12 @@ def layer_norm(x, wb):
     return F.layer_norm(x.float(), (x.shape[-1],), wb[0], wb[1], eps=LN_EPS)
 
 
-def channel_mix(L: Layer, x, prev_x, dtype):
+def channel_mix(L: Layer, x, prev_x, dtype, tokens=None):
     shifted = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
     xk = x + (shifted - x) * L.ffn_mix
     k = torch.relu(L.ffn_key(xk.to(dtype))) ** 2
+    if L.deep is not None:
+        k = (k.float() * L.deep.scale(x, tokens)).to(k.dtype)
     return L.ffn_value(k).float(), x[:, -1]
 
 
@@ -231,6 +257,18 @@ def folded_embedding(emb: torch.Tensor, ln0, dtype: torch.dtype, device, int8: b
     return Int8Rows(q, scale, dtype) if int8 else table
 
 
+def deep_embed_table(s_emb: torch.Tensor, s_emb_x: torch.Tensor, emb: torch.Tensor, ln0, dtype, device) -> torch.Tensor:
+    """s_emb + layer_norm(emb, ln0) @ s_emb_xᵀ in `dtype`, chunk by chunk (fp32 transients stay small)."""
+    V = s_emb.shape[0]
+    out = torch.empty(V, s_emb.shape[1], dtype=dtype, device=device)
+    proj = s_emb_x.to(device=device, dtype=torch.float32)
+    for s in range(0, V, EMB_CHUNK_ROWS):
+        e = min(V, s + EMB_CHUNK_ROWS)
+        normed = layer_norm(emb[s:e].to(device), ln0)
+        out[s:e] = (s_emb[s:e].to(device=device, dtype=torch.float32) + normed @ proj.T).to(dtype)
+    return out
+
+
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device,
                 make_linear: Callable[[str], Linear] | None = None, wkv: WKVFn = wkv7_reference,
                 int8_embedding: bool = False, release_source: bool = False) -> RWKV7:
@@ -246,6 +284,9 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
 
     def mat(name):
         return take(name).to(device=device, dtype=dtype)
+
+    def f32(name):
+        return tensors[name].to(device=device, dtype=torch.float32)
 
     def dense(name):
         return DenseLinear(mat(name))
@@ -273,5 +314,8 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
             value=linear(a + "value.weight"), output=linear(a + "output.weight"),
             ffn_mix=vec(p + "ffn.x_k"),
             ffn_key=linear(p + "ffn.key.weight"), ffn_value=linear(p + "ffn.value.weight"),
+            deep=DeepEmbed(deep_embed_table(tensors[p + "ffn.s_emb.weight"], tensors[p + "ffn.s_emb_x.weight"],
+                                            tensors["emb.weight"], ln0, dtype, device),
+                           f32(p + "ffn.s1"), f32(p + "ffn.s2"), vec(p + "ffn.s0")) if cfg.deep_embed else None,
         ))
     return RWKV7(cfg, emb, layers, (vec("ln_out.weight"), vec("ln_out.bias")), linear("head.weight"), dtype, wkv)

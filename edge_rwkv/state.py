@@ -123,6 +123,19 @@ class State:
         return st.to(device)
 
 
+def is_state_file(path: str | os.PathLike) -> bool:
+    """Whether `path` holds an edge-rwkv state file (safetensors whose header carries our state metadata)."""
+    try:
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > MAX_STATE_FILE:
+                return False
+            header = json.loads(f.read(hlen))
+        return isinstance(header, dict) and _META_KEY in (header.get("__metadata__") or {})
+    except (OSError, ValueError, struct.error, TypeError, AttributeError):
+        return False
+
+
 def read_state_file(path: str | os.PathLike) -> bytes:
     """A state file's bytes, after checking it exists and is of a plausible size."""
     p = Path(path)

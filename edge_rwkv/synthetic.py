@@ -25,8 +25,9 @@ def random_checkpoint(
     ranks: dict[str, int] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    deep_embed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Official-layout state dict with random weights."""
+    """Official-layout state dict with random weights; `deep_embed` D > 0 makes an RWKV-7a model (DeepEmbed)."""
     if n_embd % head_size:
         raise ValueError("n_embd must be a multiple of head_size")
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +75,13 @@ def random_checkpoint(
         sd[f + "x_k"] = unif(1, 1, C)
         sd[f + "key.weight"] = rand(F, C, scale=C**-0.5)
         sd[f + "value.weight"] = rand(C, F, scale=F**-0.5)
+        if deep_embed:
+            D = deep_embed
+            sd[f + "s_emb.weight"] = rand(vocab_size, D * D, scale=0.3)
+            sd[f + "s_emb_x.weight"] = rand(D * D, C, scale=0.1)
+            sd[f + "s0"] = rand(1, 1, F, scale=0.1, mean=1.0)
+            sd[f + "s1"] = rand(C, D, scale=C**-0.5)
+            sd[f + "s2"] = rand(D, F, scale=0.1)
     sd["ln_out.weight"] = rand(C, scale=0.1, mean=1.0)
     sd["ln_out.bias"] = rand(C, scale=0.1)
     sd["head.weight"] = rand(vocab_size, C, scale=C**-0.5 * 4)

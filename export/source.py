@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from edge_rwkv.config import ModelConfig
-from edge_rwkv.fileio import sha256_file
 
 
 
@@ -87,12 +86,16 @@ def stored_quant(name: str, qw) -> StoredQuant:
 def read_source(path: str | os.PathLike, progress: bool = False) -> ExportSource:
     """Read and fully validate a model file for export (official .pth, safetensors or artifact)."""
     from edge_rwkv.artifact import load_quantized, quantized_names, quantized_parts
-    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
+    from edge_rwkv.errors import CheckpointError
 
     ckpt = load_checkpoint(path, progress=progress)
+    if ckpt.config.deep_embed:
+        raise CheckpointError(f"{path}: RWKV-7a (DeepEmbed) is not exported: the exported graphs cover plain "
+                              "RWKV-7 x070; run it with the torch runtime")
     quant, used = {}, set()
     for name, spec in quantized_names(ckpt.metadata).items():
         quant[name] = stored_quant(name, load_quantized(name, spec, ckpt.tensors, ckpt.path))
         used.update(quantized_parts(name, ckpt.tensors))
     dense = {k: v for k, v in ckpt.tensors.items() if k not in used}
-    return ExportSource(ckpt.path, ckpt.config, dense, quant, ckpt.metadata, sha256_file(path))
+    return ExportSource(ckpt.path, ckpt.config, dense, quant, ckpt.metadata, source_sha256(path))

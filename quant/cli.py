@@ -9,7 +9,7 @@ def register(sub) -> None:
                        description="Quantize the big matrices of a model to int8 (per output channel) or int4 "
                                    "(group-wise along K), optionally calibrated on text (awq / gptq), and write "
                                    "an artifact that `edge_rwkv.load` reads on CPU and GPU.")
-    s.add_argument("model", help="official .pth, safetensors or an unquantized edge-rwkv artifact")
+    s.add_argument("model", help="official .pth, safetensors, an unquantized edge-rwkv artifact or a Hugging Face folder")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--bits", type=int, choices=(8, 4), required=True)
     s.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="int4 group along K")
@@ -26,10 +26,9 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
-    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
     from edge_rwkv.cli import human_bytes, parameter_count
     from edge_rwkv.errors import EdgeRWKVError, InputError
-    from edge_rwkv.fileio import sha256_file
     from edge_rwkv.quantize import default_calibration_tokens, quantize_checkpoint
     from edge_rwkv.api import parse_device
     from edge_rwkv.artifact import write_artifact
@@ -62,7 +61,7 @@ def run(a) -> int:
                 raise InputError(f"{a.calib}: calibration text is too short ({len(calib)} tokens)")
         else:
             calib = default_calibration_tokens(tok, a.calib_tokens)
-    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=sha256_file(src),
+    tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=source_sha256(src),
                                         device=device)
     write_artifact(dst, tensors, meta)
     fp16 = parameter_count(ckpt.config) * 2

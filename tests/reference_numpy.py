@@ -8,6 +8,9 @@ Per token:
     x = LN(emb[token]; ln0)                                   (ln0 only on the embedding)
     per block:  x += time_mix(LN1(x));  x += channel_mix(LN2(x))
     logits = LN(x; ln_out) @ headᵀ
+RWKV-7a (DeepEmbed, from the published `rwkv_v7a_demo`) scales each FFN key by a per-token term: with
+x0 = LN(emb[token]; ln0) and xx the FFN's LN2 output (before the token shift),
+    E = (s_emb[token] + x0 @ s_emb_xᵀ) as a D×D matrix,   k ← k · ((xx @ s1) @ E @ s2 + s0).
 Time mixing uses the previous token's LN1 output for the token shift; per head the state S is N×N
 (rows index values, columns index keys):
     S ← S·diag(decay) + (S·(-kk)) (kk·a)ᵀ + v kᵀ,   y = S r,   decay = exp(-e^-0.5 · sigmoid(w)).
@@ -58,6 +61,7 @@ class ReferenceRWKV7:
         """Consume one token; return its logits (float64 [V])."""
         p, H, N = self.p, self.H, self.N
         x = layer_norm(p["emb.weight"][token], self.vec("blocks.0.ln0.weight"), self.vec("blocks.0.ln0.bias"))
+        x0 = x
         v_first = None
         for i in range(self.n_layer):
             b = f"blocks.{i}."
@@ -99,7 +103,12 @@ class ReferenceRWKV7:
             xx = layer_norm(x, self.vec(b + "ln2.weight"), self.vec(b + "ln2.bias"))
             xk = xx + (self.ffn_prev[i] - xx) * self.vec(f + "x_k")
             self.ffn_prev[i] = xx
-            x = x + (np.maximum(xk @ p[f + "key.weight"].T, 0.0) ** 2) @ p[f + "value.weight"].T
+            k = np.maximum(xk @ p[f + "key.weight"].T, 0.0) ** 2
+            if f + "s1" in p:  # RWKV-7a DeepEmbed
+                D = p[f + "s1"].shape[1]
+                E = (p[f + "s_emb.weight"][token] + x0 @ p[f + "s_emb_x.weight"].T).reshape(D, D)
+                k = k * ((xx @ p[f + "s1"]) @ E @ p[f + "s2"] + self.vec(f + "s0"))
+            x = x + k @ p[f + "value.weight"].T
         x = layer_norm(x, self.vec("ln_out.weight"), self.vec("ln_out.bias"))
         return x @ p["head.weight"].T
 

@@ -239,11 +239,18 @@ def test_older_generations(tmp_path, make, label, fmt):
     assert "x070" in msg
 
 
-def test_rwkv7a_deepembed(good_sd, tmp_path):
+def test_incomplete_rwkv7a_deepembed(good_sd, tmp_path):
+    """RWKV-7a loads (tests/test_deep_embed.py); a file with only part of its DeepEmbed tensors does not."""
     sd = fresh(good_sd)
     sd["blocks.0.ffn.s_emb.weight"] = torch.randn(VOCAB, 32)
     sd["blocks.0.ffn.s1"] = torch.randn(64, 32)
-    rejected(write(sd, tmp_path / "deepembed.pth"), "7a", "DeepEmbed", "blocks.0.ffn.s")
+    rejected(write(sd, tmp_path / "deepembed.pth"), "missing", "blocks.0.ffn.s")
+
+
+def test_rwkv7b_deepembed_attention(good_sd, tmp_path):
+    sd = fresh(good_sd)
+    sd["blocks.0.qkv.qq.weight"] = torch.randn(256, 64)
+    rejected(write(sd, tmp_path / "dea.pth"), "7b", "DeepEmbedAttention", "blocks.0.qkv.qq.weight")
 
 
 def test_not_rwkv_at_all(tmp_path):

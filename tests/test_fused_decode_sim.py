@@ -1,4 +1,4 @@
-"""The fused decode step (edge_rwkv.fused_decode + cuda_kernels/decode_step.py) under the Numba CUDA
+"""The fused decode step (edge_rwkv.runtime.fused + cuda_kernels/decode_step.py) under the Numba CUDA
 simulator: same logits and state as the model's own forward, idle rows untouched, quantized linears.
 
 numba reads NUMBA_ENABLE_CUDASIM at its first import, so the checks run in a child process started

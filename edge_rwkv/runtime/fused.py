@@ -383,4 +383,6 @@ def fused_step_supported(net: RWKV7) -> str | None:
         return f"head size {net.cfg.head_size}"
     if net.dtype == torch.bfloat16:
         return "bf16 weights (Numba has no bf16 arrays)"
+    if net.cfg.deep_embed:
+        return "RWKV-7a DeepEmbed (the fused step covers plain x070)"
     return None

@@ -5,6 +5,8 @@
     GET  /v1/models             GET /health
     POST /v1/sessions           GET /v1/sessions   GET|DELETE /v1/sessions/{id}   POST /v1/sessions/{id}/fork
     GET  /                      the web chat page
+Both generation endpoints take an extra field "initial_state": the name of a state in --init-states (a
+state-tuned persona), which the request (or a session's first turn) starts from; /v1/models lists them.
 
 Safe defaults: loopback bind, Host-header check against DNS rebinding while bound to loopback,
 optional bearer API key (not needed for /health and the page), CORS only for named origins, a cap
@@ -27,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import TURN_END, clean_message, conversation_segments, encode_segments, user_turn
-from ..errors import InputError
+from ..errors import EdgeRWKVError, InputError
 from ..sampling import SamplingParams
 from . import protocol as P
 from .protocol import APIError
@@ -58,6 +60,28 @@ class ServeConfig:
     prefix_cache_bytes: int = 256 << 20  # host memory for states of known prompt prefixes
     model_name: str | None = None
     allowed_hosts: list[str] = field(default_factory=list)
+    init_states_dir: str | None = None  # folder of named initial states (state-tuning or edge-rwkv state files)
+
+
+INIT_STATE_SUFFIXES = (".pth", ".pt", ".safetensors", ".state")
+
+
+def load_initial_states(model, folder: str | None) -> dict:
+    """name (file stem) → State for every state file in `folder`; a bad file stops the daemon at start."""
+    if folder is None:
+        return {}
+    d = Path(folder)
+    if not d.is_dir():
+        raise EdgeRWKVError(f"{d}: --init-states must be a folder of state files")
+    states = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix in INIT_STATE_SUFFIXES:
+            if not P.STATE_NAME.match(f.stem):
+                raise EdgeRWKVError(f"{f}: initial state names are letters, digits, '_' or '-' (rename the file)")
+            if f.stem in states:
+                raise EdgeRWKVError(f"{d}: two files are named {f.stem!r}")
+            states[f.stem] = model.initial_state(f)
+    return states
 
 
 def is_loopback(host: str) -> bool:
@@ -135,6 +159,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions)
     sched = Scheduler(model, cfg.max_slots, cfg.queue, cfg.prefill_budget, cfg.prefix_cache_bytes)
     model_name = cfg.model_name or Path(str(model.path)).stem
+    initial_states = load_initial_states(model, cfg.init_states_dir)
     busy: dict[str, object] = {}  # session id → the request continuing it
     job_held: dict = {}  # job → an event taken from its queue behind merged text, delivered next
     vocab = model.config.vocab_size
@@ -187,7 +212,8 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "edge-rwkv", "fingerprint": model.fingerprint}]}
+                                            "owned_by": "edge-rwkv", "fingerprint": model.fingerprint,
+                                            "initial_states": sorted(initial_states)}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -241,6 +267,16 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         return store.public(await run(store.fork, sid, new, title))
 
     # ------------------------------------------------------------------ generation
+    def initial_state(name: str | None):
+        """The named initial state (a copy: a job advances its state), or None."""
+        if name is None:
+            return None
+        if name not in initial_states:
+            have = ", ".join(sorted(initial_states)) or "none (start the server with --init-states DIR)"
+            raise P.bad(f"unknown initial_state '{name}'; this server has: {have}", "initial_state",
+                        "unknown_initial_state")
+        return initial_states[name].clone()
+
     def make_job(tokens, sampling, state=None, close_turn=False, chat=False, boundaries=()) -> Job:
         if len(tokens) > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(tokens)} tokens; this server accepts at most "
@@ -312,10 +348,15 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                 if state is None:
                     system = meta.get("system") or next((m["content"] for m in req.messages
                                                          if m["role"] == "system"), None)
+                    state = initial_state(req.initial_state)
+                elif req.initial_state is not None:
+                    raise P.bad("'initial_state' starts a conversation; this session already has turns",
+                                "initial_state")
                 segments = user_turn(message, system)
                 close_turn = True
             else:
                 segments = conversation_segments(req.messages)
+                state = initial_state(req.initial_state)
             tokens, boundaries = encode_segments(model.tokenizer, segments)
             sampling = dict(req.sampling, stop=tuple(req.sampling["stop"]) + (TURN_END,))
             job = make_job(tokens, sampling, state, close_turn, chat=True, boundaries=boundaries)
@@ -401,7 +442,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     async def completions(request: Request):
         req = P.parse_completion(await read_json(request), cfg, vocab)
         tokens = model.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-        job = make_job(tokens, req.sampling)
+        job = make_job(tokens, req.sampling, initial_state(req.initial_state))
         rid = P.new_id("cmpl")
         created = int(time.time())
         name = req.model or model_name

@@ -18,7 +18,8 @@ def register(sub) -> None:
                                    "sessions (each conversation is a state file under --data-dir) and a web chat "
                                    "page at /.")
     s.add_argument("model", nargs="?", default=None,
-                   help="model file: official .pth, safetensors, or an edge-rwkv artifact (default: the embedded model)")
+                   help="model: official .pth, safetensors, an edge-rwkv artifact or a Hugging Face folder "
+                        "(default: the embedded model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
@@ -42,6 +43,9 @@ def register(sub) -> None:
     s.add_argument("--prefix-cache-mb", type=int, default=256,
                    help="host memory for states of recently read prompt prefixes (0: off; default 256)")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
+    s.add_argument("--init-states", default=None, metavar="DIR",
+                   help="folder of named initial states (RWKV-PEFT state-tuning or edge-rwkv state files; the file "
+                        "name without suffix is the name a request gives as \"initial_state\")")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
@@ -105,7 +109,8 @@ def cmd_serve(a) -> int:
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
                       max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
                       hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
-                      prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20)
+                      prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20,
+                      init_states_dir=a.init_states)
     app = create_app(model, cfg)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "

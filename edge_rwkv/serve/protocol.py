@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..chat import CHAT_DEFAULTS, clean_message
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+STATE_NAME = SESSION_ID  # names of the daemon's initial states (file stems): the same safe alphabet
 ROLES = ("system", "user", "assistant")
 
 
@@ -114,6 +115,7 @@ class GenRequest:
     include_usage: bool
     sampling: dict
     session: str | None = None
+    initial_state: str | None = None  # a name from the daemon's --init-states folder
     messages: list[dict] = field(default_factory=list)
     prompt: str | list[int] | None = None
 
@@ -148,7 +150,11 @@ def parse_common(body: dict, limits, defaults: dict | None = None) -> GenRequest
         max_tokens=max_tokens, stop=_stop(body), seed=seed,
         require_text=defaults.get("require_text", False),
     )
-    return GenRequest(model or "", stream, include_usage, sampling)
+    initial = body.get("initial_state")
+    if initial is not None and (not isinstance(initial, str) or not STATE_NAME.match(initial)):
+        raise bad("'initial_state' must be the name of one of the server's initial states (see /v1/models)",
+                  "initial_state", "invalid_type" if not isinstance(initial, str) else "invalid_value")
+    return GenRequest(model or "", stream, include_usage, sampling, initial_state=initial)
 
 
 def _content(msg: dict, i: int) -> str:
