@@ -44,6 +44,8 @@ def collect(eng, slots, n):
         for i, t in eng.step().items():
             if i in out and len(out[i]) < n and END_OF_TEXT not in out[i]:
                 out[i].append(t)
+                if len(out[i]) == n:
+                    eng.stop(i)  # as a consumer ends a sequence: its state keeps exactly these tokens
     return out
 
 
@@ -249,3 +251,44 @@ def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
     assert torch.equal(la, lb[0]) and torch.equal(sa.wkv, sb.wkv) and sa.tokens == len(toks)
     assert not [k for k in vars(model.net) if "graph" in k or "packed" in k]
     assert model.describe()["prefill"] == "eager, chunks of 256"
+
+
+class PiecewiseEngine(BatchEngine):
+    """The engine as it reads prompts where graphs replay chunks (CUDA): power-of-two pieces of ≥ 16
+    tokens, and the last < 16 tokens one a step through the batched decode step."""
+
+    def _piece(self, n, chunk):
+        return min(n, chunk) if n >= chunk else self._graph_piece(n)
+
+
+def test_short_prompt_tails_read_through_the_decode_step(model):
+    """Reading a prompt's tail token by token through the decode step (beside decoding rows) gives the
+    tokens and state of reading it whole; snapshots inside the tail and at its end are exact."""
+    from edge_rwkv.runtime.engine import MIN_GRAPH_PIECE
+
+    long = model.tokenizer.encode("RWKV is a recurrent network. " * 8)
+    ps = [prompts(model)[0], prompts(model)[4], long]
+    assert any(len(p) % MIN_GRAPH_PIECE for p in ps) and any(len(p) < MIN_GRAPH_PIECE for p in ps)
+    eng = PiecewiseEngine(model, max_slots=4, prefill_chunk=64)
+    seen = {}
+    slots = [eng.join(p, GREEDY, snapshots=(len(p) - 2, len(p)) if k == 2 else (),
+                      on_snapshot=lambda slot, n, st, lg: seen.update({n: (st, lg)})) for k, p in enumerate(ps)]
+    assert eng.busy(slots[0])
+    out = collect(eng, slots, 6)
+    for s, p in zip(slots, ps):
+        ref, ref_state = alone(model, p, 6)
+        assert out[s] == ref
+        st = eng.leave(s)
+        torch.testing.assert_close(st.wkv, ref_state.wkv, atol=1e-5, rtol=1e-4)
+        assert st.tokens == ref_state.tokens
+    assert set(seen) == {len(long) - 2, len(long)} and seen[len(long)][1] is not None
+    assert seen[len(long)][0].tokens == len(long)
+    # leaving (or being fed) in the middle of a tail keeps exactly what was read
+    eng = PiecewiseEngine(model, max_slots=2, prefill_chunk=64)
+    s = eng.join(ps[0], GREEDY)
+    eng.step()
+    eng.feed(s, model.tokenizer.encode(" more"), sample_after=False)
+    while eng.busy(s):
+        eng.step()
+    _, want = model.runner.prefill(ps[0] + model.tokenizer.encode(" more"), model.new_state(1))
+    torch.testing.assert_close(eng.leave(s).wkv, want.wkv, atol=1e-5, rtol=1e-4)

@@ -40,6 +40,9 @@ from ..state import State
 from ..tokenizer import END_OF_TEXT
 
 
+MIN_GRAPH_PIECE = 16  # shortest prompt piece read by a captured prefill graph; shorter: through the decode graph
+
+
 @dataclass
 class Slot:
     pending: list[int] = field(default_factory=list)  # tokens still to read
@@ -49,6 +52,9 @@ class Slot:
     epoch: int = 0  # bumped whenever the slot's sequence changes course: older draws are dropped
     order: int = 0  # join order: prompts are read first come, first served
     fresh: bool = False  # the logits row holds a distribution not drawn from yet (given at join)
+    forced: list[int] = field(default_factory=list)  # prompt tokens read one a step through the decode graph
+    # (forced[0] sits in the decode input; it is popped once a step has read it)
+    forcing: bool = False  # the row's decode input holds a prompt token, not a drawn one
     read: int = 0  # tokens read since joining (for snapshots)
     snapshots: list[int] = field(default_factory=list)  # read counts at which to report the state
     on_snapshot: object = None  # callable(slot, read, state, logits [V] or None at the last token)
@@ -113,7 +119,12 @@ class BatchEngine:
                 break
             b *= 2
         chunk = self.prefill_chunk if self.prefill_budget is None else min(self.prefill_chunk, self.prefill_budget)
-        self.runner.prefill_graph(chunk, self.state.select(0))
+        like = self.state.select(0)
+        self.runner.prefill_graph(chunk, like)
+        n = MIN_GRAPH_PIECE
+        while n < chunk:  # the power-of-two pieces shorter prompts are read in
+            self.runner.prefill_graph(n, like)
+            n *= 2
         torch.cuda.synchronize()
 
     def join(self, tokens: list[int], params: SamplingParams | None = None, state: State | None = None,
@@ -173,11 +184,15 @@ class BatchEngine:
 
     def busy(self, slot: int) -> bool:
         """Whether the slot still has tokens to read."""
-        return bool(self._slot(slot).pending)
+        s = self._slot(slot)
+        return bool(s.pending or s.forcing)
 
     def _halt(self, i: int, s: Slot) -> None:
-        if s.decoding:
+        if s.decoding or s.forcing:
             self.live[i] = 0  # the token drawn for it last step is not read
+        if s.forcing:  # prompt tokens not yet read go back to the queue
+            s.pending[:0] = s.forced
+            s.forced, s.forcing = [], False
         s.decoding = False
         s.epoch = self._next_epoch()
 
@@ -192,9 +207,13 @@ class BatchEngine:
     def step(self) -> dict[int, int]:
         """Advance every active slot by one step; return {slot: token} drawn by the previous step."""
         decoding = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
-        if decoding:
-            self._decode(decoding)
-        ready = self._prefill()
+        forcing = [i for i, s in enumerate(self.slots) if s is not None and s.forcing]
+        if decoding or forcing:
+            self._decode(sorted(decoding + forcing))
+        ready = self._forced_read(forcing) + self._prefill()
+        for i in ready:
+            self.live[i] = 1
+            self.slots[i].decoding = True
         drawn = sorted(decoding + ready)
         launched = self._sample(drawn) if drawn else None
         out = self._collect()
@@ -243,6 +262,46 @@ class BatchEngine:
             old.index_copy_(1, idx, torch.where(mask, upd, part))
         self.logits.index_copy_(0, idx, logits.float())
 
+    def _forced_read(self, rows: list[int]) -> list[int]:
+        """After a decode step read one prompt token into each of `rows`: queue the next one, or
+        (the prompt read) return the rows now ready to draw."""
+        ready = []
+        for i in rows:
+            s = self.slots[i]
+            s.forced.pop(0)  # read by this step's decode
+            s.read += 1
+            self._snapshot(i, s, None if s.forced else self.logits[i])
+            if s.forced:
+                self.next_tokens[i, 0] = s.forced[0]
+                continue
+            s.forcing = False
+            if s.hold:
+                self.live[i] = 0
+            else:
+                ready.append(i)
+        return ready
+
+    def _snapshot(self, i: int, s: Slot, logits) -> None:
+        if s.snapshots and s.read == s.snapshots[0]:
+            s.snapshots.pop(0)
+            st = self.state.select(i)
+            st.tokens = s.tokens
+            s.on_snapshot(i, s.read, st, logits)
+
+    def _piece(self, n: int, chunk: int) -> int:
+        """Tokens to read in one prefill forward: a full chunk, else (where graphs replay chunks) the
+        largest power of two ≥ MIN_GRAPH_PIECE that fits — captured too — else 0: the rest is read
+        one token a step through the batched decode graph, never by an eager forward (thousands of
+        launches, tens of ms at 1.5B, during which no other row decodes)."""
+        if n >= chunk or self.device.type != "cuda" or self.runner.graph_error is not None:
+            return min(n, chunk)
+        return self._graph_piece(n)
+
+    @staticmethod
+    def _graph_piece(n: int) -> int:
+        p = 1 << (n.bit_length() - 1)
+        return p if p >= MIN_GRAPH_PIECE else 0
+
     def _prefill(self) -> list[int]:
         """Read pending tokens, first come first served, up to the budget; the rows now ready to draw."""
         budget = self.prefill_budget
@@ -256,6 +315,12 @@ class BatchEngine:
                 n = min(chunk, len(s.pending)) if budget is None else min(chunk, len(s.pending), budget)
                 if s.snapshots:
                     n = min(n, s.snapshots[0] - s.read)
+                n = self._piece(n, chunk)
+                if n == 0:  # the rest goes through the decode graph, a token a step
+                    s.forced, s.pending, s.forcing = s.pending, [], True
+                    self.next_tokens[i, 0] = s.forced[0]
+                    self.live[i] = 1
+                    break
                 part, s.pending = s.pending[:n], s.pending[n:]
                 ids = torch.tensor([part], dtype=torch.long, device=self.device)
                 row = self.state.select(i)
@@ -270,12 +335,11 @@ class BatchEngine:
                     s.snapshots.pop(0)
                     new.tokens = s.tokens
                     s.on_snapshot(i, s.read, new, None if s.pending else logits[0])
+            if s.forced or s.forcing:
+                continue
             if not s.pending and not s.hold:
                 s.fresh = False
                 ready.append(i)
-        for i in ready:
-            self.live[i] = 1
-            self.slots[i].decoding = True
         return ready
 
     def _sample(self, rows: list[int]):
