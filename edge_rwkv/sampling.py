@@ -218,6 +218,18 @@ class RowSampler:
         self._advance(rows, ps, idx, tokens, live)
         return tokens
 
+    def signature(self, rows: list[int]) -> tuple:
+        """What decides which ops `draw` runs for these rows (a captured draw is valid for one)."""
+        ps = [self.params[r] for r in rows]
+        sampled = [p for p in ps if not p.greedy]
+        return (tuple(rows), tuple((p.greedy, p.penalized, p.ban_end_of_text, p.require_text) for p in ps),
+                max((p.top_k for p in sampled if p.top_k < self.vocab_size), default=0),
+                any(p.top_p < 1 for p in sampled))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors a draw advances (saved and restored around a capture's warm-up)."""
+        return [t for t in (self.counter, self.occurrence, self.has_text) if t is not None]
+
     def adjust(self, logits: torch.Tensor, rows: list[int], idx: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [n,V] of `rows` with their penalties, end-of-text ban and (before visible
         text) stop bans applied; the caller's tensor is not modified."""

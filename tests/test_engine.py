@@ -254,22 +254,20 @@ def test_prefill_without_a_gpu_graph_is_the_chunked_forward(model):
 
 
 class PiecewiseEngine(BatchEngine):
-    """The engine as it reads prompts where graphs replay chunks (CUDA): power-of-two pieces of ≥ 16
-    tokens, and the last < 16 tokens one a step through the batched decode step."""
+    """The engine as a many-slot engine reads prompts on a GPU: full chunks, then the rest one token a
+    step through the batched decode step."""
 
     def _piece(self, n, chunk):
-        return min(n, chunk) if n >= chunk else self._graph_piece(n)
+        return chunk if n >= chunk else 0
 
 
 def test_short_prompt_tails_read_through_the_decode_step(model):
     """Reading a prompt's tail token by token through the decode step (beside decoding rows) gives the
     tokens and state of reading it whole; snapshots inside the tail and at its end are exact."""
-    from edge_rwkv.runtime.engine import MIN_GRAPH_PIECE
-
     long = model.tokenizer.encode("RWKV is a recurrent network. " * 8)
     ps = [prompts(model)[0], prompts(model)[4], long]
-    assert any(len(p) % MIN_GRAPH_PIECE for p in ps) and any(len(p) < MIN_GRAPH_PIECE for p in ps)
-    eng = PiecewiseEngine(model, max_slots=4, prefill_chunk=64)
+    assert len(long) > 32 and len(long) % 32
+    eng = PiecewiseEngine(model, max_slots=4, prefill_chunk=32)
     seen = {}
     slots = [eng.join(p, GREEDY, snapshots=(len(p) - 2, len(p)) if k == 2 else (),
                       on_snapshot=lambda slot, n, st, lg: seen.update({n: (st, lg)})) for k, p in enumerate(ps)]
@@ -284,7 +282,7 @@ def test_short_prompt_tails_read_through_the_decode_step(model):
     assert set(seen) == {len(long) - 2, len(long)} and seen[len(long)][1] is not None
     assert seen[len(long)][0].tokens == len(long)
     # leaving (or being fed) in the middle of a tail keeps exactly what was read
-    eng = PiecewiseEngine(model, max_slots=2, prefill_chunk=64)
+    eng = PiecewiseEngine(model, max_slots=2, prefill_chunk=32)
     s = eng.join(ps[0], GREEDY)
     eng.step()
     eng.feed(s, model.tokenizer.encode(" more"), sample_after=False)

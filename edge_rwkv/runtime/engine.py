@@ -40,9 +40,6 @@ from ..state import State
 from ..tokenizer import END_OF_TEXT
 
 
-MIN_GRAPH_PIECE = 16  # shortest prompt piece read by a captured prefill graph; shorter: through the decode graph
-
-
 @dataclass
 class Slot:
     pending: list[int] = field(default_factory=list)  # tokens still to read
@@ -88,6 +85,7 @@ class BatchEngine:
         self._joined = 0
         self._epochs = 0
         self._indices: dict[tuple, torch.Tensor] = {}
+        self._sample_graphs: dict[tuple, tuple | None] = {}
         self._in_flight = None  # (tokens on the host or a copy in flight, event, [(row, epoch)])
         self._pinned = None
         if dev.type == "cuda":
@@ -119,12 +117,7 @@ class BatchEngine:
                 break
             b *= 2
         chunk = self.prefill_chunk if self.prefill_budget is None else min(self.prefill_chunk, self.prefill_budget)
-        like = self.state.select(0)
-        self.runner.prefill_graph(chunk, like)
-        n = MIN_GRAPH_PIECE
-        while n < chunk:  # the power-of-two pieces shorter prompts are read in
-            self.runner.prefill_graph(n, like)
-            n *= 2
+        self.runner.prefill_graph(chunk, self.state.select(0))
         torch.cuda.synchronize()
 
     def join(self, tokens: list[int], params: SamplingParams | None = None, state: State | None = None,
@@ -289,18 +282,16 @@ class BatchEngine:
             s.on_snapshot(i, s.read, st, logits)
 
     def _piece(self, n: int, chunk: int) -> int:
-        """Tokens to read in one prefill forward: a full chunk, else (where graphs replay chunks) the
-        largest power of two ≥ MIN_GRAPH_PIECE that fits — captured too — else 0: the rest is read
-        one token a step through the batched decode graph, never by an eager forward (thousands of
-        launches, tens of ms at 1.5B, during which no other row decodes)."""
-        if n >= chunk or self.device.type != "cuda" or self.runner.graph_error is not None:
-            return min(n, chunk)
-        return self._graph_piece(n)
-
-    @staticmethod
-    def _graph_piece(n: int) -> int:
-        p = 1 << (n.bit_length() - 1)
-        return p if p >= MIN_GRAPH_PIECE else 0
+        """Tokens to read in one prefill forward: a full chunk (replayed from its captured graph on a
+        GPU), else — in a many-slot engine whose decode step is captured — 0: the rest is read one
+        token a step through the batched decode graph beside the decoding rows, never by an eager
+        forward (thousands of launches, tens of ms at 1.5B, during which no row decodes). A
+        single-sequence engine has no one to stall: it reads the rest in one eager forward."""
+        if n >= chunk:
+            return chunk
+        if self.max_slots > 1 and self.device.type == "cuda" and self.runner.graph_error is None:
+            return 0
+        return n
 
     def _prefill(self) -> list[int]:
         """Read pending tokens, first come first served, up to the budget; the rows now ready to draw."""
@@ -344,9 +335,12 @@ class BatchEngine:
 
     def _sample(self, rows: list[int]):
         idx = self._index(rows)
-        tokens = self.sampler.draw(self.logits.index_select(0, idx), rows, idx, self.live)
-        self.next_tokens.index_copy_(0, idx, tokens[:, None])
-        self.live.index_copy_(0, idx, self.live.index_select(0, idx) * (tokens != END_OF_TEXT).int())
+        g = self._sample_graph(rows, idx)
+        if g is not None:
+            g.replay()
+            tokens = self._sample_graphs[self.sampler.signature(rows)][1]
+        else:
+            tokens = self._draw(rows, idx)
         tags = [(i, self.slots[i].epoch) for i in rows]
         if self._pinned is None:
             return tokens, None, tags
@@ -356,6 +350,43 @@ class BatchEngine:
         event = torch.cuda.Event()
         event.record()
         return buf, event, tags
+
+    def _draw(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
+        tokens = self.sampler.draw(self.logits.index_select(0, idx), rows, idx, self.live)
+        self.next_tokens.index_copy_(0, idx, tokens[:, None])
+        self.live.index_copy_(0, idx, self.live.index_select(0, idx) * (tokens != END_OF_TEXT).int())
+        return tokens
+
+    def _sample_graph(self, rows: list[int], idx: torch.Tensor):
+        """A single-sequence engine (`Model.stream`) replays its draw from a captured graph: its ~40
+        small sampling ops would otherwise cost more host time than a small model's whole step.
+        Captured once per sampling signature; None elsewhere (many-slot engines change rows often)."""
+        if self.max_slots != 1 or self.device.type != "cuda" or self.runner.graph_error is not None:
+            return None
+        key = self.sampler.signature(rows)
+        if key not in self._sample_graphs:
+            try:
+                self._sample_graphs[key] = self._capture_draw(rows, idx)
+            except Exception as e:  # noqa: BLE001 - capture impossible here: draw eagerly (as the decode does)
+                self.runner.graph_error = f"{type(e).__name__}: {e}"
+                self._sample_graphs[key] = None
+        entry = self._sample_graphs[key]
+        return entry[0] if entry is not None else None
+
+    def _capture_draw(self, rows: list[int], idx: torch.Tensor):
+        mutated = self.sampler.state_tensors() + [self.next_tokens, self.live]
+        saved = [t.clone() for t in mutated]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._draw(rows, idx)  # warm-up outside the capture (its effects are undone below)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            tokens = self._draw(rows, idx)
+        for t, v in zip(mutated, saved):
+            t.copy_(v)
+        return graph, tokens, idx  # idx kept alive: the graph reads it
 
     def _collect(self) -> dict[int, int]:
         if self._in_flight is None:

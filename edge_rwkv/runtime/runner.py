@@ -102,12 +102,10 @@ class Runner:
 
     def read(self, ids: torch.Tensor, state: State, chunk: int | None = None) -> tuple[torch.Tensor, State]:
         """One forward over ids [1,T] (T ≤ chunk) from `state`: (logits [1,V] of the last token, new
-        state counting the tokens). A full chunk, or a power-of-two piece of at least 16 tokens (what
-        the batch engine reads a short prompt in), replays its captured graph where there is one;
-        any other length runs eagerly."""
+        state counting the tokens). A full chunk replays its captured graph where there is one; a
+        shorter piece runs eagerly."""
         chunk = chunk or self.chunk
-        T = ids.shape[1]
-        g = self.prefill_graph(T, state) if T == chunk or (T >= 16 and T & (T - 1) == 0) else None
+        g = self.prefill_graph(chunk, state) if ids.shape[1] == chunk else None
         logits, new = g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)
         new.tokens = state.tokens + ids.shape[1]
         return logits, new
