@@ -72,17 +72,21 @@ async def gaps_with_long_prompt(url: str, streams: int, n: int, long_prompt: int
         t_arrive = time.perf_counter()
         first: list[float] = []
         long_task = asyncio.create_task(one_stream(client, url, prompt_ids(rng, long_prompt), 8, first))
-        await asyncio.gather(*tasks, long_task)
+        counts = await asyncio.gather(*tasks)
+        await long_task
     t_first = first[0] if first else None
-    gaps, during = [], []
-    for s in stamps:
+    # Text arrives in chunks (several tokens merged under load), so gaps are compared with each
+    # stream's mean time per token over its whole life, not with the median chunk gap.
+    per_token, during = [], []
+    for s, n in zip(stamps, counts):
+        if len(s) > 1 and n > 1:
+            per_token.append((s[-1] - s[0]) / (n - 1))
         for a, b in zip(s, s[1:]):
-            gaps.append(b - a)
             if t_first is not None and a < t_first and b > t_arrive:
                 during.append(b - a)
-    med = statistics.median(gaps)
-    return {"median_gap_ms": 1e3 * med, "max_gap_during_ms": 1e3 * max(during, default=0.0),
-            "ratio": max(during, default=0.0) / med, "long_prompt_ttft_ms": 1e3 * (t_first - t_arrive) if t_first else None}
+    mean = statistics.median(per_token)
+    return {"token_interval_ms": 1e3 * mean, "max_gap_during_ms": 1e3 * max(during, default=0.0),
+            "ratio": max(during, default=0.0) / mean, "long_prompt_ttft_ms": 1e3 * (t_first - t_arrive) if t_first else None}
 
 
 def main() -> int:
@@ -135,9 +139,9 @@ def main() -> int:
         elif r["streams"] == 64:
             target = "≥ 10,000 tok/s" if a.preset == "1.5b" else ""
         print(f"| daemon aggregate | {r['streams']} streams | {r['tok_s']:,.0f} tok/s | {target} |")
-    print(f"| inter-token gap, {max(streams) - 1} streams | median | {gap['median_gap_ms']:.1f} ms | |")
-    print(f"| … while a {a.long_prompt}-token prompt is read | max | {gap['max_gap_during_ms']:.1f} ms "
-          f"({gap['ratio']:.2f}× median) | ≤ 3× |")
+    print(f"| time per token, {max(streams) - 1} streams | median over streams | {gap['token_interval_ms']:.1f} ms | |")
+    print(f"| … gap while a {a.long_prompt}-token prompt is read | max | {gap['max_gap_during_ms']:.1f} ms "
+          f"({gap['ratio']:.2f}× the time per token) | ≤ 3× |")
     print(f"| that prompt's first token | after arrival | {gap['long_prompt_ttft_ms']:.0f} ms | |")
     if a.json:
         Path(a.json).write_text(json.dumps({"api_greedy_tok_s": api_rate, "aggregate": rows, "gaps": gap,

@@ -188,15 +188,19 @@ def test_prefill_graph_equals_eager(model_file, tmp_path, quantized):
     kept = lb.clone(), sb.wkv.clone()
     m.runner.prefill(toks[::-1], m.new_state(1), chunk=64)  # another replay of the same graph
     assert torch.equal(lb, kept[0]) and torch.equal(sb.wkv, kept[1])
-    # the engine reads prompts chunk by chunk through the graph too: the first sampled token agrees
+    # the engine reads whole chunks through the same graph: its first greedy token is the graph's argmax
+    # (a tail shorter than a chunk is read through the decode step instead, whose quantized products
+    # round activations to int8: not the same arithmetic, so the prompt here is whole chunks)
+    whole = toks[:3 * 64]
+    lw, _ = m.runner.prefill(whole, m.new_state(1), chunk=64)
     eng = BatchEngine(m, max_slots=2, prefill_chunk=64)
-    slot = eng.join(toks, SamplingParams(temperature=0, ban_end_of_text=True))
+    slot = eng.join(whole, SamplingParams(temperature=0, ban_end_of_text=True))
     first = None
-    for _ in range(3):  # the whole prompt (4 chunks) and the first draw, then its token reaches the host
+    for _ in range(3):  # the whole prompt (3 chunks) and the first draw, then its token reaches the host
         first = eng.step().get(slot)
         if first is not None:
             break
-    assert first == 1 + int(la.float()[1:].argmax())  # greedy, end-of-text (id 0) banned
+    assert first == 1 + int(lw.float()[1:].argmax())  # greedy, end-of-text (id 0) banned
 
 
 def test_sampling_on_the_device(model_file):
