@@ -74,6 +74,13 @@ def test_send_message_and_stream_reply(model_path, browser, tmp_path):
         b.get(srv.url + "/")
         item = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions li"))[0]
         assert "Hello from the browser" in item.text
+        # the fork button shows a drawn icon (no font needed), and the tab icon loads
+        icon = b.execute_script("const r = document.querySelector('#sessions li button[title=fork] svg')"
+                                ".getBoundingClientRect(); return [r.width, r.height];")
+        assert icon == [14, 14]
+        assert b.execute_async_script("const done = arguments[0]; const img = new Image(); "
+                                      "img.onload = () => done(img.naturalWidth); img.onerror = () => done(0); "
+                                      "img.src = '/favicon.ico';") > 0
         item.click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg")) == 2)
         texts = b.execute_script("return [...document.querySelectorAll('.msg .text')].map(e => e.textContent)")
