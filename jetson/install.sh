@@ -70,7 +70,7 @@ PIP="$PREFIX/venv/bin/pip"
 "$PIP" install "numpy>=1.24,<2.5"
 "$PIP" install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple torch
 "$PIP" install "numba>=0.60" "numba-cuda[cu$CU]>=0.20"
-"$PIP" install "$PREFIX/src[serve]"
+"$PIP" install "$PREFIX/src"  # the daemon is in the base install
 "$PREFIX/venv/bin/python" - <<'EOF'
 import torch
 print("torch", torch.__version__, "CUDA available:", torch.cuda.is_available())
