@@ -238,7 +238,7 @@ def cmd_chat(a) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edge-rwkv chat — {CHAT_HELP}  (Ctrl-C stops a reply, Ctrl-D leaves)", file=sys.stderr)
-    with line_editing(a.history if interactive else ""):
+    with line_editing(a.history) if interactive else contextlib.nullcontext():
         while True:
             try:
                 line = read_line(interactive)
@@ -275,8 +275,8 @@ def read_line(interactive: bool) -> str | None:
 
 
 def stream_reply(chat, line: str) -> None:
-    """Print the reply as it streams. Ctrl-C stops it; the conversation then goes on from before this
-    message (a half-written reply is not part of it), so the next message is answered as if it came first."""
+    """Print the reply as it streams. Ctrl-C stops it, and the conversation goes on from before this message:
+    a half-written reply is not part of it, so the next message is answered as if this one was never sent."""
     before = chat.state.clone() if chat.state is not None else None
     print("Assistant: ", end="", flush=True)
     pieces = chat.send(line)

@@ -12,7 +12,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 if not CHROMIUM or not DRIVER:
-    pytest.skip("headless Chromium is not installed (apt-get install -y chromium chromium-driver)",
+    pytest.skip("headless Chromium is not installed (tests/install_browser.sh installs it)",
                 allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
