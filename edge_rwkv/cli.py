@@ -197,7 +197,7 @@ def model_and_prompt(args: list[str]) -> tuple[str | None, str]:
     if len(args) > 2:
         raise InputError("generate takes [MODEL] PROMPT; quote a prompt that has spaces")
     if len(args) == 1 and looks_like_model(args[0]):
-        raise InputError(f"no prompt: {args[0]} is a model file; write `generate {args[0]} PROMPT` "
+        raise InputError(f"no prompt: {args[0]} names a model; write `generate {args[0]} PROMPT` "
                          f"(PROMPT - reads it from stdin)")
     model, prompt = ([None] + args)[-2:]
     if prompt == "-":
