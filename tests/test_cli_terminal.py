@@ -23,6 +23,12 @@ pytest.importorskip("readline", reason="this Python has no readline module")
 UP = "\x1b[A"
 
 
+def default_sigint() -> None:
+    """Ctrl-C as at a user's terminal: a shell's background job (CI may run one) ignores SIGINT, and a
+    child inherits that, so Python would install no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A command whose stdin, stdout and stderr are one pseudo-terminal, read as the user's screen."""
 
@@ -31,7 +37,8 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # wide: no wrapped lines
         env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_rwkv", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=env, cwd=cwd, start_new_session=True)
+                                     stderr=slave, env=env, cwd=cwd, start_new_session=True,
+                                     preexec_fn=default_sigint)
         os.close(slave)
         self.screen = ""
         self.seen = 0  # where the next expect() starts looking
