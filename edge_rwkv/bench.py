@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .extras import install_hint, require
 from .model import Int8Rows
 
 HEAD_SIZE = 64
@@ -529,7 +530,7 @@ def run_peer(path: str, dev: torch.device, o: BenchOptions, lengths: list[int], 
         import importlib.util
 
         if importlib.util.find_spec("rwkv") is None:
-            return {"error": "rwkv package not installed"}
+            return {"error": f"rwkv package not installed ({install_hint('rwkv')})"}
     except (ImportError, ValueError):
         return {"error": "rwkv package not importable"}
     base = str(Path(path).with_suffix(""))
@@ -1168,16 +1169,13 @@ def write_outputs(results: list[dict], json_path: str | None, plot_path: str | N
         atomic_write_bytes(json_path, json.dumps(payload, indent=1, default=str).encode())
         log(f"wrote {json_path}")
     if plot_path:
-        try:
-            write_plot(results, plot_path)
-            log(f"wrote {plot_path}")
-        except ImportError:
-            from .errors import EdgeRWKVError
-
-            raise EdgeRWKVError("--plot needs matplotlib (pip install matplotlib)") from None
+        write_plot(results, plot_path)
+        log(f"wrote {plot_path}")
 
 
 def cmd_bench(a) -> int:
+    if a.plot:  # before the measurements, not after them
+        require("matplotlib", "bench --plot")
     o = options_from_args(a)
     t0 = time.perf_counter()
     log = lambda s: print(f"[bench {time.perf_counter() - t0:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731

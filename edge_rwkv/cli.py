@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from .errors import EdgeRWKVError
+from .errors import EdgeRWKVError, InputError
+from .extras import missing_dependency
 
 # Commands living beside their subsystem; each module has `register(subparsers)`.
 EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serve.cli", "edge_rwkv.bench")
@@ -201,10 +203,30 @@ def cmd_init(a) -> int:
 
 # --------------------------------------------------------------------------- generate / chat
 
+MODEL_SUFFIXES = (".pth", ".safetensors")
+
+
+def model_and_prompt(args: list[str]) -> tuple[str | None, str]:
+    """`[MODEL] PROMPT` → (model, prompt text); PROMPT `-` is read from stdin (without its final newline)."""
+    if len(args) > 2:
+        raise InputError("generate takes [MODEL] PROMPT; quote a prompt that has spaces")
+    if len(args) == 1 and looks_like_model(args[0]):
+        raise InputError(f"no prompt: {args[0]} names a model; write `generate {args[0]} PROMPT` "
+                         f"(PROMPT - reads it from stdin)")
+    model, prompt = ([None] + args)[-2:]
+    if prompt == "-":
+        prompt = sys.stdin.read().removesuffix("\n")
+    return model, prompt
+
+
+def looks_like_model(arg: str) -> bool:
+    """An existing file, or a file name of a model (a prompt about one has spaces)."""
+    named_like_one = arg.lower().endswith(MODEL_SUFFIXES) and not any(c.isspace() for c in arg)
+    return named_like_one or os.path.isfile(arg)  # os.path.isfile: a prompt too long for a path is no error
+
+
 def cmd_generate(a) -> int:
-    if len(a.model_and_prompt) > 2:
-        raise EdgeRWKVError("generate takes [MODEL] PROMPT; quote a prompt that has spaces")
-    a.model, a.prompt = ([None] + a.model_and_prompt)[-2:]
+    a.model, a.prompt = model_and_prompt(a.model_and_prompt)
     if a.state_in and a.init_state:
         raise EdgeRWKVError("--state-in and --init-state both give the starting state; use one")
     m = load_model(a)
@@ -235,25 +257,94 @@ def cmd_chat(a) -> int:
         chat.load(a.state_in)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"edge-rwkv chat — {CHAT_HELP}", file=sys.stderr)
-    while True:
-        if interactive:
-            print("User: ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not chat_command(chat, line, initial):
+        print(f"edge-rwkv chat — {CHAT_HELP}  (Ctrl-C stops a reply, Ctrl-D leaves)", file=sys.stderr)
+    with line_editing(a.history) if interactive else contextlib.nullcontext():
+        while True:
+            try:
+                line = read_line(interactive)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n[the line was dropped; Ctrl-D or /quit leaves the chat]", file=sys.stderr)
+                continue
+            if line is None:
                 break
-            continue
-        print("Assistant: ", end="", flush=True)
-        for piece in chat.send(line):
-            print(piece, end="", flush=True)
-        print("\n", flush=True)
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not chat_command(chat, line, initial):
+                    break
+                continue
+            stream_reply(chat, line)
     return 0
+
+
+def read_line(interactive: bool) -> str | None:
+    """The next line the user typed (None at the end of input), with line editing on a terminal."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    try:
+        if sys.stdout.isatty():
+            return input("User: ")  # readline draws the prompt, so editing keys redraw it
+        print("User: ", end="", flush=True, file=sys.stderr)  # stdout is redirected: keep the prompt out of it
+        return input()
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+
+
+def stream_reply(chat, line: str) -> None:
+    """Print the reply as it streams. Ctrl-C stops it, and the conversation goes on from before this message:
+    a half-written reply is not part of it, so the next message is answered as if this one was never sent."""
+    before = chat.state.clone() if chat.state is not None else None
+    print("Assistant: ", end="", flush=True)
+    pieces = chat.send(line)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        pieces.close()
+        chat.state = before
+        print("\n", flush=True)
+        print("[reply stopped; this message and its reply are not part of the conversation]", file=sys.stderr)
+        return
+    print("\n", flush=True)
+
+
+def chat_history_path() -> str:
+    from .serve.cli import default_data_dir
+
+    return os.path.join(default_data_dir(), "chat_history")
+
+
+@contextlib.contextmanager
+def line_editing(history: str):
+    """readline's line editing where the platform has it, with the lines typed kept in `history` ("" keeps none)."""
+    try:
+        import readline
+    except ImportError:  # a Python built without readline: plain line input
+        yield
+        return
+    if history:
+        with contextlib.suppress(OSError):
+            readline.read_history_file(history)
+        readline.set_history_length(1000)
+    try:
+        yield
+    finally:
+        if history:
+            save_history(readline, history)
+
+
+def save_history(readline, path: str) -> None:
+    """Write the history privately (it is the user's side of their conversations); a failure costs only it."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        readline.write_history_file(path)
+        os.chmod(path, 0o600)
+    except OSError as e:
+        print(f"edge-rwkv: warning: chat history not saved to {path}: {e}", file=sys.stderr)
 
 
 def chat_command(chat, line: str, initial=None) -> bool:
@@ -329,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="complete a prompt, streaming the text",
                        description="Complete a prompt, streaming tokens to stdout: `generate [MODEL] PROMPT` "
-                                   "(without MODEL, the embedded default model).")
+                                   "(without MODEL, the embedded default model; PROMPT - reads the prompt "
+                                   "from stdin).")
     s.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
     add_runtime_args(s)
     add_sampling_args(s)
@@ -347,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-in", help="resume a conversation from a saved state file")
     s.add_argument("--init-state", help="start (and /reset) from a tuned initial state: an RWKV-PEFT state-tuning "
                                         "file or an edge-rwkv state file")
+    s.add_argument("--history", default=chat_history_path(),
+                   help="where the lines typed at the prompt are kept for the arrow keys (default: %(default)s; "
+                        "'' keeps none)")
     s.set_defaults(func=cmd_chat)
 
     for mod in EXTRA_COMMANDS:
@@ -364,20 +459,42 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return status
     except EdgeRWKVError as e:
         if args.debug:
             raise
-        print(f"edge-rwkv: error: {e}", file=sys.stderr)
-        return 1
+        return report(e)
+    except ModuleNotFoundError as e:
+        missing = missing_dependency(args.command, e.name or "")
+        if missing is None or args.debug:  # not an optional dependency: a bug, shown in full
+            raise
+        return report(missing)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except (OSError, ValueError) as e:
         if args.debug:
             raise
-        print(f"edge-rwkv: error: {e}", file=sys.stderr)
-        return 1
+        return report(e)
+
+
+def report(e: Exception) -> int:
+    print(f"edge-rwkv: error: {e}", file=sys.stderr)
+    return 1
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (`edge-rwkv info | head`): end quietly, as a command killed by SIGPIPE.
+
+    stdout is pointed at /dev/null so the interpreter's final flush finds nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # 128 + SIGPIPE, the status `yes | head` leaves
 
 
 if __name__ == "__main__":

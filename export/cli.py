@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from edge_rwkv.extras import require
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export ONNX decode/prefill graphs (and TensorRT engines)",
@@ -26,6 +28,9 @@ def register(sub) -> None:
 
 
 def cmd_export(a) -> int:
+    require("onnx", "export")
+    if a.verify:  # checked before the export is written, not after
+        require("onnxruntime", "export --verify")
     from .exporter import ExportOptions, export_onnx
     from .manifest import describe
 

@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 from edge_rwkv.errors import EdgeRWKVError
+from edge_rwkv.extras import install_hint
 
 from .manifest import load_manifest, write_manifest
 
@@ -40,7 +41,7 @@ def tensorrt_available() -> tuple[bool, str]:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return False, "the TensorRT Python package ('tensorrt') is not installed"
+        return False, f"TensorRT's Python package is not installed ({install_hint('tensorrt')})"
     try:
         import torch
 

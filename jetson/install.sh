@@ -193,7 +193,7 @@ main() {
   constraints=$(mktemp)
   "$vpy" -c 'import torch; print(f"torch=={torch.__version__}")' >"$constraints"  # nothing may replace it
   "$pip" install -c "$constraints" -r "$PREFIX/src/jetson/requirements-jp$jp.txt"
-  "$pip" install -c "$constraints" "$PREFIX/src[serve]"
+  "$pip" install -c "$constraints" "$PREFIX/src"  # the daemon is in the base install
   # JetPack's TensorRT Python package (python3-libnvinfer) lives in the system's dist-packages: a .pth makes
   # that folder visible after the venv's own packages (added last, so pip above never saw system packages).
   local trt_dir

@@ -198,3 +198,68 @@ def test_more_bad_inputs_in_process(artifact, capsys, args, needle):
     assert main(argv) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("edge-rwkv: error: ") and needle in err[0], err
+
+
+# --------------------------------------------------------------------------- first-run paper cuts
+
+@pytest.mark.parametrize("arg", ["{model}", "{dir}/absent.pth", "other-model.safetensors"])
+def test_generate_with_the_prompt_forgotten(artifact, capsys, arg):
+    """A lone model file (existing, or named like one) is not taken as the prompt."""
+    from edge_rwkv.cli import main
+
+    name = arg.format(model=artifact, dir=artifact.parent)
+    assert main(["generate", name]) == 1
+    cap = capsys.readouterr()
+    err = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("edge-rwkv: error: no prompt: ") and name in err[0], err
+    assert cap.out == ""
+
+
+def test_generate_reads_the_prompt_from_stdin(artifact):
+    r = ok(cli("generate", artifact, "-", *SAMPLING, stdin=PROMPT + "\n"))  # the final newline is not prompt
+    m = edge_rwkv.load(artifact)
+    assert r.stdout == m.generate(PROMPT, max_tokens=8, temperature=0) + "\n"
+    failed(cli("generate", artifact, "-", *SAMPLING, stdin=""), "prompt is empty")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(artifact):
+    """`edge-rwkv info MODEL | head` where head has gone: no error, no traceback; the status of SIGPIPE."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.Popen([sys.executable, "-m", "edge_rwkv", "info", str(artifact), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141
+    assert err == "", err
+
+
+def test_serve_on_a_busy_port(artifact, tmp_path, capsys):
+    """One line, at once (before the model loads), and nothing written to the data folder."""
+    import socket
+
+    from edge_rwkv.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(artifact), "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"edge-rwkv: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server is "
+                   f"running there; choose another --port)"], err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_model_files_get_the_permissions_open_would_give(tmp_path, umask, mode):
+    """Written through a temp file (mkstemp: 0600) and safetensors (which replaces it): the result follows
+    the umask like any file the user writes."""
+    from edge_rwkv.cli import main
+
+    out = tmp_path / "m.safetensors"
+    old = os.umask(umask)
+    try:
+        assert main(["init", "-o", str(out), "--layers", "1", "--embd", "32", "--head-size", "16"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == mode

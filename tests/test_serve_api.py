@@ -193,6 +193,14 @@ def test_web_page_served(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and "<html" in r.text.lower()
     assert "Content-Security-Policy" in r.headers
+    assert '<link rel="icon" href="/favicon.ico"' in r.text
+
+
+def test_favicon_served(server):
+    """The browser's request for the tab icon gets a small SVG, not a 404 in the log."""
+    r = httpx.get(server.url + "/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert r.text.startswith("<svg") and r.text.endswith("</svg>") and len(r.content) < 1024
 
 
 def test_cors_only_for_named_origins(reference, tmp_path):

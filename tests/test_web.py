@@ -12,7 +12,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 if not CHROMIUM or not DRIVER:
-    pytest.skip("headless Chromium is not installed (apt-get install -y chromium chromium-driver)",
+    pytest.skip("headless Chromium is not installed (tests/install_browser.sh installs it)",
                 allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -56,10 +56,11 @@ def test_send_message_and_stream_reply(model_path, browser, tmp_path):
             el = b.find_element(By.ID, field)
             el.clear()
             el.send_keys(value)
-        # count DOM updates of the reply as it streams in
+        # count DOM updates of the reply as it streams in (records, not callbacks: a fast stream arrives in
+        # one network read and its updates reach one callback)
         b.execute_script("""
             window.__updates = 0;
-            new MutationObserver(() => { window.__updates++; })
+            new MutationObserver((records) => { window.__updates += records.length; })
               .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
         """)
         b.find_element(By.ID, "input").send_keys("Hello from the browser")
@@ -74,6 +75,13 @@ def test_send_message_and_stream_reply(model_path, browser, tmp_path):
         b.get(srv.url + "/")
         item = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions li"))[0]
         assert "Hello from the browser" in item.text
+        # the fork button shows a drawn icon (no font needed), and the tab icon loads
+        icon = b.execute_script("const r = document.querySelector('#sessions li button[title=fork] svg')"
+                                ".getBoundingClientRect(); return [r.width, r.height];")
+        assert icon == [14, 14]
+        assert b.execute_async_script("const done = arguments[0]; const img = new Image(); "
+                                      "img.onload = () => done(img.naturalWidth); img.onerror = () => done(0); "
+                                      "img.src = '/favicon.ico';") > 0
         item.click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg")) == 2)
         texts = b.execute_script("return [...document.querySelectorAll('.msg .text')].map(e => e.textContent)")

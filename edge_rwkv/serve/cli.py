@@ -1,7 +1,9 @@
 """`edge-rwkv serve` (the offline assistant daemon) and `edge-rwkv plan` (what fits on a device)."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
 from ..errors import EdgeRWKVError
@@ -85,6 +87,7 @@ def cmd_serve(a) -> int:
     import uvicorn
 
     from ..api import load
+    from ..default_model import resolve_model
     from .app import ServeConfig, create_app, is_loopback
 
     for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens",
@@ -99,26 +102,48 @@ def cmd_serve(a) -> int:
     if not is_loopback(a.host) and not key:
         print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
               f"machine can use the model and read sessions", file=sys.stderr)
-    data_dir = a.data_dir or default_data_dir()
-    lock = lock_data_dir(data_dir)  # held until the process ends (kill -9 included)
-    from edge_rwkv.default_model import resolve_model
-
-    model = load(resolve_model(a.model), device=a.device, dtype=a.dtype)
-    cfg = ServeConfig(data_dir=data_dir, host=a.host, port=a.port, api_key=key,
-                      max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
-                      max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
-                      max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
-                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
-                      prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20,
-                      init_states_dir=a.init_states)
-    app = create_app(model, cfg)
-    shown = f"[{a.host}]" if ":" in a.host else a.host
-    print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "
-          f"{cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level in ("info", "debug"),
-                timeout_graceful_shutdown=3)
+    sock = listen_socket(a.host, a.port)  # before the model loads: a busy port fails at once
+    try:
+        data_dir = a.data_dir or default_data_dir()
+        lock = lock_data_dir(data_dir)  # held until the process ends (kill -9 included)
+        model = load(resolve_model(a.model), device=a.device, dtype=a.dtype)
+        cfg = ServeConfig(data_dir=data_dir, host=a.host, port=a.port, api_key=key,
+                          max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
+                          max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
+                          max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
+                          hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
+                          prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20,
+                          init_states_dir=a.init_states)
+        app = create_app(model, cfg)
+        print(f"edge-rwkv serve: {model.path} on http://{address(a.host, sock.getsockname()[1])}  (sessions in "
+              f"{cfg.data_dir}, {cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level,
+                                               access_log=a.log_level in ("info", "debug"), timeout_graceful_shutdown=3))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     lock.close()
     return 0
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The daemon's bound socket (handed to uvicorn), or a one-line error saying why the address is refused."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # as uvicorn does: a restart may rebind while the last run's connections sit in TIME_WAIT
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise EdgeRWKVError(f"cannot listen on {address(host, port)}: the port is in use (another server "
+                                f"is running there; choose another --port)") from None
+        raise EdgeRWKVError(f"cannot listen on {address(host, port)}: {e.strerror or e}") from None
+    return sock
 
 
 def lock_data_dir(data_dir: str):
