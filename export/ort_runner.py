@@ -1,7 +1,6 @@
 """Run exported graphs with onnxruntime, fed and read back as edge_rwkv.State objects."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +9,44 @@ import torch
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
+from .manifest import load_manifest
 from .state_io import run_sequence, state_feeds, state_from_outputs
+
+
+def session_options(session_config: dict | None = None, threads: int | None = None):
+    """onnxruntime SessionOptions with the manifest's session config entries (see manifest.onnxruntime_options)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, str(value))
+    return opts
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
+    """Refuse ids outside [0, vocab_size): the graph's Gather would wrap a negative id to another token."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 class OrtGraph:
     """One exported graph (fixed batch B and tokens per call T) in an onnxruntime session."""
 
-    def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 session_config: dict | None = None):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, sess_options=opts, providers=list(providers))
+        if session_config is None:  # the export's own recommendation, from the manifest beside the graph
+            session_config = load_manifest(Path(path).parent)["onnxruntime"]["session_config"]
+        self.session = ort.InferenceSession(self.path, sess_options=session_options(session_config, threads),
+                                            providers=list(providers))
         tok = next(i for i in self.session.get_inputs() if i.name == "tokens")
         self.batch, self.tokens = int(tok.shape[0]), int(tok.shape[1])
+        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[1])
         self.n_layer = sum(1 for i in self.session.get_inputs() if i.name.startswith("wkv."))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -36,6 +57,7 @@ class OrtGraph:
             ids = ids[None]
         if ids.shape != (self.batch, self.tokens):
             raise InputError(f"{Path(self.path).name} takes tokens of shape [{self.batch}, {self.tokens}], got {list(ids.shape)}")
+        check_token_ids(ids, self.vocab_size, Path(self.path).name)
         if state.batch != self.batch or state.n_layer != self.n_layer:
             raise InputError(f"state has batch {state.batch} / {state.n_layer} layers; the graph wants {self.batch} / {self.n_layer}")
         feeds = {k: v.cpu().numpy() for k, v in state_feeds(state).items()}
@@ -51,7 +73,8 @@ class OrtModel:
 
     def __init__(self, folder: str | Path, **kw):
         folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = load_manifest(folder)
+        kw.setdefault("session_config", manifest["onnxruntime"]["session_config"])
         self.decode = OrtGraph(folder / manifest["graphs"]["decode"]["file"], **kw)
         self.prefill = OrtGraph(folder / manifest["graphs"]["prefill"]["file"], **kw) if "prefill" in manifest["graphs"] else None
 
