@@ -85,9 +85,14 @@ def world_vocab_file(src: ExportSource) -> Path | None:
 
     if src.config.vocab_size != VOCAB_SIZE:
         return None
-    import pyrwkv_tokenizer
+    import importlib.util
 
-    return Path(pyrwkv_tokenizer.RWKVTokenizer().vocab_filepath)
+    # The file beside the tokenizer package (building the tokenizer itself would cost ~0.25 GB of RAM).
+    spec = importlib.util.find_spec("pyrwkv_tokenizer")
+    path = Path(spec.origin).parent / VOCAB_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise RuntimeError(f"the RWKV World vocabulary ({VOCAB_FILE}) is not installed with pyrwkv-tokenizer")
+    return path
 
 
 def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions | None = None,

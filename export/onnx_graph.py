@@ -24,6 +24,7 @@ onnxruntime fuses into MatMulNBits and TensorRT builds as weight-only INT4/INT8.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -31,9 +32,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_rwkv.model import EMB_CHUNK_ROWS, GROUP_NORM_EPS, LN_EPS, layer_norm
-from edge_rwkv.quant.formats import pack_int4_torch
+from edge_rwkv.quant.formats import pack_int4_torch, unpack_int4_torch
 
 from .source import ExportSource, StoredQuant
+from .weights import INLINE_MAX_BYTES
 
 OPSET = 21
 IR_VERSION = 10
@@ -41,6 +43,7 @@ WKV_DOMAIN = "rwkv7"
 WKV_NAME = "wkv7"
 WKV_DOMAIN_VERSION = 1
 DECAY_SCALE = math.exp(-0.5)
+TRANSPOSE_ROWS = 4096  # rows of a quantized matrix unpacked at a time while transposing it (even)
 
 WEIGHT_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
 _NP = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}
@@ -126,6 +129,15 @@ def wkv_function(T: int) -> onnx.FunctionProto:
 
 # --------------------------------------------------------------------------- graph builder
 
+@dataclass
+class Packed:
+    """Tensor bytes with their ONNX dims and type (INT4: two levels a byte, so not a numpy dtype)."""
+
+    data: np.ndarray
+    dims: list[int]
+    data_type: int
+
+
 class _Builder:
     def __init__(self, wdt: int, weights=None):
         self.wdt = wdt
@@ -141,18 +153,23 @@ class _Builder:
         return hint if c == 0 else f"{hint}_{c}"
 
     def init(self, name: str, arr) -> str:
-        """An initializer; `arr` is an array, a TensorProto, or a callable making one (called only when the
-        tensor is not yet in the weights file, so the second graph does not rebuild what the first wrote)."""
+        """An initializer from an array or a Packed; or from a callable making one, called only when the
+        tensor is not yet in the weights file (the second graph does not rebuild what the first wrote).
+        Large tensors go to the weights file straight from their buffer (no serialized copy)."""
         if name in self.inits:
             return name
         if callable(arr) and self.weights is not None and self.weights.has(name):
             t = self.weights.reference(name)
         else:
             arr = arr() if callable(arr) else arr
-            t = arr if isinstance(arr, onnx.TensorProto) else numpy_helper.from_array(np.ascontiguousarray(arr), name)
-            t.name = name
-            if self.weights is not None:
-                self.weights.externalize(t)
+            packed = arr if isinstance(arr, Packed) else Packed(np.asarray(arr), list(np.shape(arr)),
+                                                                 helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype))
+            if self.weights is not None and packed.data.nbytes > INLINE_MAX_BYTES:
+                t = self.weights.add(name, packed.data, packed.dims, packed.data_type)
+            elif packed.data_type == TensorProto.INT4:
+                t = helper.make_tensor(name, TensorProto.INT4, packed.dims, packed.data.tobytes(), raw=True)
+            else:
+                t = numpy_helper.from_array(np.ascontiguousarray(packed.data), name)
         self.inits[name] = t
         self.types[name] = t.data_type
         return name
@@ -367,7 +384,7 @@ def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
         return g.cast(g.reshape(x, [M, C], "emb.rows"), f32, "x0")
     if q.format != "int8" or q.input_scale is not None:
         raise ValueError(f"emb.weight: only a plain int8 embedding can be exported, got {q.format}")
-    rows = g.node("Gather", [g.init("emb.weight.qweight", lambda: q.qweight.astype(np.int8)), "tokens"], "emb.gather",
+    rows = g.node("Gather", [g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8)), "tokens"], "emb.gather",
                   out_type=TensorProto.INT8, axis=0)
     scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
                     "emb.gather_scale", out_type=f32, axis=0)
@@ -377,14 +394,16 @@ def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
     return g.node("LayerNormalization", [x, ln0("weight"), ln0("bias")], "emb.ln0", axis=-1, epsilon=LN_EPS)
 
 
-def transposed_levels(q: StoredQuant) -> onnx.TensorProto | np.ndarray:
+def transposed_levels(q: StoredQuant) -> Packed:
     """The stored integer levels as Wᵀ [K, out] (int8, or INT4 packed two per byte along `out`)."""
-    levels = torch.from_numpy(q.unpacked()).t().contiguous()
-    if q.format == "int8":
-        return levels.numpy()
     out, k = q.shape
-    return helper.make_tensor(q.name + ".qweight_t", TensorProto.INT4, [k, out],
-                              pack_int4_torch(levels).numpy().tobytes(), raw=True)
+    if q.format == "int8":
+        return Packed(torch.from_numpy(q.qweight).t().contiguous().numpy(), [k, out], TensorProto.INT8)
+    packed = np.empty((k, out // 2), np.uint8)
+    for r0 in range(0, out, TRANSPOSE_ROWS):  # a block of rows at a time: the unpacked transient stays small
+        rows = unpack_int4_torch(torch.from_numpy(q.qweight[r0:r0 + TRANSPOSE_ROWS]))
+        packed[:, r0 // 2:(r0 + rows.shape[0]) // 2] = pack_int4_torch(rows.t().contiguous()).numpy()
+    return Packed(packed, [k, out], TensorProto.INT4)
 
 
 def quantized_linear(g: _Builder, x: str, q: StoredQuant, hint: str) -> str:

@@ -80,3 +80,47 @@ class OrtModel:
 
     def forward(self, tokens, state: State) -> tuple[torch.Tensor, State]:
         return run_sequence(self.decode, self.prefill, tokens, state)
+
+
+class IoBoundGraph:
+    """A graph run with onnxruntime IO binding and two swapped state buffers (the integration guide's loop).
+
+    Both state sets are allocated once; binding A reads set 0 and writes set 1, binding B the reverse, so
+    a call copies nothing and allocates nothing: write the ids into `tokens`, run, read `logits`.
+    """
+
+    def __init__(self, graph: OrtGraph):
+        import onnxruntime as ort
+
+        self.graph, sess = graph, graph.session
+        self.tokens = np.zeros((graph.batch, graph.tokens), np.int64)
+        self.logits = np.zeros((graph.batch, graph.vocab_size), np.float32)
+        self.state = [{i.name: np.zeros(i.shape, np.float32) for i in sess.get_inputs() if i.name != "tokens"}
+                      for _ in range(2)]
+        tokens_v = ort.OrtValue.ortvalue_from_numpy(self.tokens)
+        logits_v = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            b = sess.io_binding()
+            b.bind_ortvalue_input("tokens", tokens_v)
+            b.bind_ortvalue_output("logits", logits_v)
+            for name, buf in self.state[src].items():
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+                b.bind_ortvalue_output(name.replace(".", "_out.", 1), ort.OrtValue.ortvalue_from_numpy(self.state[dst][name]))
+            self.bindings.append(b)
+        self._keep = (tokens_v, logits_v)
+        self.current = 0  # which state set holds the state
+
+    def reset(self) -> None:
+        """Zero state: the start of a sequence."""
+        for buf in self.state[self.current].values():
+            buf.fill(0)
+
+    def step(self, ids) -> np.ndarray:
+        """ids [B, T] → logits [B, V] (a view, overwritten by the next call); the state advances."""
+        ids = np.asarray(ids, np.int64).reshape(self.tokens.shape)
+        check_token_ids(ids, self.graph.vocab_size, Path(self.graph.path).name)
+        self.tokens[...] = ids
+        self.graph.session.run_with_iobinding(self.bindings[self.current])
+        self.current ^= 1
+        return self.logits

@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 WEIGHTS_FILE = "weights.bin"
@@ -28,34 +29,30 @@ class WeightsFile:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def externalize(self, t: onnx.TensorProto) -> onnx.TensorProto:
-        """Move `t`'s raw bytes to the file (once per name) and point `t` at them."""
-        if t.name in self.index:
-            if list(t.dims) != self.index[t.name][2] or t.data_type != self.index[t.name][3]:
-                raise RuntimeError(f"initializer '{t.name}' differs between graphs")
-        elif len(t.raw_data) <= INLINE_MAX_BYTES:
-            return t
+    def add(self, name: str, data: np.ndarray, dims, data_type: int) -> onnx.TensorProto:
+        """A tensor whose bytes are `data`'s buffer (written straight from it, no copy), once per name."""
+        if name in self.index:
+            if list(dims) != self.index[name][2] or data_type != self.index[name][3]:
+                raise RuntimeError(f"initializer '{name}' differs between graphs")
         else:
+            buf = memoryview(np.ascontiguousarray(data)).cast("B")
             self._write(b"\0" * ((-self.size) % ALIGN))
-            self.index[t.name] = (self.size, len(t.raw_data), list(t.dims), t.data_type)
-            self._write(t.raw_data)
-        offset, length = self.index[t.name][:2]
-        t.ClearField("raw_data")
-        del t.external_data[:]
-        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
-            t.external_data.add(key=key, value=str(value))
-        t.data_location = onnx.TensorProto.EXTERNAL
-        return t
+            self.index[name] = (self.size, buf.nbytes, list(dims), data_type)
+            self._write(buf)
+        return self.reference(name)
 
     def has(self, name: str) -> bool:
         return name in self.index
 
     def reference(self, name: str) -> onnx.TensorProto:
-        """A tensor pointing at bytes already written under `name`."""
-        t = onnx.TensorProto(name=name, data_type=self.index[name][3], dims=self.index[name][2])
-        return self.externalize(t)
+        """A tensor pointing at the bytes written under `name`."""
+        offset, length, dims, data_type = self.index[name]
+        t = onnx.TensorProto(name=name, data_type=data_type, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
+            t.external_data.add(key=key, value=str(value))
+        return t
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
         if data:
             self.fh.write(data)
             self.sha.update(data)
