@@ -159,10 +159,11 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
                 "kind": "ONNX model-local function (plain ONNX ops: one step at T=1, a Scan over time at T>1)",
                 "inputs": ["r", "w", "k", "v", "a", "b", "state"], "outputs": ["y", "state_out"],
                 "shapes": "r..b float32 [B, T, H, N]; state float32 [B, H, N, N]"},
-        "onnxruntime": dict(onnxruntime_options(src.quant_formats), shared_weights=(
-            "both graphs read the same weights.bin at 4096-byte aligned offsets: onnxruntime memory-maps it on a "
-            "CPU, so two sessions share the page cache; add the same OrtValues with "
-            "SessionOptions.add_initializer to both sessions to share them explicitly")),
+        "onnxruntime": dict(onnxruntime_options(src.quant_formats), memory=(
+            "weights.bin is read while a session is created, not kept mapped. On a CPU each session then holds "
+            "its own compute copy: fp16 matrices cast to float32 (2x their fp16 bytes), quantized matrices "
+            "packed for MatMulNBits (about their stored bytes). Shared initializers (add_initializer) do not "
+            "reduce this: the copies are made by onnxruntime's own graph transforms, per session")),
         "opset": OPSET, "ir_version": IR_VERSION,
         "external_data": WEIGHTS_FILE,
         "files": file_table(folder, files),
