@@ -10,7 +10,7 @@ from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
 from .manifest import load_manifest
-from .state_io import run_sequence, state_feeds, state_from_outputs
+from .state_io import check_token_ids, run_sequence, state_feeds, state_from_outputs
 
 
 def session_options(session_config: dict | None = None, threads: int | None = None):
@@ -23,13 +23,6 @@ def session_options(session_config: dict | None = None, threads: int | None = No
     for key, value in (session_config or {}).items():
         opts.add_session_config_entry(key, str(value))
     return opts
-
-
-def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
-    """Refuse ids outside [0, vocab_size): the graph's Gather would wrap a negative id to another token."""
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-        raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 class OrtGraph:

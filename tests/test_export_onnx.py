@@ -192,25 +192,35 @@ def test_int8_weights_and_embedding_stay_int8(exports):
     assert load_manifest(out)["precision"]["embedding"].startswith("int8")
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8-head"])
-def test_onnxruntime_fuses_every_quantized_matmul(exports, tmp_path, kind):
-    """With the manifest's session config, onnxruntime runs no DequantizeLinear: all become MatMulNBits."""
+def _optimized_ops(path, session_config, tmp_path):
     import onnxruntime as ort
 
     from edge_rwkv.export.ort_runner import session_options
 
+    opts = session_options(session_config)
+    opts.optimized_model_filepath = str(tmp_path / (path.stem + ".opt.onnx"))
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8-head"])
+def test_onnxruntime_fuses_every_quantized_matmul(exports, tmp_path, kind):
+    """onnxruntime runs no DequantizeLinear per call: the pattern fuses into MatMulNBits, and under the
+    manifest's session config int4 stays MatMulNBits while int8 is dequantized once at session creation."""
     model, out = exports((kind, "float16", 1))
     m = load_manifest(out)
-    assert m["onnxruntime"]["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
     n_matrices = sum(1 for k in m["quant"]["tensors"] if k != "emb.weight")
-    for graph in ("decode", "prefill"):
-        opts = session_options(m["onnxruntime"]["session_config"])
-        opts.optimized_model_filepath = str(tmp_path / f"{graph}.opt.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(out / f"{graph}.onnx"), opts, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
-        assert "DequantizeLinear" not in ops
+    fused = _optimized_ops(out / "prefill.onnx", m["onnxruntime"]["faster"], tmp_path)
+    assert "DequantizeLinear" not in fused and fused.count("MatMulNBits") == n_matrices  # the layout fuses
+    ops = _optimized_ops(out / "decode.onnx", m["onnxruntime"]["session_config"], tmp_path)
+    assert "DequantizeLinear" not in ops
+    if kind == "int4":
+        assert m["onnxruntime"]["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
         assert ops.count("MatMulNBits") == n_matrices
+    else:
+        assert m["onnxruntime"]["session_config"] == {"session.disable_quant_qdq": "1"}
+        assert "MatMulNBits" not in ops
 
 
 # --------------------------------------------------------------------------- parity
