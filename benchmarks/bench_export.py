@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -52,15 +51,20 @@ def make_models(work: Path, a) -> dict[str, Path]:
     return {p: models[p] for p in a.precisions}
 
 
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
 def export_child(model: str, out: str, chunk: int) -> None:
-    """Run in a child process: export, print {"seconds", "base_rss", "peak_rss"} (bytes) as JSON."""
+    """Run in a child process: export, print {"seconds", "base_rss", "peak_rss"} (bytes) as JSON: the resident
+    size once everything is imported, and the high-water mark at the end (an upper bound of export's own peak)."""
     from edge_rwkv.export.exporter import ExportOptions, export_onnx
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _status_kb("VmRSS") * 1024
     t = time.perf_counter()
     export_onnx(model, out, ExportOptions(chunk=chunk, force=True, progress=False), log=lambda m: None)
-    print(json.dumps({"seconds": time.perf_counter() - t, "base_rss": base,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": time.perf_counter() - t, "base_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}))
 
 
 def export(model: Path, out: Path, chunk: int) -> dict:
