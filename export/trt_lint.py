@@ -9,7 +9,8 @@ ops this project can emit plus common neighbours). Targets: TensorRT 10.3 (JetPa
   registered, which ≥ 10.7 prefers) and their bodies are checked like the main graph;
 * `DequantizeLinear`: x and scale are initializers, no non-zero zero point; blocked form only on
   2-D weights, scale of the same rank, one blocked axis that divides evenly; INT4 weights blocked,
-  with an even last dimension; the result feeds a Gemm/MatMul (weight-only quantization);
+  with an even last dimension; the result feeds a Gemm/MatMul as its weight B (weight-only
+  quantization), blocked along B's reduction axis K, per-channel scales along its output axis N;
 * shape/axes operands (Reshape, Slice, Squeeze, Unsqueeze, Reduce*, Split, Expand, Tile) are
   build-time constants; no Loop/Scan with a trip count known only at run time (a Scan's length is its
   scan inputs' leading dimension: they must have static shapes); Scan/Loop/If bodies are checked
@@ -251,6 +252,19 @@ def _lint_dq(n, t, types, shapes, inits, consumers, err) -> None:
         if c.op_type not in ("Gemm", "MatMul", "Transpose"):
             err(f"dequantized weights feed {c.op_type} ('{c.name}'); weight-only quantization expects Gemm/MatMul",
                 "warning")
+            continue
+        if c.op_type == "Transpose" or len(c.input) < 2 or c.input[1] != n.output[0] or len(xs) != 2:
+            continue
+        # The weight is the B operand: [K, N] for MatMul (and Gemm), [N, K] for Gemm(transB=1). Weight-only
+        # INT4 blocks along K (the reduction axis); per-channel scales run along N (the output channels).
+        trans_b = c.op_type == "Gemm" and any(a.name == "transB" and a.i for a in c.attribute)
+        k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+        if block and axis != k_axis:
+            err(f"blocked along axis {axis} of the weight, not its reduction axis K (axis {k_axis} for "
+                f"{c.op_type}{' transB' if trans_b else ''})")
+        if not block and len(ss) == 1 and ss[0] != 1 and axis != n_axis:
+            err(f"per-channel scales along axis {axis}, not the output channels (axis {n_axis} for "
+                f"{c.op_type}{' transB' if trans_b else ''})")
 
 
 def main(argv=None) -> int:

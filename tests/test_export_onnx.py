@@ -448,6 +448,35 @@ def test_lint_reports_offending_nodes():
     assert "node 'bad_dq' (DequantizeLinear)" in str(next(i for i in issues if i.node == "bad_dq"))
 
 
+def test_lint_checks_the_weight_only_axes():
+    """Blocked along K and per output channel N, for MatMul's B [K, N] and Gemm(transB)'s B [N, K]."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    def issues(axis, block, op_attrs, shape=(64, 32)):
+        K, N = shape
+        w = h.make_tensor("w", TP.INT4 if block else TP.INT8, list(shape), bytes(K * N // (2 if block else 1)), raw=True)
+        if block:
+            sshape = [K // block, N] if axis == 0 else [K, N // block]
+        else:
+            sshape = [shape[axis]]
+        dq = h.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="dq", axis=axis, **({"block_size": block} if block else {}))
+        op = "Gemm" if op_attrs else "MatMul"
+        x_dim = shape[1] if op_attrs else shape[0]
+        out_dim = shape[0] if op_attrs else shape[1]
+        g = h.make_graph([dq, h.make_node(op, ["x", "wd"], ["y"], name="mm", **op_attrs)], "g",
+                         [h.make_tensor_value_info("x", TP.FLOAT, [1, x_dim])], [h.make_tensor_value_info("y", TP.FLOAT, [1, out_dim])],
+                         [w, nh.from_array(np.ones(sshape, np.float32), "s")])
+        return [i.message for i in lint_model(h.make_model(g, opset_imports=[h.make_opsetid("", 21)]), "10.13") if i.level == "error"]
+
+    assert issues(0, 32, {}) == [] and issues(1, None, {}) == []  # our layout: Wᵀ [K, N]
+    assert any("reduction axis K" in m for m in issues(1, 16, {}))
+    assert any("output channels" in m for m in issues(0, None, {}))
+    assert issues(1, 32, {"transB": 1}) == [] and issues(0, None, {"transB": 1}) == []  # W [N, K] under transB
+    assert any("reduction axis K" in m for m in issues(0, 16, {"transB": 1}))
+
+
 def test_lint_checks_scan_bodies(exports):
     _, out = exports(("dense", "float32", 1))
     model = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
