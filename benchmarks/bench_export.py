@@ -1,7 +1,7 @@
 """ONNX export on a CPU: onnxruntime vs edge-rwkv's own CPU runtime on the same weights; prints one table.
 
     python3 benchmarks/bench_export.py [--layers 12 --embd 768] [--precisions fp16,int8,int4] [--chunk 256]
-                                       [--steps 64] [--workdir DIR] [--json out.json]
+                                       [--steps 64] [--threads 1] [--dtype float16] [--workdir DIR] [--json out.json]
 
 Per precision: a random model (`edge-rwkv init`, quantized with `edge-rwkv quantize --quantize-head
 --quantize-embedding`), exported in a child process (time, peak RSS above the imports), then
@@ -57,19 +57,19 @@ def _status_kb(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def export_child(model: str, out: str, chunk: int) -> None:
+def export_child(model: str, out: str, chunk: int, dtype: str) -> None:
     """Run in a child process: export, print {"seconds", "base_rss", "peak_rss"} (bytes) as JSON: the resident
     size once everything is imported, and the high-water mark at the end (an upper bound of export's own peak)."""
     from edge_rwkv.export.exporter import ExportOptions, export_onnx
 
     base = _status_kb("VmRSS") * 1024
     t = time.perf_counter()
-    export_onnx(model, out, ExportOptions(chunk=chunk, force=True, progress=False), log=lambda m: None)
+    export_onnx(model, out, ExportOptions(chunk=chunk, dtype=dtype, force=True, progress=False), log=lambda m: None)
     print(json.dumps({"seconds": time.perf_counter() - t, "base_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}))
 
 
-def export(model: Path, out: Path, chunk: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--export-child", str(model), str(out), str(chunk)],
+def export(model: Path, out: Path, chunk: int, dtype: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--export-child", str(model), str(out), str(chunk), dtype],
                        check=True, capture_output=True, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -169,7 +169,7 @@ def run(a) -> list[dict]:
     rows, decoders = [], []
     for prec, model in make_models(work, a).items():
         out = work / f"export-{prec}"
-        ex = export(model, out, a.chunk)
+        ex = export(model, out, a.chunk, a.dtype)
         manifest = load_manifest(out)
         m = edge_rwkv.load(model, "cpu")
         toks, ref_logits = reference_decode(m, a.steps, first=a.first_token)
@@ -236,13 +236,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime / torch threads (default: all cores)")
     ap.add_argument("--workdir", default="bench-export")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--export-child", nargs=3, metavar=("MODEL", "OUT", "CHUNK"), help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float16", help="export --dtype: the graphs' matmul dtype (default float16)")
+    ap.add_argument("--export-child", nargs=4, metavar=("MODEL", "OUT", "CHUNK", "DTYPE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.export_child:
-        export_child(a.export_child[0], a.export_child[1], int(a.export_child[2]))
+        export_child(a.export_child[0], a.export_child[1], int(a.export_child[2]), a.export_child[3])
         return 0
     rows = run(a)
-    print(f"RWKV-7 {a.layers}×{a.embd}, vocab {a.vocab}, random weights; prefill chunk {a.chunk}; {a.steps} decode "
+    print(f"RWKV-7 {a.layers}×{a.embd}, vocab {a.vocab}, random weights; export --dtype {a.dtype}; prefill chunk "
+          f"{a.chunk}; {a.steps} decode "
           f"steps; {os.cpu_count()} CPU cores; targets: ORT int8/int4 decode ≥ ORT fp16 and ≥ edge-rwkv, parity ≤ "
           f"{TARGET_PARITY} with {a.steps}/{a.steps} argmax, session ≤ {TARGET_SESSION_S} s, folder ≤ {TARGET_FOLDER}×")
     print(HEADER)
