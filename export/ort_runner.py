@@ -1,4 +1,9 @@
-"""Run exported graphs with onnxruntime, fed and read back as edge_rwkv.State objects."""
+"""Run exported graphs with onnxruntime: fed and read back as edge_rwkv.State objects (OrtGraph, OrtModel),
+or on preallocated buffers with IO binding (IoBoundGraph, the loop export/INTEGRATION.md describes).
+
+Sessions take the export's recommended session config from its manifest (manifest.onnxruntime_options);
+token ids are checked before every call.
+"""
 from __future__ import annotations
 
 from pathlib import Path
