@@ -7,6 +7,7 @@ folder with a manifest is a complete export.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -85,8 +86,6 @@ def world_vocab_file(src: ExportSource) -> Path | None:
 
     if src.config.vocab_size != VOCAB_SIZE:
         return None
-    import importlib.util
-
     # The file beside the tokenizer package (building the tokenizer itself would cost ~0.25 GB of RAM).
     spec = importlib.util.find_spec("pyrwkv_tokenizer")
     path = Path(spec.origin).parent / VOCAB_FILE if spec and spec.origin else None

@@ -11,7 +11,7 @@
      "precision": {"weights", "activations", "state", "norms", "decay"},
      "quant": {"formats": {"int8": n, "int4/g128": n}, "tensors": {name: {"format", "group", "input_scale", "onnx"}}},
      "wkv": {"domain": "rwkv7", "name": "wkv7", "inputs", "outputs"},
-     "onnxruntime": {"session_config": {key: value}, "why", "shared_weights"},
+     "onnxruntime": {"session_config": {key: value} that keep parity, "faster": {...} that do not, "why", "memory"},
      "opset", "ir_version", "external_data": "weights.bin",
      "files": {name: {"bytes", "sha256"}} for every file but the manifest,
      "lint": {...}, "tools": {...}, "engines": {name: file} once TensorRT engines are built}

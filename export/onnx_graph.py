@@ -72,9 +72,9 @@ def _wkv_step(n, s: str, r: str, d: str, k: str, v: str, a: str, b: str, axes3: 
     return s2, n("MatMul", [s2, col(r, "r")], [f"y_col{sfx}"])
 
 
-def _scan_body(n_axes_nodes) -> onnx.GraphProto:
+def _scan_body(axes_nodes) -> onnx.GraphProto:
     """Scan body over time: (S; r_t, d_t, k_t, v_t, a_t, b_t [B, H, N]) → (S'; y_t [B, H, N])."""
-    nodes = list(n_axes_nodes)
+    nodes = list(axes_nodes)  # the Constant axes the step needs, defined inside the body
 
     def n(op, ins, outs, **attrs):
         nodes.append(helper.make_node(op, ins, outs, **attrs))
