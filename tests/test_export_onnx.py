@@ -323,6 +323,28 @@ def test_one_weights_file_shared_by_both_graphs(exports):
     assert "weights.bin" in describe(out)
 
 
+def test_graphs_are_built_without_holding_weights(tmp_path, monkeypatch):
+    """Initializers go to weights.bin as they are made; the second graph reuses them without rebuilding."""
+    from edge_rwkv.export import onnx_graph
+    from edge_rwkv.export.onnx_graph import GraphSpec, build_graph
+    from edge_rwkv.export.weights import ALIGN, INLINE_MAX_BYTES, WeightsFile
+
+    src = read_source(_quantized_artifact(tmp_path / "q.safetensors", "int4"))
+    made = []
+    real = onnx_graph.transposed_levels
+    monkeypatch.setattr(onnx_graph, "transposed_levels", lambda q: made.append(q.name) or real(q))
+    weights = WeightsFile(tmp_path / "w.bin")
+    graphs = [build_graph(src, GraphSpec(1, t, "float16"), weights=weights) for t in (1, CHUNK)]
+    weights.close()
+    assert sorted(made) == sorted(src.quant)  # each quantized matrix transposed once, for both graphs
+    for g in graphs:
+        for t in g.graph.initializer:
+            assert not t.raw_data if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data) <= INLINE_MAX_BYTES
+    assert all(offset % ALIGN == 0 for offset, *_ in weights.index.values())
+    with pytest.raises(RuntimeError, match="differs between graphs"):  # one name, one tensor
+        weights.add(next(iter(weights.index)), np.zeros(3, np.float32), [3], onnx.TensorProto.FLOAT)
+
+
 def test_manifest_lists_every_file_with_its_hash(exports):
     from edge_rwkv.fileio import sha256_file
 
