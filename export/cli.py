@@ -8,18 +8,19 @@ from edge_rwkv.extras import require
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export ONNX decode/prefill graphs (and TensorRT engines)",
-                       description="Write decode.onnx (1 token/call), prefill.onnx (--chunk tokens/call) and "
-                                   "manifest.json to DIR; --format tensorrt also builds strongly-typed engines "
+                       description="Write decode.onnx (1 token/call), prefill.onnx (--chunk tokens/call), their shared "
+                                   "weights.bin, the tokenizer's vocabulary and manifest.json to DIR (see "
+                                   "INTEGRATION.md beside this module); --format tensorrt also builds strongly-typed engines "
                                    "where TensorRT and a GPU are present, else prints the trtexec lines to run "
                                    "on the target.")
-    p.add_argument("model", help="model file: official .pth, safetensors, or an edge-rwkv artifact (quantized or not)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model file: official .pth, safetensors, or an edge-rwkv artifact, quantized or not "
+                        "(default: the embedded default model)")
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument("-o", "--output", required=True, help="output folder (must be empty unless --force)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
     p.add_argument("--batch", type=int, default=1, help="fixed batch size of both graphs (default 1)")
     p.add_argument("--dtype", default="float16", help="weight/matmul dtype: float16 (default) or float32")
-    p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
-                   help="weights in a shared weights.bin (auto: when over 1.5 GB)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing earlier export files")
     p.add_argument("--verify", type=int, default=0, metavar="TOKENS",
                    help="after export, run TOKENS random tokens through onnxruntime and the torch runtime and "
@@ -31,12 +32,13 @@ def cmd_export(a) -> int:
     require("onnx", "export")
     if a.verify:  # checked before the export is written, not after
         require("onnxruntime", "export --verify")
+    from edge_rwkv.default_model import resolve_model
+
     from .exporter import ExportOptions, export_onnx
     from .manifest import describe
 
-    ext = {"auto": "auto", "yes": True, "no": False}[a.external_data]
-    opts = ExportOptions(chunk=a.chunk, batch=a.batch, dtype=a.dtype, external_data=ext, force=a.force,
-                         progress=True).checked()
+    a.model = resolve_model(a.model)
+    opts = ExportOptions(chunk=a.chunk, batch=a.batch, dtype=a.dtype, force=a.force, progress=True).checked()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     export_onnx(a.model, a.output, opts, log=log)
     print(describe(a.output))

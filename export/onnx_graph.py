@@ -11,25 +11,31 @@ One graph per (batch B, tokens per call T): T=1 is the decode step, T>1 a prefil
 
 Precision follows edge_rwkv.model: matrices (linears, LoRA factors, embedding) in the weight dtype
 (fp16 or fp32); residual stream, norms, gates, decay and state in fp32, with explicit Casts at every
-boundary. `v_first` (layer 0's value) stays inside the graph. ln0 is folded into the embedding table.
+boundary. `v_first` (layer 0's value) stays inside the graph. ln0 is folded into a dense embedding
+table; an int8 embedding stays int8 (rows gathered, then scaled and normalized in fp32).
 
 The WKV recurrence is a model-local function `rwkv7.wkv7` (see `wkv_function`): its body is plain
-ONNX unrolled over the graph's fixed T, so onnxruntime runs it and a TensorRT plugin of the same name
-can take its place. Quantized weights enter as `DequantizeLinear` (int8 per output channel, axis 0;
-int4 blocked along K, opset 21) feeding `Gemm(transB=1)`.
+ONNX (one step at T=1, a `Scan` over time at T>1, so the graph does not grow with the chunk), so
+onnxruntime runs it and a TensorRT plugin of the same name can take its place. Quantized weights
+enter as `DequantizeLinear` of the transposed stored levels Wᵀ [K, out] (int8 per output channel,
+axis 1; int4 blocked along K, axis 0, opset 21) feeding `MatMul`: the weight-only pattern that
+onnxruntime fuses into MatMulNBits and TensorRT builds as weight-only INT4/INT8.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_rwkv.model import GROUP_NORM_EPS, LN_EPS, layer_norm
+from edge_rwkv.model import EMB_CHUNK_ROWS, GROUP_NORM_EPS, LN_EPS, layer_norm
+from edge_rwkv.quant.formats import pack_int4_torch, unpack_int4_torch
 
 from .source import ExportSource, StoredQuant
+from .weights import INLINE_MAX_BYTES
 
 OPSET = 21
 IR_VERSION = 10
@@ -37,6 +43,7 @@ WKV_DOMAIN = "rwkv7"
 WKV_NAME = "wkv7"
 WKV_DOMAIN_VERSION = 1
 DECAY_SCALE = math.exp(-0.5)
+TRANSPOSE_ROWS = 4096  # rows of a quantized matrix unpacked at a time while transposing it (even)
 
 WEIGHT_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
 _NP = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}
@@ -55,11 +62,41 @@ def state_names(n_layer: int) -> tuple[list[str], list[str]]:
 
 # --------------------------------------------------------------------------- the WKV function
 
+def _wkv_step(n, s: str, r: str, d: str, k: str, v: str, a: str, b: str, axes3: str, axes2: str, sfx: str = ""):
+    """One token for every head: vectors [B, H, N] → (new state [B, H, N, N], y [B, H, N, 1])."""
+    col = lambda x, nm: n("Unsqueeze", [x, axes3], [f"{nm}_col{sfx}"])  # noqa: E731  [B,H,N,1]
+    row = lambda x, nm: n("Unsqueeze", [x, axes2], [f"{nm}_row{sfx}"])  # noqa: E731  [B,H,1,N]
+    sa = n("MatMul", [s, col(a, "a")], [f"sa{sfx}"])
+    s1 = n("Add", [n("Mul", [s, row(d, "d")], [f"sd{sfx}"]), n("Mul", [sa, row(b, "b")], [f"sab{sfx}"])], [f"s1{sfx}"])
+    s2 = n("Add", [s1, n("Mul", [col(v, "v"), row(k, "k")], [f"vk{sfx}"])], [f"S{sfx}"])
+    return s2, n("MatMul", [s2, col(r, "r")], [f"y_col{sfx}"])
+
+
+def _scan_body(axes_nodes) -> onnx.GraphProto:
+    """Scan body over time: (S; r_t, d_t, k_t, v_t, a_t, b_t [B, H, N]) → (S'; y_t [B, H, N])."""
+    nodes = list(axes_nodes)  # the Constant axes the step needs, defined inside the body
+
+    def n(op, ins, outs, **attrs):
+        nodes.append(helper.make_node(op, ins, outs, **attrs))
+        return outs[0]
+
+    s_new, y_col = _wkv_step(n, "S_in", "r_t", "d_t", "k_t", "v_t", "a_t", "b_t", "axes3", "axes2", "_t")
+    n("Identity", [s_new], ["S_out"])
+    n("Squeeze", [y_col, "axes3"], ["y_t"])
+    f32 = TensorProto.FLOAT
+    return helper.make_graph(
+        nodes, "wkv7_step",
+        [helper.make_tensor_value_info(x, f32, None) for x in ("S_in", "r_t", "d_t", "k_t", "v_t", "a_t", "b_t")],
+        [helper.make_tensor_value_info("S_out", f32, None), helper.make_tensor_value_info("y_t", f32, None)])
+
+
 def wkv_function(T: int) -> onnx.FunctionProto:
-    """`rwkv7.wkv7(r, w, k, v, a, b, state) -> (y, state_out)`, unrolled over T steps.
+    """`rwkv7.wkv7(r, w, k, v, a, b, state) -> (y, state_out)` over T tokens.
 
     r, w, k, v, a, b: fp32 [B, T, H, N]; state fp32 [B, H, N, N]; y fp32 [B, T, H, N].
     Per head:  S ← S·diag(d) + (S·a) bᵀ + v kᵀ,  y = S r,  d = exp(-e^-0.5 · sigmoid(w)).
+    T = 1 is one step of plain ops; T > 1 a `Scan` over the time axis whose body is that step, so the
+    node count does not grow with T (onnxruntime's session creation and TensorRT's parse stay small).
     """
     nodes = []
 
@@ -71,31 +108,19 @@ def wkv_function(T: int) -> onnx.FunctionProto:
     # Explicit fp32: a plugin implementing this function receives fp32 whatever the weight dtype.
     r, w, k, v, a, b, s = (n("Cast", [x], [f"{x}_f32"], to=f32) for x in ("r", "w", "k", "v", "a", "b", "state"))
     n("Constant", [], ["neg_decay_scale"], value=numpy_helper.from_array(np.array(-DECAY_SCALE, np.float32)))
-    sw = n("Sigmoid", [w], ["w_sig"])
-    d = n("Exp", [n("Mul", [sw, "neg_decay_scale"], ["w_log"])], ["decay"])
-    # Columns [B,H,N,T] (split on the last axis → [B,H,N,1]) and rows [B,H,T,N] (→ [B,H,1,N]).
-    cols, rows = {}, {}
-    for name, x, as_col in (("r", r, True), ("a", a, True), ("v", v, True),
-                            ("d", d, False), ("b", b, False), ("k", k, False)):
-        perm = [0, 2, 3, 1] if as_col else [0, 2, 1, 3]
-        xt = n("Transpose", [x], [f"{name}_t"], perm=perm)
-        axis = 3 if as_col else 2
-        if T == 1:
-            parts = [xt]
-        else:
-            parts = [f"{name}_{t}" for t in range(T)]
-            nodes.append(helper.make_node("Split", [xt], parts, axis=axis, num_outputs=T))
-        (cols if as_col else rows)[name] = parts
-    ys = []
-    for t in range(T):
-        sa = n("MatMul", [s, cols["a"][t]], [f"sa_{t}"])
-        s = n("Add", [n("Add", [n("Mul", [s, rows["d"][t]], [f"sd_{t}"]),
-                                n("Mul", [sa, rows["b"][t]], [f"sab_{t}"])], [f"s1_{t}"]),
-                      n("Mul", [cols["v"][t], rows["k"][t]], [f"vk_{t}"])], [f"S_{t}"])
-        ys.append(n("MatMul", [s, cols["r"][t]], [f"y_{t}"]))
-    y_cols = ys[0] if T == 1 else n("Concat", ys, ["y_cols"], axis=3)
-    n("Transpose", [y_cols], ["y"], perm=[0, 3, 1, 2])
-    n("Identity", [s], ["state_out"])
+    d = n("Exp", [n("Mul", [n("Sigmoid", [w], ["w_sig"]), "neg_decay_scale"], ["w_log"])], ["decay"])
+    axes = [helper.make_node("Constant", [], [nm], value=numpy_helper.from_array(np.array([ax], np.int64)))
+            for nm, ax in (("axes1", 1), ("axes2", 2), ("axes3", 3))]
+    if T == 1:
+        nodes.extend(axes)
+        vecs = [n("Squeeze", [x, "axes1"], [f"{nm}_1"]) for nm, x in zip("rdkvab", (r, d, k, v, a, b))]
+        s_new, y_col = _wkv_step(n, s, *vecs, "axes3", "axes2")
+        n("Unsqueeze", [n("Squeeze", [y_col, "axes3"], ["y_vec"]), "axes1"], ["y"])
+        n("Identity", [s_new], ["state_out"])
+    else:
+        seq = [n("Transpose", [x], [f"{nm}_seq"], perm=[1, 0, 2, 3]) for nm, x in zip("rdkvab", (r, d, k, v, a, b))]
+        n("Scan", [s, *seq], ["state_out", "y_seq"], body=_scan_body(axes), num_scan_inputs=6)
+        n("Transpose", ["y_seq"], ["y"], perm=[1, 0, 2, 3])
     return helper.make_function(
         WKV_DOMAIN, WKV_NAME, ["r", "w", "k", "v", "a", "b", "state"], ["y", "state_out"], nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -104,9 +129,19 @@ def wkv_function(T: int) -> onnx.FunctionProto:
 
 # --------------------------------------------------------------------------- graph builder
 
+@dataclass
+class Packed:
+    """Tensor bytes with their ONNX dims and type (INT4: two levels a byte, so not a numpy dtype)."""
+
+    data: np.ndarray
+    dims: list[int]
+    data_type: int
+
+
 class _Builder:
-    def __init__(self, wdt: int):
+    def __init__(self, wdt: int, weights=None):
         self.wdt = wdt
+        self.weights = weights  # WeightsFile: large initializers go to disk as they are made
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.types: dict[str, int] = {}
@@ -117,11 +152,24 @@ class _Builder:
         self._count[hint] = c + 1
         return hint if c == 0 else f"{hint}_{c}"
 
-    def init(self, name: str, arr: np.ndarray | onnx.TensorProto) -> str:
+    def init(self, name: str, arr) -> str:
+        """An initializer from an array or a Packed; or from a callable making one, called only when the
+        tensor is not yet in the weights file (the second graph does not rebuild what the first wrote).
+        Large tensors go to the weights file straight from their buffer (no serialized copy)."""
         if name in self.inits:
             return name
-        t = arr if isinstance(arr, onnx.TensorProto) else numpy_helper.from_array(np.ascontiguousarray(arr), name)
-        t.name = name
+        if callable(arr) and self.weights is not None and self.weights.has(name):
+            t = self.weights.reference(name)
+        else:
+            arr = arr() if callable(arr) else arr
+            packed = arr if isinstance(arr, Packed) else Packed(np.asarray(arr), list(np.shape(arr)),
+                                                                 helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype))
+            if self.weights is not None and packed.data.nbytes > INLINE_MAX_BYTES:
+                t = self.weights.add(name, packed.data, packed.dims, packed.data_type)
+            elif packed.data_type == TensorProto.INT4:
+                t = helper.make_tensor(name, TensorProto.INT4, packed.dims, packed.data.tobytes(), raw=True)
+            else:
+                t = numpy_helper.from_array(np.ascontiguousarray(packed.data), name)
         self.inits[name] = t
         self.types[name] = t.data_type
         return name
@@ -168,27 +216,28 @@ class GraphSpec:
         return "decode" if self.tokens == 1 else "prefill"
 
 
-def build_graph(src: ExportSource, spec: GraphSpec, progress=None) -> onnx.ModelProto:
-    """The ONNX model for `spec` from `src`'s weights (quantized ones taken as stored)."""
+def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None) -> onnx.ModelProto:
+    """The ONNX model for `spec` from `src`'s weights (quantized ones taken as stored). With `weights`
+    (a WeightsFile), large initializers are written there as they are made and the model only points at them."""
     cfg = src.config
     B, T, C, H, N, V = spec.batch, spec.tokens, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     M = B * T
     f32, wdt = TensorProto.FLOAT, WEIGHT_DTYPES[spec.dtype]
-    g = _Builder(wdt)
+    g = _Builder(wdt, weights)
     tdt = _TORCH[wdt]
 
     def vec(name: str) -> str:
-        return g.init(name, src.tensors[name].detach().float().reshape(-1).numpy())
+        return g.init(name, lambda: src.tensors[name].detach().float().reshape(-1).numpy())
 
     def mat(name: str) -> str:
         """A dense matrix in the weight dtype (LoRA factors: used as x @ W)."""
-        return g.init(name, src.tensors[name].detach().to(tdt).contiguous().numpy())
+        return g.init(name, lambda: src.tensors[name].detach().to(tdt).contiguous().numpy())
 
     def linear(x: str, name: str, hint: str) -> str:
         """x [M, K] → x @ Wᵀ [M, out] in the weight dtype (quantized weights dequantized in-graph)."""
         q = src.quant.get(name)
         if q is None:
-            w = g.init(name, src.tensors[name].detach().to(tdt).contiguous().numpy())
+            w = g.init(name, lambda: src.tensors[name].detach().to(tdt).contiguous().numpy())
             return g.node("Gemm", [g.cast(x, wdt, hint + ".in"), w], hint, transB=1)
         return quantized_linear(g, x, q, hint)
 
@@ -223,13 +272,7 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None) -> onnx.Model
             outputs.append(helper.make_tensor_value_info(f"{part}_out.{i}", f32, shape))
             g.types[f"{part}.{i}"] = f32
 
-    # ---- embedding with ln0 folded in (as the runtime does), in the weight dtype
-    emb = src.dense_or_dequantized("emb.weight")
-    ln0 = (src.tensors["blocks.0.ln0.weight"].float().reshape(-1), src.tensors["blocks.0.ln0.bias"].float().reshape(-1))
-    table = layer_norm(emb.float(), ln0).to(tdt).contiguous().numpy()
-    g.init("emb.folded_ln0", table)
-    x = g.node("Gather", ["emb.folded_ln0", "tokens"], "emb.gather", out_type=wdt, axis=0)
-    x = g.cast(g.reshape(x, [M, C], "emb.rows"), f32, "x0")
+    x = embedding(g, src, M, C)
 
     v_first = None
     one = g.const_f32(1.0, "one")
@@ -284,7 +327,7 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None) -> onnx.Model
         yn = g.node("Add", [g.node("Mul", [g.reshape(yn, [M, C], f"{L}.gn.rows"), vec(a + "ln_x.weight")], f"{L}.gn.w"),
                             vec(a + "ln_x.bias")], f"{L}.gn.out")
         # bonus: ((r * k * r_k).sum over N) * v, per head
-        rk = g.init(a + "r_k", src.tensors[a + "r_k"].detach().float().numpy())
+        rk = g.init(a + "r_k", lambda: src.tensors[a + "r_k"].detach().float().numpy())
         rh, kh, vh = (g.reshape(t, [M, H, N], f"{L}.bonus.{nm}") for t, nm in ((r, "r"), (k, "k"), (v, "v")))
         s = g.node("ReduceSum", [g.node("Mul", [g.node("Mul", [rh, kh], f"{L}.bonus.rk"), rk], f"{L}.bonus.rkr"),
                                  g.const_i64([2])], f"{L}.bonus.sum", keepdims=1)
@@ -319,21 +362,69 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None) -> onnx.Model
     return model
 
 
+def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
+    """Rows of the token ids as fp32 [M, C], ln0 applied.
+
+    A dense embedding is stored with ln0 folded in, in the weight dtype (as the runtime does). An int8
+    embedding stays int8 with its stored per-row scales: the rows are gathered, widened and scaled
+    (Gather of a few rows, not a dequantization of the whole table per call), then ln0 in fp32.
+    """
+    wdt, f32 = g.wdt, TensorProto.FLOAT
+    q = src.quant.get("emb.weight")
+    if q is None:
+        def folded():
+            emb = src.tensors["emb.weight"]
+            ln0 = (src.tensors["blocks.0.ln0.weight"].float().reshape(-1), src.tensors["blocks.0.ln0.bias"].float().reshape(-1))
+            table = np.empty(tuple(emb.shape), _NP[wdt])
+            for s0 in range(0, emb.shape[0], EMB_CHUNK_ROWS):  # the fp32 transient stays one chunk
+                table[s0:s0 + EMB_CHUNK_ROWS] = layer_norm(emb[s0:s0 + EMB_CHUNK_ROWS].float(), ln0).to(_TORCH[wdt]).numpy()
+            return table
+
+        x = g.node("Gather", [g.init("emb.folded_ln0", folded), "tokens"], "emb.gather", out_type=wdt, axis=0)
+        return g.cast(g.reshape(x, [M, C], "emb.rows"), f32, "x0")
+    if q.format != "int8" or q.input_scale is not None:
+        raise ValueError(f"emb.weight: only a plain int8 embedding can be exported, got {q.format}")
+    rows = g.node("Gather", [g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8)), "tokens"], "emb.gather",
+                  out_type=TensorProto.INT8, axis=0)
+    scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
+                    "emb.gather_scale", out_type=f32, axis=0)
+    x = g.node("Mul", [g.cast(rows, f32, "emb.rows_f32"), scales], "emb.dequant")
+    x = g.reshape(x, [M, C], "emb.rows")
+    ln0 = lambda nm: g.init(f"blocks.0.ln0.{nm}", lambda: src.tensors[f"blocks.0.ln0.{nm}"].float().reshape(-1).numpy())  # noqa: E731
+    return g.node("LayerNormalization", [x, ln0("weight"), ln0("bias")], "emb.ln0", axis=-1, epsilon=LN_EPS)
+
+
+def transposed_levels(q: StoredQuant) -> Packed:
+    """The stored integer levels as Wᵀ [K, out] (int8, or INT4 packed two per byte along `out`)."""
+    out, k = q.shape
+    if q.format == "int8":
+        return Packed(torch.from_numpy(q.qweight).t().contiguous().numpy(), [k, out], TensorProto.INT8)
+    packed = np.empty((k, out // 2), np.uint8)
+    for r0 in range(0, out, TRANSPOSE_ROWS):  # a block of rows at a time: the unpacked transient stays small
+        rows = unpack_int4_torch(torch.from_numpy(q.qweight[r0:r0 + TRANSPOSE_ROWS]))
+        packed[:, r0 // 2:(r0 + rows.shape[0]) // 2] = pack_int4_torch(rows.t().contiguous()).numpy()
+    return Packed(packed, [k, out], TensorProto.INT4)
+
+
 def quantized_linear(g: _Builder, x: str, q: StoredQuant, hint: str) -> str:
-    """(x * input_scale) @ dequant(W)ᵀ with W's stored levels and scales (no re-quantization)."""
+    """(x * input_scale) @ dequant(W)ᵀ with W's stored levels and scales (no re-quantization).
+
+    Laid out as `MatMul(x, DequantizeLinear(Wᵀ))` with Wᵀ [K, out]: int4 blocked along K (axis 0,
+    block_size = group, scale [K/group, out]), int8 per output channel (axis 1, scale [out]). This is
+    the weight-only pattern onnxruntime fuses into MatMulNBits (the weights stay packed; nothing is
+    dequantized per call) and TensorRT's weight-only INT4/INT8 pattern (DQ on a constant → MatMul).
+    """
     wdt = g.wdt
     if q.input_scale is not None:
         x = g.node("Mul", [g.cast(x, TensorProto.FLOAT, hint + ".in32"),
                            g.init(q.name + ".input_scale", q.input_scale.astype(np.float32))], hint + ".insc")
     xin = g.cast(x, wdt, hint + ".in")
+    qw = g.init(q.name + ".qweight_t", lambda: transposed_levels(q))
     # Scales in the compute dtype: fp16 as stored, or widened exactly to fp32 for an fp32 export.
-    scale = g.init(q.name + ".scale", q.scale.astype(_NP[wdt]))
-    out, k = q.shape
     if q.format == "int8":
-        qw = g.init(q.name + ".qweight", q.qweight.astype(np.int8))
-        wd = g.node("DequantizeLinear", [qw, scale], hint + ".dq", out_type=wdt, axis=0)
+        scale = g.init(q.name + ".scale", lambda: q.scale.astype(_NP[wdt]))
+        wd = g.node("DequantizeLinear", [qw, scale], hint + ".dq", out_type=wdt, axis=1)
     else:
-        t = helper.make_tensor(q.name + ".qweight", TensorProto.INT4, [out, k], q.qweight.tobytes(), raw=True)
-        qw = g.init(q.name + ".qweight", t)
-        wd = g.node("DequantizeLinear", [qw, scale], hint + ".dq", out_type=wdt, axis=1, block_size=q.group)
-    return g.node("Gemm", [xin, wd], hint, out_type=wdt, transB=1)
+        scale = g.init(q.name + ".scale_t", lambda: np.ascontiguousarray(q.scale.T.astype(_NP[wdt])))
+        wd = g.node("DequantizeLinear", [qw, scale], hint + ".dq", out_type=wdt, axis=0, block_size=q.group)
+    return g.node("MatMul", [xin, wd], hint, out_type=wdt)

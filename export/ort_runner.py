@@ -1,7 +1,11 @@
-"""Run exported graphs with onnxruntime, fed and read back as edge_rwkv.State objects."""
+"""Run exported graphs with onnxruntime: fed and read back as edge_rwkv.State objects (OrtGraph, OrtModel),
+or on preallocated buffers with IO binding (IoBoundGraph, the loop export/INTEGRATION.md describes).
+
+Sessions take the export's recommended session config from its manifest (manifest.onnxruntime_options);
+token ids are checked before every call.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +14,37 @@ import torch
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
-from .state_io import run_sequence, state_feeds, state_from_outputs
+from .manifest import load_manifest
+from .state_io import check_token_ids, run_sequence, state_feeds, state_from_outputs
+
+
+def session_options(session_config: dict | None = None, threads: int | None = None):
+    """onnxruntime SessionOptions with the manifest's session config entries (see manifest.onnxruntime_options)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, str(value))
+    return opts
 
 
 class OrtGraph:
     """One exported graph (fixed batch B and tokens per call T) in an onnxruntime session."""
 
-    def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 session_config: dict | None = None):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, sess_options=opts, providers=list(providers))
+        if session_config is None:  # the export's own recommendation, from the manifest beside the graph
+            session_config = load_manifest(Path(path).parent)["onnxruntime"]["session_config"]
+        self.session = ort.InferenceSession(self.path, sess_options=session_options(session_config, threads),
+                                            providers=list(providers))
         tok = next(i for i in self.session.get_inputs() if i.name == "tokens")
         self.batch, self.tokens = int(tok.shape[0]), int(tok.shape[1])
+        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[1])
         self.n_layer = sum(1 for i in self.session.get_inputs() if i.name.startswith("wkv."))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -36,6 +55,7 @@ class OrtGraph:
             ids = ids[None]
         if ids.shape != (self.batch, self.tokens):
             raise InputError(f"{Path(self.path).name} takes tokens of shape [{self.batch}, {self.tokens}], got {list(ids.shape)}")
+        check_token_ids(ids, self.vocab_size, Path(self.path).name)
         if state.batch != self.batch or state.n_layer != self.n_layer:
             raise InputError(f"state has batch {state.batch} / {state.n_layer} layers; the graph wants {self.batch} / {self.n_layer}")
         feeds = {k: v.cpu().numpy() for k, v in state_feeds(state).items()}
@@ -51,9 +71,54 @@ class OrtModel:
 
     def __init__(self, folder: str | Path, **kw):
         folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = load_manifest(folder)
+        kw.setdefault("session_config", manifest["onnxruntime"]["session_config"])
         self.decode = OrtGraph(folder / manifest["graphs"]["decode"]["file"], **kw)
         self.prefill = OrtGraph(folder / manifest["graphs"]["prefill"]["file"], **kw) if "prefill" in manifest["graphs"] else None
 
     def forward(self, tokens, state: State) -> tuple[torch.Tensor, State]:
         return run_sequence(self.decode, self.prefill, tokens, state)
+
+
+class IoBoundGraph:
+    """A graph run with onnxruntime IO binding and two swapped state buffers (the integration guide's loop).
+
+    Both state sets are allocated once; binding A reads set 0 and writes set 1, binding B the reverse, so
+    a call copies nothing and allocates nothing: write the ids into `tokens`, run, read `logits`.
+    """
+
+    def __init__(self, graph: OrtGraph):
+        import onnxruntime as ort
+
+        self.graph, sess = graph, graph.session
+        self.tokens = np.zeros((graph.batch, graph.tokens), np.int64)
+        self.logits = np.zeros((graph.batch, graph.vocab_size), np.float32)
+        self.state = [{i.name: np.zeros(i.shape, np.float32) for i in sess.get_inputs() if i.name != "tokens"}
+                      for _ in range(2)]
+        tokens_v = ort.OrtValue.ortvalue_from_numpy(self.tokens)
+        logits_v = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            b = sess.io_binding()
+            b.bind_ortvalue_input("tokens", tokens_v)
+            b.bind_ortvalue_output("logits", logits_v)
+            for name, buf in self.state[src].items():
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+                b.bind_ortvalue_output(name.replace(".", "_out.", 1), ort.OrtValue.ortvalue_from_numpy(self.state[dst][name]))
+            self.bindings.append(b)
+        self._keep = (tokens_v, logits_v)
+        self.current = 0  # which state set holds the state
+
+    def reset(self) -> None:
+        """Zero state: the start of a sequence."""
+        for buf in self.state[self.current].values():
+            buf.fill(0)
+
+    def step(self, ids) -> np.ndarray:
+        """ids [B, T] → logits [B, V] (a view, overwritten by the next call); the state advances."""
+        ids = np.asarray(ids, np.int64).reshape(self.tokens.shape)
+        check_token_ids(ids, self.graph.vocab_size, Path(self.graph.path).name)
+        self.tokens[...] = ids
+        self.graph.session.run_with_iobinding(self.bindings[self.current])
+        self.current ^= 1
+        return self.logits

@@ -4,9 +4,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
 PARTS = ("att_x", "wkv", "ffn_x")
+
+
+def check_token_ids(ids, vocab_size: int, where: str) -> None:
+    """Refuse ids outside [0, vocab_size): the graphs' Gather would wrap a negative id to another token."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def state_feeds(state: State) -> dict[str, torch.Tensor]:

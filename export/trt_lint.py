@@ -9,9 +9,12 @@ ops this project can emit plus common neighbours). Targets: TensorRT 10.3 (JetPa
   registered, which ≥ 10.7 prefers) and their bodies are checked like the main graph;
 * `DequantizeLinear`: x and scale are initializers, no non-zero zero point; blocked form only on
   2-D weights, scale of the same rank, one blocked axis that divides evenly; INT4 weights blocked,
-  with an even last dimension; the result feeds a Gemm/MatMul (weight-only quantization);
+  with an even last dimension; the result feeds a Gemm/MatMul as its weight B (weight-only
+  quantization), blocked along B's reduction axis K, per-channel scales along its output axis N;
 * shape/axes operands (Reshape, Slice, Squeeze, Unsqueeze, Reduce*, Split, Expand, Tile) are
-  build-time constants; no Loop/Scan with a trip count known only at run time;
+  build-time constants; no Loop/Scan with a trip count known only at run time (a Scan's length is its
+  scan inputs' leading dimension: they must have static shapes); Scan/Loop/If bodies are checked
+  node by node like the main graph;
 * no int64 tensor computed at run time (int64 only as graph-input token ids feeding Gather, and as
   constant shapes/axes); every graph input/output shape static.
 
@@ -81,9 +84,8 @@ class LintIssue:
         return f"{self.level}: {where}: {self.message}"
 
 
-def _type_map(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list[int]]]:
+def _type_map(g: onnx.GraphProto) -> tuple[dict[str, int], dict[str, list[int]]]:
     types, shapes = {}, {}
-    g = model.graph
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         tt = vi.type.tensor_type
         types[vi.name] = tt.elem_type
@@ -129,16 +131,31 @@ def lint_model(model: onnx.ModelProto, target: str = "10.3") -> list[LintIssue]:
     except Exception as e:  # noqa: BLE001 — report, do not crash the lint
         issues.append(LintIssue("error", "", "", f"shape inference failed: {e}"))
         return issues
-    types, shapes = _type_map(flat)
-    g = flat.graph
+    types, shapes = _type_map(flat.graph)
+    _lint_graph(flat.graph, target, label, types, shapes, set(), issues, top=True)
+    return issues
+
+
+def _subgraphs(n: onnx.NodeProto):
+    for attr in n.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _lint_graph(g: onnx.GraphProto, target: str, label: str, types: dict, shapes: dict, outer_consts: set,
+                issues: list, top: bool) -> None:
+    """Check every node of `g` (and, recursively, of its Scan/Loop/If bodies)."""
     inits = {t.name: t for t in g.initializer}
     const_outputs = {o for n in g.node if n.op_type == "Constant" for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    is_const = lambda name: name in inits or name in const_outputs  # noqa: E731
-    graph_inputs = {i.name for i in g.input}
+    consts = outer_consts | set(inits) | const_outputs
+    is_const = lambda name: name in consts  # noqa: E731
+    graph_inputs = {i.name for i in g.input} if top else set()
 
     for n in g.node:
         op, name = n.op_type, n.name or (n.output[0] if n.output else "?")
@@ -159,11 +176,12 @@ def lint_model(model: onnx.ModelProto, target: str = "10.3") -> list[LintIssue]:
                     err(f"Cast involving {tt} is not supported")
         elif op == "Gather":
             if t not in SUPPORTED[op]:
-                err(f"data type {t} not supported")
+                err(f"data type {t} not supported" + (" (TensorRT takes INT8 only as the output of a "
+                                                      "DequantizeLinear)" if t == "INT8" else ""))
             it = _TYPE.get(types.get(n.input[1], -1))
             if it not in ("INT32", "INT64"):
                 err(f"indices of type {it}")
-        elif t is not None and op != "DequantizeLinear" and t not in SUPPORTED[op]:
+        elif t is not None and op not in ("DequantizeLinear", "Scan", "Loop", "If") and t not in SUPPORTED[op]:
             err(f"input type {t} is not supported (supported: {', '.join(SUPPORTED[op])})")
         for pos in CONST_OPERANDS.get(op, ()):
             if pos < len(n.input) and n.input[pos] and not is_const(n.input[pos]):
@@ -174,7 +192,10 @@ def lint_model(model: onnx.ModelProto, target: str = "10.3") -> list[LintIssue]:
             if not n.input or not n.input[0] or not is_const(n.input[0]):
                 err("trip count is not a build-time constant (dynamic Loop length)")
         if op == "Scan":
-            err("Scan length follows its input shape; make sure it is static", "warning")
+            n_scan = next(a.i for a in n.attribute if a.name == "num_scan_inputs")
+            for x in n.input[len(n.input) - n_scan:]:
+                if any(d < 0 for d in shapes.get(x, [-1])):
+                    err(f"scan input '{x}' has no static shape: the Scan length must be known at build time")
         if op == "DequantizeLinear":
             _lint_dq(n, t, types, shapes, inits, consumers, err)
         for o in n.output:
@@ -184,7 +205,9 @@ def lint_model(model: onnx.ModelProto, target: str = "10.3") -> list[LintIssue]:
             for i in n.input:
                 if i in graph_inputs and types.get(i) == TensorProto.INT64:
                     err(f"int64 graph input '{i}' used outside Gather indices", "warning")
-    return issues
+        for sub in _subgraphs(n):
+            sub_types, sub_shapes = _type_map(sub)
+            _lint_graph(sub, target, label, {**types, **sub_types}, {**shapes, **sub_shapes}, consts, issues, top=False)
 
 
 def _lint_dq(n, t, types, shapes, inits, consumers, err) -> None:
@@ -229,6 +252,19 @@ def _lint_dq(n, t, types, shapes, inits, consumers, err) -> None:
         if c.op_type not in ("Gemm", "MatMul", "Transpose"):
             err(f"dequantized weights feed {c.op_type} ('{c.name}'); weight-only quantization expects Gemm/MatMul",
                 "warning")
+            continue
+        if c.op_type == "Transpose" or len(c.input) < 2 or c.input[1] != n.output[0] or len(xs) != 2:
+            continue
+        # The weight is the B operand: [K, N] for MatMul (and Gemm), [N, K] for Gemm(transB=1). Weight-only
+        # INT4 blocks along K (the reduction axis); per-channel scales run along N (the output channels).
+        trans_b = c.op_type == "Gemm" and any(a.name == "transB" and a.i for a in c.attribute)
+        k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+        if block and axis != k_axis:
+            err(f"blocked along axis {axis} of the weight, not its reduction axis K (axis {k_axis} for "
+                f"{c.op_type}{' transB' if trans_b else ''})")
+        if not block and len(ss) == 1 and ss[0] != 1 and axis != n_axis:
+            err(f"per-channel scales along axis {axis}, not the output channels (axis {n_axis} for "
+                f"{c.op_type}{' transB' if trans_b else ''})")
 
 
 def main(argv=None) -> int:

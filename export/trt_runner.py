@@ -16,7 +16,7 @@ import torch
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
-from .state_io import run_sequence, state_feeds, state_from_outputs
+from .state_io import check_token_ids, run_sequence, state_feeds, state_from_outputs
 from .tensorrt import TensorRTUnavailable, tensorrt_available
 
 
@@ -64,6 +64,7 @@ class TrtGraph:
             ids = ids[None]
         if tuple(ids.shape) != (self.batch, self.tokens):
             raise InputError(f"engine takes tokens [{self.batch}, {self.tokens}], got {list(ids.shape)}")
+        check_token_ids(ids.numpy(), self.buffers["logits"].shape[1], "TensorRT engine")
         if state.batch != self.batch or state.n_layer != self.n_layer:
             raise InputError(f"state has batch {state.batch} / {state.n_layer} layers; engine wants {self.batch} / {self.n_layer}")
         with torch.cuda.stream(self.stream):

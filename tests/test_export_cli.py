@@ -81,3 +81,16 @@ def test_missing_model_and_non_empty_dir(tmp_path, model, capsys):
     assert main(["export", str(model), "-o", str(busy)]) == 1
     err = capsys.readouterr().err
     assert "not empty" in err and "--force" in err
+
+
+def test_export_without_a_model_uses_the_default_model(tmp_path, capsys):
+    from edge_rwkv.cli import main
+    from edge_rwkv.default_model import ASSET
+
+    if not ASSET.is_file():
+        pytest.skip("the embedded default model is not installed")
+    out = tmp_path / "default"
+    assert main(["export", "-o", str(out), "--chunk", "4"]) == 0, capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["source_file"] == ASSET.name
+    assert m["tokenizer"]["file"] in m["files"] and (out / m["tokenizer"]["file"]).is_file()

@@ -147,19 +147,80 @@ def test_manifest_and_describe(exports):
     assert "decode.onnx" in text and "prefill.onnx" in text and "int4/g32" in text and "rwkv7.wkv7" in text
 
 
-def test_int4_initializer_is_the_stored_bytes(exports):
+def _init(model, name):
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_int4_weights_are_the_stored_levels_transposed(exports):
+    """Wᵀ [K, out] INT4 blocked along K (axis 0) → MatMul: the stored levels and scales, transposed."""
     model, out = exports(("int4", "float16", 1))
     src = read_source(model)
     q = src.quant["blocks.1.ffn.value.weight"]
-    onnx_model = onnx.load(str(out / "decode.onnx"))
-    init = next(t for t in onnx_model.graph.initializer if t.name == "blocks.1.ffn.value.weight.qweight")
-    assert init.data_type == onnx.TensorProto.INT4 and list(init.dims) == list(q.shape)
-    assert init.raw_data == q.qweight.tobytes()  # same packing: low nibble = even k
+    onnx_model = onnx.load(str(out / "decode.onnx"))  # external data read from weights.bin
+    init = _init(onnx_model, "blocks.1.ffn.value.weight.qweight_t")
+    assert init.data_type == onnx.TensorProto.INT4 and list(init.dims) == [q.shape[1], q.shape[0]]
     levels = onnx.numpy_helper.to_array(init).astype(np.int8)
-    np.testing.assert_array_equal(levels, formats.unpack_int4_ref(q.qweight))
+    np.testing.assert_array_equal(levels, formats.unpack_int4_ref(q.qweight).T)
+    scale = onnx.numpy_helper.to_array(_init(onnx_model, "blocks.1.ffn.value.weight.scale_t"))
+    np.testing.assert_array_equal(scale, q.scale.T)
     dq = next(n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == init.name)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-    assert attrs == {"axis": 1, "block_size": 32} and len(dq.input) == 2  # symmetric: no zero point
+    assert _attrs(dq) == {"axis": 0, "block_size": 32} and len(dq.input) == 2  # symmetric: no zero point
+    mm = next(n for n in onnx_model.graph.node if dq.output[0] in n.input)
+    assert mm.op_type == "MatMul" and mm.input[1] == dq.output[0]
+
+
+def test_int8_weights_and_embedding_stay_int8(exports):
+    model, out = exports(("int8-head", "float16", 1))
+    src = read_source(model)
+    onnx_model = onnx.load(str(out / "decode.onnx"))
+    q = src.quant["head.weight"]
+    init = _init(onnx_model, "head.weight.qweight_t")
+    assert init.data_type == onnx.TensorProto.INT8
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(init), q.qweight.T)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(_init(onnx_model, "head.weight.scale")), q.scale)
+    dq = next(n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == init.name)
+    assert _attrs(dq) == {"axis": 1}
+    emb = _init(onnx_model, "emb.weight.qweight")
+    assert emb.data_type == onnx.TensorProto.INT8 and list(emb.dims) == [VOCAB, EMBD]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(emb), src.quant["emb.weight"].qweight)
+    gather = next(n for n in onnx_model.graph.node if n.input[:1] == ["emb.weight.qweight"])
+    assert gather.op_type == "Gather"  # rows are gathered, the table is never dequantized as a whole
+    assert load_manifest(out)["precision"]["embedding"].startswith("int8")
+
+
+def _optimized_ops(path, session_config, tmp_path):
+    import onnxruntime as ort
+
+    from edge_rwkv.export.ort_runner import session_options
+
+    opts = session_options(session_config)
+    opts.optimized_model_filepath = str(tmp_path / (path.stem + ".opt.onnx"))
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8-head"])
+def test_onnxruntime_fuses_every_quantized_matmul(exports, tmp_path, kind):
+    """onnxruntime runs no DequantizeLinear per call: the pattern fuses into MatMulNBits, and under the
+    manifest's session config int4 stays MatMulNBits while int8 is dequantized once at session creation."""
+    model, out = exports((kind, "float16", 1))
+    m = load_manifest(out)
+    n_matrices = sum(1 for k in m["quant"]["tensors"] if k != "emb.weight")
+    fused = _optimized_ops(out / "prefill.onnx", m["onnxruntime"]["faster"], tmp_path)
+    assert "DequantizeLinear" not in fused and fused.count("MatMulNBits") == n_matrices  # the layout fuses
+    ops = _optimized_ops(out / "decode.onnx", m["onnxruntime"]["session_config"], tmp_path)
+    assert "DequantizeLinear" not in ops
+    if kind == "int4":
+        assert m["onnxruntime"]["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
+        assert ops.count("MatMulNBits") == n_matrices
+    else:
+        assert m["onnxruntime"]["session_config"] == {"session.disable_quant_qdq": "1"}
+        assert "MatMulNBits" not in ops
 
 
 # --------------------------------------------------------------------------- parity
@@ -237,22 +298,143 @@ def test_prefill_chunk_equals_decode_steps(exports):
         torch.testing.assert_close(getattr(st_chunk, p), getattr(st_steps, p), atol=1e-5, rtol=1e-5)
 
 
-def test_external_data_shared_weights(tmp_path, official):
-    out = tmp_path / "ext"
-    m = export_onnx(official, out, ExportOptions(chunk=CHUNK, dtype="float16", external_data=True, progress=False),
-                    log=lambda s: None)
+def test_one_weights_file_shared_by_both_graphs(exports):
+    from edge_rwkv.export.weights import ALIGN, INLINE_MAX_BYTES
+
+    _, out = exports(("int4", "float16", 1))
+    m = load_manifest(out)
     assert m["external_data"] == "weights.bin"
-    weights = (out / "weights.bin").stat().st_size
+    where = {}
     for name in ("decode", "prefill"):
-        assert (out / f"{name}.onnx").stat().st_size < weights / 4
-        onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
-    # shared, not duplicated: the file holds about one copy of the fp16 weights
-    src = read_source(official)
-    fp16_bytes = sum(t.numel() * 2 for k, t in src.tensors.items() if t.dim() == 2 or k == "emb.weight")
-    assert weights < 1.3 * fp16_bytes
-    rep = verify_export(official, out, tokens=6)
-    assert rep["max_rel"] <= TOL_FP16
+        model = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                assert len(t.raw_data) <= INLINE_MAX_BYTES, t.name
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            assert ext["location"] == "weights.bin" and int(ext["offset"]) % ALIGN == 0
+            where.setdefault(t.name, set()).add((int(ext["offset"]), int(ext["length"])))
+    assert all(len(v) == 1 for v in where.values())  # both graphs point at the same bytes
+    spans = sorted(next(iter(v)) for v in where.values())
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # each tensor stored once
+    size = (out / "weights.bin").stat().st_size
+    assert size == spans[-1][0] + spans[-1][1]
+    assert sum(n for _, n in spans) > size - ALIGN * len(spans)  # nothing but alignment padding besides
     assert "weights.bin" in describe(out)
+
+
+def test_graphs_are_built_without_holding_weights(tmp_path, monkeypatch):
+    """Initializers go to weights.bin as they are made; the second graph reuses them without rebuilding."""
+    from edge_rwkv.export import onnx_graph
+    from edge_rwkv.export.onnx_graph import GraphSpec, build_graph
+    from edge_rwkv.export.weights import ALIGN, INLINE_MAX_BYTES, WeightsFile
+
+    src = read_source(_quantized_artifact(tmp_path / "q.safetensors", "int4"))
+    made = []
+    real = onnx_graph.transposed_levels
+    monkeypatch.setattr(onnx_graph, "transposed_levels", lambda q: made.append(q.name) or real(q))
+    weights = WeightsFile(tmp_path / "w.bin")
+    graphs = [build_graph(src, GraphSpec(1, t, "float16"), weights=weights) for t in (1, CHUNK)]
+    weights.close()
+    assert sorted(made) == sorted(src.quant)  # each quantized matrix transposed once, for both graphs
+    for g in graphs:
+        for t in g.graph.initializer:
+            assert not t.raw_data if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data) <= INLINE_MAX_BYTES
+    assert all(offset % ALIGN == 0 for offset, *_ in weights.index.values())
+    with pytest.raises(RuntimeError, match="differs between graphs"):  # one name, one tensor
+        weights.add(next(iter(weights.index)), np.zeros(3, np.float32), [3], onnx.TensorProto.FLOAT)
+
+
+def test_manifest_lists_every_file_with_its_hash(exports):
+    from edge_rwkv.fileio import sha256_file
+
+    _, out = exports(("dense", "float16", 1))
+    m = load_manifest(out)
+    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk == {"decode.onnx", "prefill.onnx", "weights.bin"}
+    for name, f in m["files"].items():
+        assert f == {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    assert m["tokenizer"] is None  # a 97-token vocabulary is not the World tokenizer's
+    assert m["initial_state"]["kind"] == "zeros" and "prefill" in m["chaining"]["rule"]
+    for g in m["graphs"].values():
+        assert g["inlined_nodes"] > g["nodes"]
+
+
+def test_world_vocabulary_ships_with_the_export(tmp_path):
+    from safetensors.torch import save_file
+
+    from edge_rwkv.fileio import sha256_file
+    from edge_rwkv.tokenizer import default_tokenizer
+
+    path = tmp_path / "world.safetensors"
+    save_file(random_checkpoint(1, 64, 32, vocab_size=65536, seed=1), str(path))
+    out = tmp_path / "out"
+    m = export_onnx(path, out, ExportOptions(chunk=CHUNK, progress=False), log=lambda s: None)
+    t = m["tokenizer"]
+    assert t["name"] == "rwkv_vocab_v20230424" and t["end_of_text_id"] == 0 and t["vocab_size"] == 65536
+    vocab = out / t["file"]
+    assert m["files"][t["file"]]["sha256"] == sha256_file(vocab)
+    assert vocab.read_bytes() == open(default_tokenizer()._enc.vocab_filepath, "rb").read()
+
+
+def test_prefill_graph_size_does_not_grow_with_the_chunk(official):
+    from edge_rwkv.export.manifest import inlined_node_count
+    from edge_rwkv.export.onnx_graph import GraphSpec, build_graph
+
+    src = read_source(official)
+    small, big = (build_graph(src, GraphSpec(1, t, "float32")) for t in (4, 256))
+    assert len(small.graph.node) == len(big.graph.node)
+    assert inlined_node_count(small) == inlined_node_count(big)
+    fn = big.functions[0]
+    assert (fn.domain, fn.name) == ("rwkv7", "wkv7") and any(n.op_type == "Scan" for n in fn.node)
+
+
+def test_token_ids_are_checked(exports):
+    from edge_rwkv.export.ort_runner import IoBoundGraph
+
+    model, out = exports(("dense", "float32", 1))
+    m = edge_rwkv.load(model, dtype="float32")
+    g = OrtGraph(out / "decode.onnx")
+    for bad in (-1, VOCAB):
+        with pytest.raises(InputError, match=f"token id {bad} is outside the vocabulary"):
+            g.step([[bad]], m.new_state())
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            IoBoundGraph(g).step([[bad]])
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            OrtModel(out).forward([1, 2, bad], m.new_state())
+
+
+def test_io_bound_loop_equals_the_state_runner(exports):
+    """Two swapped state buffers under IO binding give the same logits as feeding State objects."""
+    from edge_rwkv.export.ort_runner import IoBoundGraph
+
+    model, out = exports(("int4", "float16", 1))
+    m = edge_rwkv.load(model, dtype="float32")
+    ids = torch.randint(0, VOCAB, (1, CHUNK + 3), generator=torch.Generator().manual_seed(5))
+    decode = OrtGraph(out / "decode.onnx")
+    ref, _ = _steps(decode, ids, m.new_state())
+    fast = IoBoundGraph(decode)
+    got = np.stack([fast.step(ids[:, t:t + 1].numpy())[0].copy() for t in range(ids.shape[1])])
+    np.testing.assert_allclose(got, ref[0].numpy(), rtol=0, atol=1e-6)
+    fast.reset()
+    np.testing.assert_allclose(fast.step(ids[:, :1].numpy())[0], ref[0, 0].numpy(), rtol=0, atol=1e-6)
+
+
+def test_integration_guide_example_runs(exports):
+    """The Python example of export/INTEGRATION.md, run as written on an export, agrees with our runner."""
+    import re
+    from pathlib import Path
+
+    import edge_rwkv.export as export_pkg
+
+    guide = (Path(export_pkg.__file__).parent / "INTEGRATION.md").read_text()
+    code = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
+    model, out = exports(("int8-head", "float16", 1))
+    ns = {"FOLDER": str(out), "PROMPT_IDS": [3, 1, 4, 1, 5, 9, 2], "MAX_NEW": 5}
+    exec(compile(code, "INTEGRATION.md", "exec"), ns)
+    ref_logits, st = OrtModel(out).forward(torch.tensor([ns["PROMPT_IDS"]]), edge_rwkv.load(model).new_state())
+    assert ns["generated"][0] == int(ref_logits[0].argmax())
+    assert len(ns["generated"]) == 5
 
 
 # --------------------------------------------------------------------------- lint catches problems
@@ -286,6 +468,46 @@ def test_lint_reports_offending_nodes():
     assert any("int64" in m for m in by_node["dyn_shape"])
     assert any("dynamic shape" in i.message for i in issues)
     assert "node 'bad_dq' (DequantizeLinear)" in str(next(i for i in issues if i.node == "bad_dq"))
+
+
+def test_lint_checks_the_weight_only_axes():
+    """Blocked along K and per output channel N, for MatMul's B [K, N] and Gemm(transB)'s B [N, K]."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    def issues(axis, block, op_attrs, shape=(64, 32)):
+        K, N = shape
+        w = h.make_tensor("w", TP.INT4 if block else TP.INT8, list(shape), bytes(K * N // (2 if block else 1)), raw=True)
+        if block:
+            sshape = [K // block, N] if axis == 0 else [K, N // block]
+        else:
+            sshape = [shape[axis]]
+        dq = h.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="dq", axis=axis, **({"block_size": block} if block else {}))
+        op = "Gemm" if op_attrs else "MatMul"
+        x_dim = shape[1] if op_attrs else shape[0]
+        out_dim = shape[0] if op_attrs else shape[1]
+        g = h.make_graph([dq, h.make_node(op, ["x", "wd"], ["y"], name="mm", **op_attrs)], "g",
+                         [h.make_tensor_value_info("x", TP.FLOAT, [1, x_dim])], [h.make_tensor_value_info("y", TP.FLOAT, [1, out_dim])],
+                         [w, nh.from_array(np.ones(sshape, np.float32), "s")])
+        return [i.message for i in lint_model(h.make_model(g, opset_imports=[h.make_opsetid("", 21)]), "10.13") if i.level == "error"]
+
+    assert issues(0, 32, {}) == [] and issues(1, None, {}) == []  # our layout: Wᵀ [K, N]
+    assert any("reduction axis K" in m for m in issues(1, 16, {}))
+    assert any("output channels" in m for m in issues(0, None, {}))
+    assert issues(1, 32, {"transB": 1}) == [] and issues(0, None, {"transB": 1}) == []  # W [N, K] under transB
+    assert any("reduction axis K" in m for m in issues(0, 16, {"transB": 1}))
+
+
+def test_lint_checks_scan_bodies(exports):
+    _, out = exports(("dense", "float32", 1))
+    model = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    scan = next(n for n in model.functions[0].node if n.op_type == "Scan")
+    body = next(a for a in scan.attribute if a.name == "body").g
+    body.node.append(onnx.helper.make_node("NonZero", [body.node[0].output[0]], ["nz_unused"], name="bad_in_scan"))
+    issues = [i for i in lint_model(model, "10.3") if i.level == "error"]
+    bad = [i.node for i in issues if i.op == "NonZero"]
+    assert len(bad) == LAYERS and all(n.startswith("bad_in_scan") for n in bad)  # one Scan per layer
 
 
 def test_lint_checks_function_bodies(exports):
