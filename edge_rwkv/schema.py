@@ -23,7 +23,9 @@ def load_json(raw: bytes | str, max_depth: int = MAX_DEPTH):
     """Parse JSON, refusing invalid text, NaN/Infinity literals, and nesting deeper than `max_depth`."""
     try:
         value = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    except RecursionError:
+        raise SchemaError(f"JSON nested deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise SchemaError(f"not valid JSON ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
     if depth(value) > max_depth:
         raise SchemaError(f"JSON nested deeper than {max_depth} levels")
