@@ -23,7 +23,11 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
     s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (also read from the file given as @PATH)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (also read from the file given as @PATH); "
+                        "needed to listen beyond loopback")
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow listening beyond loopback without --api-key (anyone who reaches the port can use "
+                        "the model and read every session)")
     s.add_argument("--max-slots", type=int, default=4, help="sequences decoded together (batch size)")
     s.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; more get 429")
     s.add_argument("--cors-origin", action="append", default=None,
@@ -37,6 +41,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     s.add_argument("--default-max-tokens", type=int, default=256)
     s.add_argument("--hot-sessions", type=int, default=64, help="session states kept in memory")
+    s.add_argument("--max-sessions", type=int, default=10000, help="sessions kept on disk; creating more gets 409")
+    s.add_argument("--body-timeout", type=float, default=10.0, help="seconds a client has to send a request body")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
@@ -61,6 +67,9 @@ def _read_key(value: str | None) -> str | None:
             value = f.read().strip()
     if value is not None and not value:
         raise EdgeRWKVError("--api-key is empty")
+    from .app import check_api_key
+
+    check_api_key(value)
     return value
 
 
@@ -69,14 +78,21 @@ def cmd_serve(a) -> int:
 
     from ..api import load
     from .app import ServeConfig, create_app, is_loopback
+    from .httpproto import JSONErrorH11Protocol
 
-    for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens"):
+    for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens",
+                 "max_sessions"):
         if getattr(a, name) < 1:
             raise EdgeRWKVError(f"--{name.replace('_', '-')} must be ≥ 1")
     if a.queue < 0 or not 0 <= a.port < 65536:
         raise EdgeRWKVError("--queue must be ≥ 0 and --port in [0, 65535]")
+    if not 0 < a.body_timeout <= 3600:
+        raise EdgeRWKVError("--body-timeout must be in (0, 3600] seconds")
     key = _read_key(a.api_key)
     if not is_loopback(a.host) and not key:
+        if not a.insecure_no_auth:
+            raise EdgeRWKVError(f"listening on {a.host} needs --api-key (or --insecure-no-auth to let anyone who can "
+                                f"reach this machine use the model and read every session)")
         print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
               f"machine can use the model and read sessions", file=sys.stderr)
     data_dir = a.data_dir or default_data_dir()
@@ -88,21 +104,22 @@ def cmd_serve(a) -> int:
                       max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                       max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
                       max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
-                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [])
+                      hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
+                      max_sessions=a.max_sessions, body_timeout=a.body_timeout)
     app = create_app(model, cfg)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"edge-rwkv serve: {model.path} on http://{shown}:{a.port}  (sessions in {cfg.data_dir}, "
           f"{cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level in ("info", "debug"),
-                timeout_graceful_shutdown=3)
+                timeout_graceful_shutdown=3, http=JSONErrorH11Protocol)
     lock.close()
     return 0
 
 
 def lock_data_dir(data_dir: str):
     """One daemon per data folder: a second one would race the first on the same session files."""
-    os.makedirs(data_dir, exist_ok=True)
-    f = open(os.path.join(data_dir, ".lock"), "a+")
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)  # sessions are private (the folder is made 0700)
+    f = open(os.open(os.path.join(data_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
