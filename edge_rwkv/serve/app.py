@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import TURN_END, clean_message, user_turn
 from ..errors import EdgeRWKVError, InputError
@@ -153,12 +154,13 @@ class Guard:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise APIError(408, f"the request body was not sent within {timeout:g} s",
-                               code="body_timeout") from None
+                raise APIError(408, f"the request body was not sent within {timeout:g} s", code="body_timeout",
+                               headers={"Connection": "close"}) from None  # the rest of the body may never come
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > cap:
-                    raise APIError(413, f"request body is larger than {cap} bytes", code="body_too_large")
+                    raise APIError(413, f"request body is larger than {cap} bytes", code="body_too_large",
+                                   headers={"Connection": "close"})
                 body_done = not msg.get("more_body", False)
             else:
                 body_done = True
@@ -238,6 +240,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         return _json_error(400, P.error_body(str(e), code="invalid_value"))
 
     @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)  # gone while sending its body
     async def _client_gone(request, e):  # nobody reads it: the connection is closed
         return _json_error(499, P.error_body("the client closed the connection", code="client_closed_request"))
 
