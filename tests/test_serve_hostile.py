@@ -73,6 +73,13 @@ def test_bad_json_fields(server, path, body, param):
     assert_error(r, 400, param)
 
 
+@pytest.mark.parametrize("extreme", [{"seed": -(2**63)}, {"seed": 2**64 - 1}, {"top_k": 2**31},
+                                     {"temperature": 100, "top_p": 1e-300}, {"presence_penalty": -2.0}])
+def test_extreme_accepted_values_generate(server, extreme):
+    r = httpx.post(server.url + CHAT, json={"messages": MSG, "max_tokens": 2, **extreme}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_bad_query_and_path(server):
     for q in ("limit=0", "limit=abc", "limit=100000", "limit=-1", "after=..%2Fx", "after=nosuch"):
         assert_error(httpx.get(f"{server.url}{SESSIONS}?{q}"), 400)
