@@ -393,3 +393,13 @@ def test_session_id_must_match_whole(reference, tmp_path):
             check_session_id(bad)
         with pytest.raises(APIError):
             SessionStore(tmp_path, reference).create(bad) if bad else check_session_id(bad)
+
+
+def test_new_session_never_inherits_an_orphan_transcript(reference, tmp_path):
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    (tmp_path / "sessions" / "reused.jsonl").write_text('{"turn": "x", "messages": [{"role": "user", "content": "old"}]}\n')
+    store.create("reused")
+    store.commit_turn("reused", _state(reference, 5), _turn(0))
+    assert [m["content"] for m in store.messages("reused")["data"]] == [m["content"] for m in _turn(0)]

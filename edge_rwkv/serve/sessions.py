@@ -276,6 +276,7 @@ class SessionStore:
             if self.exists(sid):
                 raise APIError(409, f"session '{sid}' already exists", param="id", code="session_exists")
             self._check_room()
+            self._transcript_path(sid).unlink(missing_ok=True)  # left by a delete interrupted by a crash
             meta = self._blank(sid)
             meta["system"], meta["title"] = system or None, title or ""
             self._write_meta(meta)
@@ -381,6 +382,8 @@ class SessionStore:
             if self._transcript_path(src).exists():
                 atomic_write_bytes(self._transcript_path(sid), self._transcript_path(src).read_bytes(),
                                    mode=FILE_MODE)
+            else:
+                self._transcript_path(sid).unlink(missing_ok=True)
             if st is not None:
                 self._save_state(sid, st)
             self._write_meta(new)
