@@ -60,10 +60,11 @@ class Report:
 
 # --------------------------------------------------------------------------- seed files
 
-def _tiny_checkpoint() -> dict[str, torch.Tensor]:
+def _tiny_checkpoint(n_embd: int = 64) -> dict[str, torch.Tensor]:
+    """Two layers, small enough that reading one takes milliseconds (the artifact needs 128: int4 groups)."""
     from .synthetic import random_checkpoint
 
-    return {k: v.half() for k, v in random_checkpoint(2, 128, 64, vocab_size=256, seed=0).items()}
+    return {k: v.half() for k, v in random_checkpoint(2, n_embd, 32, vocab_size=64, seed=0).items()}
 
 
 def _seed_state():
@@ -82,7 +83,7 @@ def seed_bytes(reader: str) -> bytes:
         from .state_quant import quantize_state, to_bytes
 
         return to_bytes(quantize_state(_seed_state()))
-    sd = _tiny_checkpoint()
+    sd = _tiny_checkpoint(128 if reader == "artifact" else 64)
     if reader == "safetensors":
         from safetensors.torch import save
 
@@ -207,9 +208,9 @@ def _pth_structured(rng: random.Random) -> bytes:
     if choice == 0:
         sd[7] = sd.pop(k)  # an int key
     elif choice == 1:
-        sd["blocks.100000000.ln1.weight"] = torch.zeros(128, dtype=torch.float16)
+        sd["blocks.100000000.ln1.weight"] = torch.zeros(64, dtype=torch.float16)
     elif choice == 2:
-        sd["blocks." + "9" * 5000 + ".ln1.weight"] = torch.zeros(128, dtype=torch.float16)
+        sd["blocks." + "9" * 5000 + ".ln1.weight"] = torch.zeros(64, dtype=torch.float16)
     elif choice == 3:
         sd[k] = sd[k].to(torch.float8_e4m3fn)
     elif choice == 4:

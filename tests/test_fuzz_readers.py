@@ -20,7 +20,7 @@ def test_fuzz_every_reader_no_defects(tmp_path):
     print("\n" + fuzz.format_reports(reports))
     assert [r.reader for r in reports] == list(fuzz.READERS)
     for r in reports:
-        assert r.tried >= 150, r.as_dict()  # the time limit still leaves a real sample per reader
+        assert r.tried >= 100, r.as_dict()  # the time limit still leaves a real sample per reader
         assert r.defects == [], fuzz.format_reports([r])
         assert r.refused > r.tried // 2  # the mutations do damage: most files are refused
     assert sum(r.tried for r in reports) >= 1000
