@@ -268,3 +268,16 @@ def test_server_healthy_after_hostile_requests(server):
     assert r.status_code == 200
     log = (server.data / "server.log").read_text(errors="replace")
     assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("origin,host,same", [
+    ("http://localhost:8000", "localhost:8000", True), ("http://localhost", "localhost:80", True),
+    ("http://[::1]:8000", "[::1]:8000", True), ("https://box.lan", "box.lan", True),
+    ("http://localhost:8000", "127.0.0.1:8000", False), ("http://evil.example:8000", "localhost:8000", False),
+    ("https://box.lan", "box.lan:80", False), ("null", "localhost", False), ("http://a/b", "a", False),
+    ("http://localhost:99999", "localhost:99999", False), ("ftp://localhost", "localhost", False),
+])
+def test_same_origin(origin, host, same):
+    from edge_rwkv.serve.app import same_origin
+
+    assert same_origin(origin, host) is same

@@ -173,7 +173,8 @@ class Guard:
             return _json_error(403, P.error_body("Host header not allowed (this server only answers to localhost)",
                                                  "permission_error", None, "invalid_host"))
         origin = headers.get("origin")
-        if origin is not None and origin not in self.cors and not same_origin(origin, headers.get("host", "")):
+        if (origin is not None and origin not in self.cors and "*" not in self.cors
+                and not same_origin(origin, headers.get("host", ""))):
             return _json_error(403, P.error_body("requests from other web pages are not allowed (Origin "
                                                  f"{origin[:100]!r}; see --cors-origin)", "permission_error",
                                                  None, "origin_not_allowed"))
