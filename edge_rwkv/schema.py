@@ -98,15 +98,6 @@ class Str:
 
 
 @dataclass(frozen=True)
-class Const:
-    value: object
-
-    def check(self, v, where):
-        if type(v) is not type(self.value) or v != self.value:
-            raise SchemaError(f"{where} is {_show(v)}, expected {_show(self.value)}")
-
-
-@dataclass(frozen=True)
 class Opt:
     """The inner schema, or null."""
     inner: object
