@@ -403,3 +403,23 @@ def test_new_session_never_inherits_an_orphan_transcript(reference, tmp_path):
     store.create("reused")
     store.commit_turn("reused", _state(reference, 5), _turn(0))
     assert [m["content"] for m in store.messages("reused")["data"]] == [m["content"] for m in _turn(0)]
+
+
+def test_delete_cut_short_finishes_on_reading(reference, tmp_path, monkeypatch):
+    """A delete killed after its mark (state and transcript still there) never brings the session back."""
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    sid = store.create()["id"]
+    store.commit_turn(sid, _state(reference, 5), _turn(0))
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")  # the process dies at the first removal
+
+    monkeypatch.setattr("pathlib.Path.unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete(sid)
+    monkeypatch.undo()
+    assert (tmp_path / "sessions" / f"{sid}.state").exists()
+    fresh = SessionStore(tmp_path, reference)
+    assert fresh.list()["data"] == []
+    assert not any((tmp_path / "sessions" / f"{sid}{x}").exists() for x in (".json", ".state", ".jsonl"))

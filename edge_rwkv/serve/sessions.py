@@ -15,6 +15,8 @@ dropped and the transcript cut back to its length before the turn.
 
 A fork writes its metadata first, marked `forking`, then its transcript and state, then the metadata
 without the mark: a session still marked is a fork that never completed, and reading removes it.
+A delete marks the metadata `deleting` first and removes it last, so a delete cut short finishes on
+the next read instead of leaving a state file that would bring the session back.
 
 Metadata that cannot be read (damaged, over the size limit, of the wrong shape) never hides a
 session: it is rebuilt from the state file and the transcript (the damaged file is kept beside it
@@ -55,8 +57,8 @@ META_SCHEMA = Obj({
     "messages": List(_MESSAGE, 10_000), "message_count": Int(0),
     "pending": Obj({"state_tokens": Int(0), "time": Num(), "id": Str(64), "offset": Int(0),
                     "messages": List(_MESSAGE, 64)}, optional=frozenset({"id", "offset", "messages"})),
-    "forking": ANY, "recovered": ANY,
-}, optional=frozenset({"system", "parent", "message_count", "pending", "forking", "recovered"}))
+    "forking": ANY, "deleting": ANY, "recovered": ANY,
+}, optional=frozenset({"system", "parent", "message_count", "pending", "forking", "deleting", "recovered"}))
 
 
 def not_found(sid: str) -> APIError:
@@ -137,7 +139,7 @@ class SessionStore:
 
     def _reconcile(self, meta: dict) -> dict:
         sid = meta["id"]
-        if meta.get("forking"):  # a fork that never completed: it does not exist
+        if meta.get("forking") or meta.get("deleting"):  # a fork never completed, a delete cut short
             self._remove_files(sid)
             raise not_found(sid)
         tokens = self._state_tokens(sid)
@@ -176,7 +178,7 @@ class SessionStore:
 
     @staticmethod
     def public(meta: dict, messages: bool = True) -> dict:
-        out = {k: v for k, v in meta.items() if k not in ("pending", "forking")}
+        out = {k: v for k, v in meta.items() if k not in ("pending", "forking", "deleting")}
         out["object"] = "session"
         if not messages:
             out.pop("messages", None)
@@ -392,8 +394,9 @@ class SessionStore:
             return new
 
     def _remove_files(self, sid: str) -> None:
+        """The metadata last: until it is gone, its mark says the removal is to be finished."""
         self._hot.pop(sid, None)
-        for p in (self._meta_path(sid), self._state_path(sid), self._transcript_path(sid)):
+        for p in (self._state_path(sid), self._transcript_path(sid), self._meta_path(sid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         fsync_dir(self.dir)
@@ -402,7 +405,7 @@ class SessionStore:
         with self._lock:
             if not self.exists(sid):
                 raise not_found(sid)
-            # metadata first: a crash in between leaves a state without metadata, which `get` rebuilds
+            self._write_meta(dict(self._blank(sid), deleting=True))
             self._remove_files(sid)
 
 
