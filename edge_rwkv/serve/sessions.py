@@ -122,8 +122,10 @@ class SessionStore:
         with contextlib.suppress(OSError):
             os.replace(self._meta_path(sid), self.dir / f".{sid}.json.broken")
         meta = self._blank(sid)
-        meta["recovered"], meta["turns"] = True, None
-        meta["tokens"] = max(self._state_tokens(sid) or 0, 0)
+        tokens = self._state_tokens(sid)
+        meta["recovered"] = True
+        meta["turns"] = 0 if tokens is None else None  # no state file: no completed turn; else unknown
+        meta["tokens"] = max(tokens or 0, 0)
         meta["messages"] = self._transcript_tail(sid)
         self._write_meta(meta)
         return meta
