@@ -15,10 +15,11 @@ import os
 
 import torch
 
-from .checkpoint import check_keys_and_shapes, check_values
+from .checkpoint import check_keys_and_shapes, check_layer_count, check_values
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fileio import atomic_path
+from .schema import ANY, Int, Num, Obj, Opt, SchemaError, Str
 
 FORMAT = "edge-rwkv-model"
 FORMAT_VERSION = 1
@@ -37,7 +38,27 @@ def make_metadata(cfg: ModelConfig, dtype: str, source_sha256: str | None = None
     }
 
 
+# Ranges wide enough for any RWKV-7 yet small enough that no check loops or allocates without bound
+# (the layer count is further checked against the tensors the file holds before anything is built).
+CONFIG_SCHEMA = Obj({
+    "n_layer": Int(1, 1 << 12), "n_embd": Int(1, 1 << 16), "head_size": Int(1, 1 << 10),
+    "vocab_size": Int(1, 1 << 24), "dim_ffn": Int(1, 1 << 20), "decay_lora": Int(1, 1 << 14),
+    "aaa_lora": Int(1, 1 << 14), "mv_lora": Int(0, 1 << 14), "gate_lora": Int(1, 1 << 14),
+})
+METADATA_SCHEMA = Obj({
+    "format": Str(), "format_version": Int(), "config": CONFIG_SCHEMA,
+    "dtype": Str(choices=("float16", "bfloat16", "float32")),
+    "tokenizer": Str(), "source_sha256": Opt(Str(64, pattern="[0-9a-f]{64}")),
+    "quant": Obj({"policy": Opt(Obj({})), "tensors": Obj({}, extra=Obj({}))}, optional=frozenset({"policy"})),
+    "default_model": Obj({"name": Str(), "trained_on": Str(), "heldout_ppl": Num(), "quantization": Str()}),
+    "training": ANY,
+}, optional=frozenset({"dtype", "tokenizer", "source_sha256", "quant", "default_model", "training"}))
+
+
 def config_from_metadata(meta: dict, path: str) -> ModelConfig:
+    """The model config of an artifact, after its whole metadata passed METADATA_SCHEMA."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: artifact metadata must be a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: artifact metadata names format {meta.get('format')!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
@@ -46,17 +67,19 @@ def config_from_metadata(meta: dict, path: str) -> ModelConfig:
     if meta.get("tokenizer", TOKENIZER) != TOKENIZER:
         raise CheckpointError(f"{path}: artifact uses tokenizer {meta.get('tokenizer')!r}; only {TOKENIZER} is supported")
     try:
-        return ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: artifact config is invalid ({e})") from None
+        METADATA_SCHEMA.check(meta, "")
+    except SchemaError as e:
+        raise CheckpointError(f"{path}: artifact metadata is invalid: {e}") from None
+    cfg = ModelConfig.from_dict(meta["config"])
+    if cfg.n_embd % cfg.head_size:
+        raise CheckpointError(f"{path}: artifact config is invalid: n_embd {cfg.n_embd} is not a multiple of "
+                              f"head_size {cfg.head_size}")
+    return cfg
 
 
 def quantized_names(meta: dict) -> dict[str, dict]:
-    q = meta.get("quant") or {}
-    specs = q.get("tensors") or {}
-    if not isinstance(specs, dict):
-        raise CheckpointError("artifact quant.tensors must be an object")
-    return specs
+    """Quantization spec per tensor name (the metadata passed METADATA_SCHEMA)."""
+    return (meta.get("quant") or {}).get("tensors") or {}
 
 
 def quantized_parts(name: str, tensors: dict) -> list[str]:
@@ -81,14 +104,13 @@ def check_artifact(tensors: dict[str, torch.Tensor], meta: dict, cfg: ModelConfi
     from .checkpoint import expected_shapes
 
     specs = quantized_names(meta)
+    check_layer_count(tensors, cfg.n_layer, path)  # before expected_shapes walks n_layer layers
     want = expected_shapes(cfg)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     float_names = set(shapes)
     for name, spec in specs.items():
         if name not in want:
             raise CheckpointError(f"{path}: quantized tensor '{name}' is not part of the model")
-        if not isinstance(spec, dict):
-            raise CheckpointError(f"{path}: quantization spec of '{name}' must be an object")
         qw = load_quantized(name, spec, tensors, path)
         if tuple(qw.shape) != tuple(want[name]):
             raise CheckpointError(f"{path}: quantized tensor '{name}' has logical shape {list(qw.shape)}, "

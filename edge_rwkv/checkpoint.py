@@ -9,7 +9,7 @@ RWKV-PEFT state-tuning files hold tuned initial states (see read_time_states).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import pickle
 import re
@@ -22,6 +22,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .schema import Int, List, Obj, Opt, SchemaError, Str, load_json
 
 # Per-layer tensors of RWKV-7 x070 under `blocks.{i}.`; v0/v1/v2 are unused (and optional) in layer 0.
 ATT_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
@@ -30,6 +31,7 @@ ATT_LINEARS = ("receptance", "key", "value", "output")
 LAYER0_OPTIONAL = {"att.v0", "att.v1", "att.v2"}
 
 _STRIP_PREFIXES = ("_orig_mod.", "module.", "model.")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def layer_keys(i: int) -> list[str]:
@@ -148,11 +150,21 @@ def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    bad = next((k for k in obj if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor names must be strings, found {type(bad).__name__} {bad!r:.40}")
     return obj
 
 
+# One entry of a safetensors header; sizes are checked against the file before any tensor is read.
+_TENSOR_ENTRY = Obj({"dtype": Str(16), "shape": List(Int(0, 1 << 40), 8), "data_offsets": List(Int(0), 2)})
+_ST_METADATA = Opt(Obj({}, extra=Str(1 << 26)))
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, dict]:
-    """(tensor index, metadata) from a safetensors header, checked against the file size."""
+    """(tensor index, metadata) from a safetensors header, every entry checked against the file size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -162,23 +174,36 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
         if hlen > min(size - 8, 100 << 20):
             raise CheckpointError(f"{path}: safetensors header length {hlen} exceeds the file ({size} bytes)")
         try:
-            header = json.loads(f.read(hlen))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = load_json(f.read(hlen))
+        except SchemaError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    try:
+        _ST_METADATA.check(meta, "__metadata__")
+    except SchemaError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     data_len = size - 8 - hlen
     for name, info in header.items():
         try:
-            begin, end = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: tensor '{name}' has no valid data offsets") from None
-        if not (0 <= begin <= end <= data_len):
+            _TENSOR_ENTRY.check(info, f"tensor '{name}'")
+        except SchemaError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        begin, end = info["data_offsets"] if len(info["data_offsets"]) == 2 else (-1, -1)
+        if begin < 0:
+            raise CheckpointError(f"{path}: tensor '{name}' has no valid data offsets")
+        if not (begin <= end <= data_len):
             raise CheckpointError(
                 f"{path}: tensor '{name}' lies beyond the end of the file (truncated: needs {end} data bytes, has {data_len})"
             )
-    return header, meta
+        itemsize = _ITEMSIZE.get(info["dtype"])
+        if itemsize is None:
+            raise CheckpointError(f"{path}: tensor '{name}' has unknown dtype {info['dtype']!r}")
+        if math.prod(info["shape"]) * itemsize != end - begin:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) but "
+                                  f"{end - begin} data bytes")
+    return header, meta or {}
 
 
 def _read_safetensors(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -193,9 +218,11 @@ def _read_safetensors(path: Path, device: torch.device) -> tuple[dict[str, torch
     artifact_meta = {}
     if "edge_rwkv" in meta:
         try:
-            artifact_meta = json.loads(meta["edge_rwkv"])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: artifact metadata is not valid JSON ({e})") from None
+            artifact_meta = load_json(meta["edge_rwkv"])
+        except SchemaError as e:
+            raise CheckpointError(f"{path}: artifact metadata is {e}") from None
+        if not isinstance(artifact_meta, dict) or not artifact_meta:
+            raise CheckpointError(f"{path}: artifact metadata must be a non-empty JSON object")
     return tensors, artifact_meta
 
 
@@ -248,11 +275,8 @@ def derive_config(tensors: dict[str, torch.Tensor], path: str = "<memory>", shap
         raise CheckpointError(f"{path}: this is {other}, not RWKV-7 x070")
     if "blocks.0.att.r_k" not in shapes:
         raise CheckpointError(f"{path}: not an RWKV-7 x070 checkpoint (missing tensor 'blocks.0.att.r_k')")
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    n_layer = max(layers) + 1
-    missing_layers = sorted(set(range(n_layer)) - layers)
-    if missing_layers:
-        raise CheckpointError(f"{path}: layer(s) {missing_layers} have no tensors (found up to blocks.{n_layer - 1})")
+    n_layer = max(layer_indices(shapes, path)) + 1
+    check_layer_count(shapes, n_layer, path)
 
     def get(name):
         if name not in shapes:
@@ -277,6 +301,36 @@ def derive_config(tensors: dict[str, torch.Tensor], path: str = "<memory>", shap
     return ModelConfig(n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab, dim_ffn=F,
                        decay_lora=ranks["w1"], aaa_lora=ranks["a1"], mv_lora=mv, gate_lora=ranks["g1"],
                        deep_embed=deep)
+
+
+def layer_indices(names, path: str) -> set[int]:
+    """The layer numbers that tensor names `blocks.{i}.…` mention (bounded: no huge numbers parsed)."""
+    out = set()
+    for k in names:
+        m = re.match(r"blocks\.(\d+)\.", k)
+        if m:
+            digits = m.group(1)
+            if len(digits) > 9:
+                raise CheckpointError(f"{path}: tensor '{k[:60]}' names layer {digits[:12]}…, beyond any model")
+            out.add(int(digits))
+    return out
+
+
+def check_layer_count(names, n_layer: int, path: str) -> None:
+    """The tensors hold layers 0 … n_layer-1, each with at least one tensor: checked before anything is
+    built or walked per layer, so a claimed or implied layer count can never exceed what the file holds."""
+    layers = layer_indices(names, path)
+    beyond = sorted(i for i in layers if i >= n_layer)[:5]
+    if beyond:
+        raise CheckpointError(f"{path}: tensors of layer(s) {beyond} but the model has {n_layer} layers")
+    if len(layers) < n_layer:  # the first few holes, found without building range(n_layer)
+        missing, i = [], 0
+        while len(missing) < 5 and i < n_layer:
+            if i not in layers:
+                missing.append(i)
+            i += 1
+        more = f" (+{n_layer - len(layers) - len(missing)} more)" if n_layer - len(layers) > len(missing) else ""
+        raise CheckpointError(f"{path}: layer(s) {missing}{more} have no tensors (found up to blocks.{max(layers, default=-1)})")
 
 
 def _pair(shape, name, path):
@@ -354,6 +408,9 @@ def check_values(tensors: dict[str, torch.Tensor], path: str, names=None, progre
     names = list(names if names is not None else tensors)
     for k in progress_iter(names, desc="validating", enabled=progress):
         t = tensors[k]
+        if t.is_floating_point() and t.dtype not in FLOAT_DTYPES:  # float8 and the like: no kernel reads them
+            raise CheckpointError(f"{path}: tensor '{k}' has dtype {str(t.dtype).replace('torch.', '')}, "
+                                  f"expected float32, float16 or bfloat16")
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor '{k}' has dtype {str(t.dtype).replace('torch.', '')}, expected a float type")
         if not all_finite(t):

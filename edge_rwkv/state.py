@@ -3,16 +3,19 @@
 Per layer: att_x [B,C] and ffn_x [B,C] (last token's normed input, for token shift) and wkv [B,H,N,N].
 All fp32, stacked over layers so a batch or a whole state moves as three tensors.
 
-State file (format_version 1): safetensors with tensors `att_x` [L,B,C], `wkv` [L,B,H,N,N], `ffn_x` [L,B,C]
+State file (format_version 2): safetensors with tensors `att_x` [L,B,C], `wkv` [L,B,H,N,N], `ffn_x` [L,B,C]
 (fp32) and metadata key `edge_rwkv_state` holding JSON:
-    {"format": "edge-rwkv-state", "format_version": 1, "fingerprint": model fingerprint,
+    {"format": "edge-rwkv-state", "format_version": 2, "fingerprint": model fingerprint,
      "n_layer", "batch", "n_embd", "n_head", "head_size", "tokens": tokens consumed,
-     "sha256": hex digest of the three tensors' bytes in the order att_x, wkv, ffn_x}
+     "sha256": hex digest of the header (this JSON without "sha256", keys sorted, compact) followed
+               by the three tensors' bytes in the order att_x, wkv, ffn_x}
+Version 1 files (the same, but the digest covers the tensors only) are still read.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -22,11 +25,22 @@ import torch
 
 from .errors import StateError
 from .fileio import atomic_write_bytes
+from .schema import Int, Obj, SchemaError, Str, load_json
 
 STATE_FORMAT = "edge-rwkv-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: the checksum covers the tensors only
 _META_KEY = "edge_rwkv_state"
 MAX_STATE_FILE = 8 << 30
+MAX_HEADER = 1 << 20
+
+# The fields every state-like file shares (the int8 state adds its own), with the ranges a real state has.
+STATE_FIELDS = {
+    "format": Str(64), "format_version": Int(), "fingerprint": Str(256),
+    "n_layer": Int(1, 1 << 12), "batch": Int(1, 1 << 16), "n_embd": Int(1, 1 << 16), "n_head": Int(1, 1 << 16),
+    "head_size": Int(1, 1 << 12), "tokens": Int(0, (1 << 63) - 1), "sha256": Str(64, pattern="[0-9a-f]{64}"),
+}
+STATE_SCHEMA = Obj(STATE_FIELDS)
 
 
 @dataclass
@@ -99,7 +113,8 @@ class State:
 
         tensors = {k: getattr(self, k).detach().float().contiguous().cpu() for k in ("att_x", "wkv", "ffn_x")}
         meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "fingerprint": self.fingerprint,
-                "tokens": int(self.tokens), "sha256": _digest(tensors), **self.dims()}
+                "tokens": int(self.tokens), **self.dims()}
+        meta["sha256"] = _digest(tensors, meta)
         return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     def save(self, path: str | os.PathLike) -> None:
@@ -114,7 +129,7 @@ class State:
     def from_bytes(cls, data: bytes, name="<bytes>", device="cpu", expect_fingerprint: str | None = None) -> "State":
         meta = _read_state_meta(data, name)
         tensors = _read_state_tensors(data, name, meta)
-        if _digest(tensors) != meta["sha256"]:
+        if _digest(tensors, meta if meta["format_version"] >= 2 else None) != meta["sha256"]:
             raise StateError(f"{name}: checksum mismatch — the state file is corrupt")
         if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
             raise StateError(f"{name}: state belongs to another model (fingerprint {meta['fingerprint'][:12]}…, "
@@ -147,51 +162,82 @@ def read_state_file(path: str | os.PathLike) -> bytes:
     return p.read_bytes()
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None, order=("att_x", "wkv", "ffn_x")) -> str:
+    """sha256 of the header fields (all but the digest; None: version 1, tensors only) and the tensors."""
     h = hashlib.sha256()
-    for k in ("att_x", "wkv", "ffn_x"):
-        h.update(tensors[k].contiguous().numpy().tobytes())
+    if meta is not None:
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True,
+                            separators=(",", ":")).encode())
+    for k in order:
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def read_header_meta(data: bytes, name: str, meta_key: str, fmt: str, version: int,
-                     what: str = "edge-rwkv state file") -> tuple[dict, dict]:
-    """(safetensors header, our metadata) of a state-like file, checked for size, format and version."""
+def read_header_meta(data: bytes, name: str, meta_key: str, fmt: str, versions: tuple[int, ...], schema: Obj,
+                     what: str = "edge-rwkv state file") -> tuple[dict, dict, int]:
+    """(safetensors header, our metadata, header length) of a state-like file: format and version
+    first, then every field against `schema` (types and ranges), before any tensor is read."""
     if len(data) < 8:
         raise StateError(f"{name}: truncated state file ({len(data)} bytes)")
     (hlen,) = struct.unpack("<Q", data[:8])
     if hlen > len(data) - 8:
         raise StateError(f"{name}: truncated state file (header claims {hlen} bytes, file has {len(data)})")
+    if hlen > MAX_HEADER:
+        raise StateError(f"{name}: state header of {hlen} bytes is larger than any state's")
     try:
-        header = json.loads(data[8:8 + hlen])
-        meta = json.loads(header["__metadata__"][meta_key])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        header = load_json(data[8:8 + hlen])
+        meta = load_json(header["__metadata__"][meta_key])
+    except (SchemaError, KeyError, TypeError):
         raise StateError(f"{name}: not an {what} (no valid metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
+    if not isinstance(header, dict) or not isinstance(meta, dict) or meta.get("format") != fmt:
         raise StateError(f"{name}: not an {what}")
-    if meta.get("format_version") != version:
-        raise StateError(f"{name}: {what} format version {meta.get('format_version')!r} is not supported "
-                         f"(this runtime reads {version})")
-    meta["_header_len"] = hlen
-    return header, meta
+    if set(header["__metadata__"]) != {meta_key}:  # nothing in the header escapes the checks and the checksum
+        raise StateError(f"{name}: unexpected metadata keys in a state file")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version not in versions:
+        raise StateError(f"{name}: {what} format version {version!r} is not supported "
+                         f"(this runtime reads {', '.join(map(str, versions))})")
+    try:
+        schema.check(meta, "")
+    except SchemaError as e:
+        raise StateError(f"{name}: state metadata is invalid: {e}") from None
+    if meta["n_head"] * meta["head_size"] != meta["n_embd"]:
+        raise StateError(f"{name}: state metadata is inconsistent (n_head × head_size ≠ n_embd)")
+    return header, meta, hlen
+
+
+def check_tensor_entries(header: dict, expected: dict[str, tuple[str, list[int], int]], data_len: int,
+                         name: str) -> None:
+    """Exactly the expected tensors, each of its dtype and shape, its bytes inside the file."""
+    extra = sorted(k for k in header if k != "__metadata__" and k not in expected)
+    if extra:
+        raise StateError(f"{name}: unexpected tensor(s) {extra[:3]} in a state file")
+    for k, (dt, shape, esize) in expected.items():
+        info = header.get(k)
+        if not isinstance(info, dict) or info.get("dtype") != dt or info.get("shape") != shape:
+            raise StateError(f"{name}: tensor '{k}' is missing or has the wrong shape/dtype (expected {dt} {shape})")
+        off = info.get("data_offsets")
+        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) for o in off)
+                or not 0 <= off[0] <= off[1] <= data_len or off[1] - off[0] != math.prod(shape) * esize):
+            raise StateError(f"{name}: tensor '{k}' has bad data offsets (truncated or corrupt file)")
+
+
+def read_state_header(path: str | os.PathLike) -> dict:
+    """A state file's metadata (format, version and fields checked; tensors and checksum not read)."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+        hlen = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        data = head + f.read(min(hlen, MAX_HEADER))
+    return read_header_meta(data, str(p), _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)[1]
 
 
 def _read_state_meta(data: bytes, name: str) -> dict:
-    header, meta = read_header_meta(data, name, _META_KEY, STATE_FORMAT, STATE_VERSION)
-    dims = ("n_layer", "batch", "n_embd", "n_head", "head_size", "tokens")
-    if not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in dims) or not isinstance(meta.get("sha256"), str):
-        raise StateError(f"{name}: state metadata is incomplete or invalid")
-    if meta["n_head"] * meta["head_size"] != meta["n_embd"]:
-        raise StateError(f"{name}: state metadata is inconsistent (n_head × head_size ≠ n_embd)")
-    expected = {
-        "att_x": [meta["n_layer"], meta["batch"], meta["n_embd"]],
-        "ffn_x": [meta["n_layer"], meta["batch"], meta["n_embd"]],
-        "wkv": [meta["n_layer"], meta["batch"], meta["n_head"], meta["head_size"], meta["head_size"]],
-    }
-    for k, shape in expected.items():
-        info = header.get(k)
-        if not isinstance(info, dict) or info.get("dtype") != "F32" or info.get("shape") != shape:
-            raise StateError(f"{name}: tensor '{k}' is missing or has the wrong shape/dtype (expected F32 {shape})")
+    header, meta, hlen = read_header_meta(data, name, _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)
+    L, B, C, H, N = (meta[k] for k in ("n_layer", "batch", "n_embd", "n_head", "head_size"))
+    check_tensor_entries(header, {"att_x": ("F32", [L, B, C], 4), "ffn_x": ("F32", [L, B, C], 4),
+                                  "wkv": ("F32", [L, B, H, N, N], 4)}, len(data) - 8 - hlen, name)
     return meta
 
 

@@ -10,17 +10,17 @@ Quantizer: scale = fp16(absmax/127 · (1 + 2⁻¹⁰)) floored at 2⁻¹⁴ (so 
 scale too small and nothing clips), q = clamp(round(x/scale), -127, 127). Every element then obeys
 |x − q·scale| ≤ scale/2 (`error_bound`). absmax above 127·65504 cannot be represented and is refused.
 
-Quantized state file (format_version 1): safetensors with `att_x` F32 [L,B,C], `ffn_x` F32 [L,B,C],
+Quantized state file (format_version 2): safetensors with `att_x` F32 [L,B,C], `ffn_x` F32 [L,B,C],
 `wkv_q` I8 [L,B,H,N,N], `wkv_scale` F16 (shape by granularity), and metadata key
 `edge_rwkv_qstate` holding JSON {"format": "edge-rwkv-qstate", "format_version": 1,
 "quant": "int8", "granularity", "fingerprint", "n_layer", "batch", "n_embd", "n_head", "head_size",
-"tokens", "sha256": digest of the four tensors' bytes in the order att_x, ffn_x, wkv_q, wkv_scale}.
+"tokens", "sha256": digest of the header (this JSON without "sha256") and the four tensors' bytes in the
+order att_x, ffn_x, wkv_q, wkv_scale}. Version 1 (the digest covers the tensors only) is still read.
 Written atomically (fileio.atomic_write_bytes); read with every size, shape, dtype and the checksum
 checked before use.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,16 +30,19 @@ import torch
 
 from .errors import StateError
 from .fileio import atomic_write_bytes
-from .state import State, read_state_file
+from .schema import Obj, Str
+from .state import STATE_FIELDS, State, _digest as state_digest, check_tensor_entries, read_state_file
 
 QSTATE_FORMAT = "edge-rwkv-qstate"
-QSTATE_VERSION = 1
+QSTATE_VERSION = 2
+READS_VERSIONS = (1, 2)
 _META_KEY = "edge_rwkv_qstate"
 GRANULARITIES = ("head_row", "row")
 SCALE_FLOOR = 2.0**-14
 SCALE_MAX = 65504.0
 QMAX = 127
 _ORDER = ("att_x", "ffn_x", "wkv_q", "wkv_scale")
+QSTATE_SCHEMA = Obj({**STATE_FIELDS, "quant": Str(16, choices=("int8",)), "granularity": Str(16, choices=GRANULARITIES)})
 
 
 @dataclass
@@ -107,12 +110,8 @@ def roundtrip(state: State, granularity: str = "head_row") -> State:
 
 # --------------------------------------------------------------------------- files
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in _ORDER:
-        t = tensors[k].detach().contiguous().cpu()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
-    return h.hexdigest()
+def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    return state_digest(tensors, meta, _ORDER)
 
 
 def to_bytes(q: QuantizedState) -> bytes:
@@ -120,8 +119,8 @@ def to_bytes(q: QuantizedState) -> bytes:
 
     tensors = {k: getattr(q, k).detach().contiguous().cpu() for k in _ORDER}
     meta = {"format": QSTATE_FORMAT, "format_version": QSTATE_VERSION, "quant": "int8",
-            "granularity": q.granularity, "fingerprint": q.fingerprint, "tokens": int(q.tokens),
-            "sha256": _digest(tensors), **q.dims()}
+            "granularity": q.granularity, "fingerprint": q.fingerprint, "tokens": int(q.tokens), **q.dims()}
+    meta["sha256"] = _digest(tensors, meta)
     return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -152,7 +151,7 @@ def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | Non
         tensors = load(data)
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
         raise StateError(f"{name}: corrupt or truncated state file ({e})") from None
-    if _digest(tensors) != meta["sha256"]:
+    if _digest(tensors, meta if meta["format_version"] >= 2 else None) != meta["sha256"]:
         raise StateError(f"{name}: checksum mismatch — the state file is corrupt")
     if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
         raise StateError(f"{name}: state belongs to another model (fingerprint {meta['fingerprint'][:12]}…, "
@@ -169,29 +168,13 @@ def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | Non
 def _read_meta(data: bytes, name: str) -> tuple[dict, dict]:
     from .state import read_header_meta
 
-    header, meta = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, QSTATE_VERSION, "edge-rwkv int8 state file")
-    hlen = meta["_header_len"]
-    if meta.get("quant") != "int8" or meta.get("granularity") not in GRANULARITIES:
-        raise StateError(f"{name}: unsupported state quantization {meta.get('quant')!r}/{meta.get('granularity')!r}")
-    dims = ("n_layer", "batch", "n_embd", "n_head", "head_size", "tokens")
-    if (not all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] >= 0 for k in dims)
-            or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("fingerprint"), str)):
-        raise StateError(f"{name}: state metadata is incomplete or invalid")
+    header, meta, hlen = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, READS_VERSIONS, QSTATE_SCHEMA,
+                                          "edge-rwkv int8 state file")
     L, B, C, H, N = (meta[k] for k in ("n_layer", "batch", "n_embd", "n_head", "head_size"))
-    if H * N != C:
-        raise StateError(f"{name}: state metadata is inconsistent (n_head × head_size ≠ n_embd)")
-    expected = {
+    check_tensor_entries(header, {
         "att_x": ("F32", [L, B, C], 4), "ffn_x": ("F32", [L, B, C], 4), "wkv_q": ("I8", [L, B, H, N, N], 1),
         "wkv_scale": ("F16", [L, B, H, N] if meta["granularity"] == "head_row" else [L, B, N], 2),
-    }
-    for k, (dt, shape, esize) in expected.items():
-        info = header.get(k)
-        if not isinstance(info, dict) or info.get("dtype") != dt or info.get("shape") != shape:
-            raise StateError(f"{name}: tensor '{k}' is missing or has the wrong shape/dtype (expected {dt} {shape})")
-        off = info.get("data_offsets")
-        if (not isinstance(off, list) or len(off) != 2 or off[1] - off[0] != math.prod(shape) * esize
-                or off[1] > len(data) - 8 - hlen):
-            raise StateError(f"{name}: tensor '{k}' has bad data offsets (truncated or corrupt file)")
+    }, len(data) - 8 - hlen, name)
     return meta, header
 
 

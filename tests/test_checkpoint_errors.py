@@ -323,3 +323,118 @@ def test_pickle_with_code_payload_is_refused_and_not_run(tmp_path, container):
     assert not marker.exists()
     assert "GLOBAL" in msg and "system" in msg, msg  # names what was refused
     assert "weights_only` set to `False`" not in msg  # and does not advise running the code
+
+
+# --------------------------------------------------------------------------- hostile metadata and keys
+
+def _with_raw_metadata(sd, path, raw: str):
+    save_file(sd, str(path), metadata={"edge_rwkv": raw})
+    return path
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ("[1, 2]", "JSON object"), ('"text"', "JSON object"), ("{}", "JSON object"),
+    ("[" * 5000 + "]" * 5000, "nested"), ('{"a": ' * 200 + "1" + "}" * 200, "nested"),
+])
+def test_artifact_metadata_not_an_object(good_sd, tmp_path, raw, needle):
+    rejected(_with_raw_metadata(good_sd, tmp_path / "m.safetensors", raw), "metadata", needle)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"quant": []}, "quant must be an object"),
+    ({"quant": None}, "quant must be an object"),
+    ({"quant": {"tensors": []}}, "quant.tensors must be an object"),
+    ({"quant": {"tensors": {"head.weight": 5}}}, "quant.tensors.head.weight must be an object"),
+    ({"dtype": "float8"}, "dtype"),
+    ({"source_sha256": 12}, "source_sha256"),
+    ({"default_model": {"name": "x", "trained_on": "y", "heldout_ppl": "high", "quantization": "z"}}, "heldout_ppl"),
+])
+def test_artifact_metadata_schema(good_sd, tmp_path, change, needle):
+    rejected(_artifact(good_sd, tmp_path / "s.safetensors", **change), "artifact metadata is invalid", needle)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("n_layer", 2147483648, "config.n_layer"), ("n_layer", 10**400, "config.n_layer"),
+    ("head_size", 0, "config.head_size"), ("n_embd", -64, "config.n_embd"), ("vocab_size", "256", "config.vocab_size"),
+    ("n_layer", 1.5, "config.n_layer"), ("n_layer", True, "config.n_layer"), ("dim_ffn", None, "config.dim_ffn"),
+    ("n_layer", 3, "layer(s) [2]"), ("n_layer", 1, "model has 1 layers"), ("n_layer", 4000, "(+3993 more)"),
+    ("head_size", 48, "not a multiple"),
+])
+def test_artifact_config_numbers_checked_before_use(good_sd, tmp_path, field, value, needle):
+    import time
+
+    cfg = derive_config(good_sd).to_dict()
+    cfg[field] = value
+    t0 = time.monotonic()
+    rejected(_artifact(good_sd, tmp_path / "c.safetensors", config=cfg), needle)
+    assert time.monotonic() - t0 < 5
+
+
+def test_cli_info_refuses_huge_layer_count_fast(good_sd, tmp_path, capsys):
+    import time
+
+    from edge_rwkv.cli import main
+
+    cfg = derive_config(good_sd).to_dict()
+    cfg["n_layer"] = 4096
+    p = _artifact(good_sd, tmp_path / "big.safetensors", config=cfg)
+    t0 = time.monotonic()
+    assert main(["info", str(p)]) == 1
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert err.startswith("edge-rwkv: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_far_layer_key_refused_without_allocating(good_sd, tmp_path, fmt):
+    import resource
+    import time
+
+    sd = fresh(good_sd)
+    sd["blocks.100000000.ln1.weight"] = torch.ones(64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    rejected(write(sd, tmp_path / f"far.{fmt}"), "layer(s) [2, 3, 4, 5, 6]", "(+99999993 more)")
+    assert time.monotonic() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no set(range(1e8))
+
+
+def test_layer_number_of_thousands_of_digits(good_sd, tmp_path):
+    sd = fresh(good_sd)
+    sd["blocks." + "9" * 5000 + ".ln1.weight"] = torch.ones(64)
+    rejected(write(sd, tmp_path / "digits.pth"), "beyond any model")
+
+
+def test_pth_with_non_string_key(good_sd, tmp_path):
+    sd = fresh(good_sd)
+    sd[7] = sd.pop("ln_out.bias")
+    rejected(write(sd, tmp_path / "intkey.pth"), "tensor names must be strings", "int")
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_float8_tensor_refused(good_sd, tmp_path, fmt):
+    sd = fresh(good_sd)
+    sd["blocks.0.att.x_r"] = sd["blocks.0.att.x_r"].to(torch.float8_e4m3fn)
+    rejected(write(sd, tmp_path / f"f8.{fmt}"), "blocks.0.att.x_r", "float8_e4m3fn")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda h: h["emb.weight"].update(shape=[256, "64"]), "shape[1] must be an integer"),
+    (lambda h: h["emb.weight"].update(shape=[256, 65]), "data bytes"),
+    (lambda h: h["emb.weight"].update(dtype="Q4"), "unknown dtype"),
+    (lambda h: h["emb.weight"].update(data_offsets=[0]), "data offsets"),
+    (lambda h: h.update({"__metadata__": {"a": 5}}), "__metadata__.a must be a string"),
+    (lambda h: h.update({"__metadata__": [1]}), "__metadata__ must be an object"),
+])
+def test_safetensors_header_schema(good_sd, tmp_path, edit, needle):
+    import struct
+
+    data = write(good_sd, tmp_path / "ok.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    bad = tmp_path / "hdr.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    rejected(bad, needle)

@@ -178,7 +178,7 @@ def test_body_cap_and_bad_paths(server):
         for _ in range(30):
             yield b"x" * 1000
 
-    r = httpx.post(server.url + CHAT, content=chunks(), timeout=30)
+    r = httpx.post(server.url + CHAT, content=chunks(), timeout=30, headers={"content-type": "application/json"})
     assert r.status_code == 413
     for path in ("/v1/sessions/bad.id", "/v1/sessions/a%00b"):
         r = httpx.get(server.url + path)
@@ -218,7 +218,9 @@ def test_cors_only_for_named_origins(reference, tmp_path):
     assert r.headers.get("access-control-allow-origin") != "http://evil.example"
     no_cors = TestClient(create_app(reference, ServeConfig(str(tmp_path / "b"))), base_url="http://localhost")
     r = no_cors.get("/health", headers={"Origin": "http://app.local"})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = with_cors.get("/v1/models", headers={"Origin": "http://app.local"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.local"
 
 
 def test_session_through_openai_client(server, client, reference):

@@ -167,6 +167,8 @@ def test_api_key_and_host_checks(small_server):
         assert r.json()["error"]["code"] == "invalid_host"
     for host in ("localhost", "localhost:1234", "127.0.0.1", f"127.0.0.1:{srv.port}", "[::1]", "[::1]:8080"):
         assert httpx.get(srv.url + "/health", headers={"Host": host}).status_code == 200, host
-    # no CORS headers unless --cors-origin is given
+    # another web page's requests are refused, reads included; no CORS headers unless --cors-origin is given
     r = httpx.get(url, headers={**srv.headers, "Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in r.headers
+    assert httpx.get(url, headers={**srv.headers, "Origin": srv.url}).status_code == 200  # the server's own page

@@ -228,3 +228,198 @@ def test_store_reconciles_every_crash_point(reference, tmp_path):
     with pytest.raises(APIError) as e:
         SessionStore(tmp_path, reference).load_state(sid)
     assert e.value.status == 409
+
+
+# --------------------------------------------------------------------------- bounded metadata, broken files
+
+def _turn(i, size=10):
+    return [{"role": "user", "content": f"question {i} " + "q" * size},
+            {"role": "assistant", "content": f"answer {i} " + "a" * size}]
+
+
+def _state(reference, tokens):
+    s = reference.new_state()
+    s.tokens = tokens
+    return s
+
+
+def test_transcript_never_grows_the_metadata(reference, tmp_path):
+    from edge_rwkv.serve.sessions import MAX_META_BYTES, TAIL_CHARS, TAIL_MESSAGES, SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    sid = store.create()["id"]
+    for i in range(120):  # 6 MB of conversation: one metadata file holding it all would pass the 4 MiB limit
+        store.commit_turn(sid, _state(reference, 10 * (i + 1)), _turn(i, 100_000 if i % 4 == 0 else 200))
+    meta_size = (tmp_path / "sessions" / f"{sid}.json").stat().st_size
+    assert meta_size < MAX_META_BYTES / 4
+    assert (tmp_path / "sessions" / f"{sid}.jsonl").stat().st_size > 6_000_000
+    m = SessionStore(tmp_path, reference).get(sid)
+    assert m["turns"] == 120 and m["message_count"] == 240 and len(m["messages"]) == TAIL_MESSAGES
+    assert m["messages"][-1]["content"].startswith("answer 119")
+    cut = [x for x in m["messages"] if x.get("truncated")]
+    assert cut and all(len(x["content"]) == TAIL_CHARS for x in cut)
+    # the whole transcript, page by page
+    page = store.messages(sid, offset=0, limit=100)
+    assert len(page["data"]) == 100 and page["has_more"] and page["data"][0]["content"].startswith("question 0 ")
+    assert len(page["data"][0]["content"]) == len("question 0 ") + 100_000  # never cut in the transcript
+    last = store.messages(sid, offset=200, limit=100)
+    assert len(last["data"]) == 40 and not last["has_more"]
+    assert [s["id"] for s in store.list()["data"]] == [sid]
+
+
+@pytest.mark.parametrize("damage", ["too-large", "pending-x", "deep", "tokens-1e400", "list", "wrong-id",
+                                    "turns-str", "garbage"])
+def test_damaged_metadata_never_hides_a_session(reference, tmp_path, damage):
+    import json
+
+    from edge_rwkv.serve.sessions import MAX_META_BYTES, SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    good = store.create(title="fine")["id"]
+    sid = store.create(title="victim")["id"]
+    for i in range(3):
+        store.commit_turn(sid, _state(reference, 7 * (i + 1)), _turn(i))
+    p = tmp_path / "sessions" / f"{sid}.json"
+    meta = json.loads(p.read_text())
+    raw = {
+        "too-large": json.dumps(dict(meta, title="t" * (MAX_META_BYTES + 10))),
+        "pending-x": json.dumps(dict(meta, pending="x")),
+        "deep": '{"id": "' + sid + '", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+        "tokens-1e400": json.dumps(meta).replace(f'"tokens": {meta["tokens"]}', '"tokens": 1e400'),
+        "list": "[1, 2, 3]",
+        "wrong-id": json.dumps(dict(meta, id="other")),
+        "turns-str": json.dumps(dict(meta, turns="3")),
+        "garbage": "{garbage",
+    }[damage]
+    p.write_text(raw)
+    store = SessionStore(tmp_path, reference)
+    listing = store.list()
+    assert {s["id"] for s in listing["data"]} == {good, sid} and listing["broken"] == []
+    m = store.get(sid)
+    assert m["recovered"] and m["tokens"] == 21  # from the state file
+    assert [x["content"] for x in m["messages"]] == [x["content"] for i in range(3) for x in _turn(i)]  # transcript
+    assert (tmp_path / "sessions" / f".{sid}.json.broken").read_text() == raw  # kept for inspection
+    json.dumps(store.public(m), allow_nan=False)  # answerable as JSON
+    store.commit_turn(sid, _state(reference, 30), _turn(3))  # and it continues
+    assert store.get(sid)["turns"] == 1 and store.load_state(sid).tokens == 30
+
+
+def test_unreadable_session_reported_not_fatal(reference, tmp_path):
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    ids = [store.create()["id"] for _ in range(3)]
+    (tmp_path / "sessions" / "brokenone.json").mkdir()  # reading it fails with an OS error
+    listing = store.list()
+    assert {s["id"] for s in listing["data"]} == set(ids)
+    assert [b["id"] for b in listing["broken"]] == ["brokenone"] and listing["broken"][0]["error"]
+
+
+def test_pagination_and_session_limit(reference, tmp_path):
+    from edge_rwkv.serve.protocol import APIError
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference, max_sessions=12)
+    ids = {store.create()["id"] for _ in range(12)}
+    with pytest.raises(APIError) as e:
+        store.create()
+    assert e.value.status == 409 and e.value.code == "too_many_sessions"
+    with pytest.raises(APIError):
+        store.fork(next(iter(ids)))
+    seen, after = [], None
+    while True:
+        page = store.list(limit=5, after=after)
+        seen += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert sorted(seen) == sorted(ids) and page["total"] == 12
+
+
+def test_crash_points_of_a_turn_with_transcript(reference, tmp_path):
+    """The commit's own order: pending metadata → transcript line → state → metadata. A crash after the
+    transcript line but before the state drops the turn and cuts the line; after the state, applies it."""
+    import json
+
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    sid = store.create()["id"]
+    store.commit_turn(sid, _state(reference, 10), _turn(0))
+    meta_path, tx = tmp_path / "sessions" / f"{sid}.json", tmp_path / "sessions" / f"{sid}.jsonl"
+    done, tx_done = json.loads(meta_path.read_text()), tx.read_bytes()
+    offset = len(tx_done)
+    pending = {"id": "t1", "state_tokens": 25, "time": 5.0, "offset": offset}
+    line = json.dumps({"turn": "t1", "time": 5.0, "messages": _turn(1)}).encode() + b"\n"
+    for partial in (line, line[:17]):  # the line whole, or cut by the crash
+        meta_path.write_text(json.dumps(dict(done, pending=pending)))
+        tx.write_bytes(tx_done + partial)
+        m = SessionStore(tmp_path, reference).get(sid)
+        assert m["turns"] == 1 and tx.read_bytes() == tx_done  # dropped, transcript cut back
+    meta_path.write_text(json.dumps(dict(done, pending=pending)))
+    tx.write_bytes(tx_done + line)
+    _state(reference, 25).save(tmp_path / "sessions" / f"{sid}.state")
+    m = SessionStore(tmp_path, reference).get(sid)
+    assert m["turns"] == 2 and m["tokens"] == 25 and m["messages"][-1]["content"] == _turn(1)[1]["content"]
+    assert len(SessionStore(tmp_path, reference).messages(sid)["data"]) == 4
+
+
+def test_half_fork_is_absent_and_whole_fork_is_whole(reference, tmp_path):
+    import json
+
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    src = store.create()["id"]
+    store.commit_turn(src, _state(reference, 10), _turn(0))
+    new = store.fork(src, "f1")
+    assert new["turns"] == 1 and "forking" not in json.loads((tmp_path / "sessions" / "f1.json").read_text())
+    assert store.messages("f1")["data"] == store.messages(src)["data"]
+    # a fork killed after its (marked) metadata and state but before the final metadata: gone on reading
+    store.fork(src, "f2")
+    meta = json.loads((tmp_path / "sessions" / "f2.json").read_text())
+    (tmp_path / "sessions" / "f2.json").write_text(json.dumps(dict(meta, forking=True)))
+    fresh = SessionStore(tmp_path, reference)
+    assert {s["id"] for s in fresh.list()["data"]} == {src, "f1"}
+    assert not any((tmp_path / "sessions" / f"f2{x}").exists() for x in (".json", ".state", ".jsonl"))
+
+
+def test_session_id_must_match_whole(reference, tmp_path):
+    from edge_rwkv.serve.protocol import APIError, check_session_id
+    from edge_rwkv.serve.sessions import SessionStore
+
+    for bad in ("abc\n", "abc\r\n", "a b", "", "-a", "a" * 65):
+        with pytest.raises(APIError):
+            check_session_id(bad)
+        with pytest.raises(APIError):
+            SessionStore(tmp_path, reference).create(bad) if bad else check_session_id(bad)
+
+
+def test_new_session_never_inherits_an_orphan_transcript(reference, tmp_path):
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    (tmp_path / "sessions" / "reused.jsonl").write_text('{"turn": "x", "messages": [{"role": "user", "content": "old"}]}\n')
+    store.create("reused")
+    store.commit_turn("reused", _state(reference, 5), _turn(0))
+    assert [m["content"] for m in store.messages("reused")["data"]] == [m["content"] for m in _turn(0)]
+
+
+def test_delete_cut_short_finishes_on_reading(reference, tmp_path, monkeypatch):
+    """A delete killed after its mark (state and transcript still there) never brings the session back."""
+    from edge_rwkv.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path, reference)
+    sid = store.create()["id"]
+    store.commit_turn(sid, _state(reference, 5), _turn(0))
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")  # the process dies at the first removal
+
+    monkeypatch.setattr("pathlib.Path.unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete(sid)
+    monkeypatch.undo()
+    assert (tmp_path / "sessions" / f"{sid}.state").exists()
+    fresh = SessionStore(tmp_path, reference)
+    assert fresh.list()["data"] == []
+    assert not any((tmp_path / "sessions" / f"{sid}{x}").exists() for x in (".json", ".state", ".jsonl"))

@@ -325,3 +325,111 @@ def test_save_creates_parent_folder_and_overwrites(used_state, model, tmp_path):
     used_state.save(path)
     assert states_equal(State.load(path), used_state)
     assert sorted(p.name for p in path.parent.iterdir()) == ["s.state"]
+
+
+# --------------------------------------------------------------------------- the header is checked and checksummed
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.pop("fingerprint"), "fingerprint is missing"),
+    (lambda m: m.update(fingerprint=12345), "fingerprint must be a string"),
+    (lambda m: m.update(fingerprint=["x"]), "fingerprint must be a string"),
+    (lambda m: m.update(tokens=-1), "tokens"),
+    (lambda m: m.update(tokens=10**400), "tokens"),
+    (lambda m: m.update(tokens=True), "tokens"),
+    (lambda m: m.update(n_layer=2147483648), "n_layer"),
+    (lambda m: m.update(head_size=0), "head_size"),
+    (lambda m: m.update(sha256=None), "sha256"),
+])
+def test_invalid_header_fields_rejected(model, state_file, tmp_path, edit, needle):
+    meta, tensors = _meta_and_tensors(state_file.read_bytes())
+    edit(meta)
+    bad = tmp_path / "field.state"
+    bad.write_bytes(_rebuild(tensors, meta))
+    _reject(model, bad, needle)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(tokens=m["tokens"] + 1),
+    lambda m: m.update(fingerprint="0" * 64),
+    lambda m: m.update(extra="x"),
+])
+def test_checksum_covers_the_header(state_file, tmp_path, edit):
+    meta, tensors = _meta_and_tensors(state_file.read_bytes())
+    assert meta["format_version"] == 2
+    edit(meta)
+    bad = tmp_path / "header.state"
+    bad.write_bytes(_rebuild(tensors, meta))
+    with pytest.raises(StateError, match="checksum"):
+        State.load(bad)  # no fingerprint expectation: the checksum alone catches it
+
+
+def test_extra_header_metadata_rejected(state_file, tmp_path):
+    meta, tensors = _meta_and_tensors(state_file.read_bytes())
+    bad = tmp_path / "extra.state"
+    bad.write_bytes(save({k: v.contiguous() for k, v in tensors.items()},
+                         metadata={"edge_rwkv_state": json.dumps(meta, sort_keys=True), "note": "x"}))
+    with pytest.raises(StateError, match="unexpected metadata"):
+        State.load(bad)
+
+
+def test_version_1_files_still_read(model, used_state, tmp_path):
+    """Format 1 (checksum over the tensors only) loads as before; its header fields are still type-checked."""
+    import hashlib
+
+    tensors = {k: getattr(used_state, k).contiguous() for k in ("att_x", "wkv", "ffn_x")}
+    h = hashlib.sha256()
+    for k in ("att_x", "wkv", "ffn_x"):
+        h.update(tensors[k].numpy().tobytes())
+    meta = {"format": "edge-rwkv-state", "format_version": 1, "fingerprint": model.fingerprint,
+            "tokens": used_state.tokens, "sha256": h.hexdigest(), **used_state.dims()}
+    old = tmp_path / "v1.state"
+    old.write_bytes(_rebuild(tensors, meta))
+    assert states_equal(model.load_state(old), used_state)
+    meta["fingerprint"] = 7
+    old.write_bytes(_rebuild(tensors, meta))
+    _reject(model, old, "fingerprint must be a string")
+
+
+def test_killed_saves_leave_no_temp_files_behind(used_state, tmp_path):
+    """A save killed mid-write leaves its temp file; the next save to the folder removes it (and only
+    temps whose writer is gone: a live writer's temp is kept)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from edge_rwkv.fileio import atomic_write_bytes, remove_stale_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".other.state.partial-{child.pid}-abc123.tmp"
+        live.write_bytes(b"being written")
+        # a real save killed while writing: the writer process dies between write and rename
+        code = ("import os, sys, time\n"
+                "from pathlib import Path\n"
+                "import edge_rwkv.fileio as f\n"
+                "with f.atomic_path(sys.argv[1]) as tmp:\n"
+                "    Path(tmp).write_bytes(b'x' * 100000)\n"
+                "    print('written', flush=True)\n"
+                "    time.sleep(60)\n")
+        for _ in range(3):
+            p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s.state")], stdout=subprocess.PIPE)
+            assert p.stdout.readline() == b"written\n"
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        dead = [q for q in tmp_path.iterdir() if q.name.startswith(".s.state.partial-")]
+        assert len(dead) == 1  # each killed save already removed the temp of the one killed before it
+        mine_stale = tmp_path / f".x.partial-{os.getpid()}-zzz.tmp"  # this process, not in flight
+        mine_stale.write_bytes(b"old")
+        unrelated = tmp_path / ".notes.tmp"
+        unrelated.write_bytes(b"not ours")
+        used_state.save(tmp_path / "s.state")
+        left = sorted(q.name for q in tmp_path.iterdir())
+        assert left == sorted([live.name, unrelated.name, "s.state"]), left
+        assert State.load(tmp_path / "s.state").tokens == used_state.tokens
+    finally:
+        child.kill()
+        child.wait()
+    assert remove_stale_temps(tmp_path) == 1  # the writer of `live` is gone now
+    atomic_write_bytes(tmp_path / "m", b"x", mode=0o600)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o600

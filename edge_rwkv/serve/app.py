@@ -9,8 +9,15 @@ Both generation endpoints take an extra field "initial_state": the name of a sta
 state-tuned persona), which the request (or a session's first turn) starts from; /v1/models lists them.
 
 Safe defaults: loopback bind, Host-header check against DNS rebinding while bound to loopback,
-optional bearer API key (not needed for /health and the page), CORS only for named origins, a cap
-on request bodies, and an OpenAI-style 4xx error body for every bad request.
+optional bearer API key (not needed for /health and the page; required off loopback), CORS only for
+named origins, a cap on request bodies and on the time to send one, and an OpenAI-style 4xx error
+body for every bad request.
+
+Cross-site requests: a browser sends any page's "simple" requests (form, text/plain) to
+127.0.0.1 without asking, so request bodies must be declared `application/json` (which a page can
+only send after a CORS preflight this server refuses) and a request from a browser page whose
+`Origin` is neither this server's own nor one named with --cors-origin is refused (403), reads
+included.
 """
 from __future__ import annotations
 
@@ -18,15 +25,18 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import TURN_END, clean_message, conversation_segments, encode_segments, user_turn
 from ..errors import EdgeRWKVError, InputError
@@ -34,7 +44,7 @@ from ..sampling import SamplingParams
 from . import protocol as P
 from .protocol import APIError
 from .scheduler import Job, Overloaded, Scheduler
-from .sessions import SessionStore
+from .sessions import LIST_LIMIT, SessionStore
 
 log = logging.getLogger("edge_rwkv.serve")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -42,6 +52,7 @@ WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                'fill="#2f6fde"/><path d="M3.5 4h9v6H8.2L5 12.5V10H3.5z" fill="#fff"/></svg>')
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+DISCONNECT_POLL_S = 0.2
 
 
 @dataclass
@@ -64,6 +75,8 @@ class ServeConfig:
     model_name: str | None = None
     allowed_hosts: list[str] = field(default_factory=list)
     init_states_dir: str | None = None  # folder of named initial states (state-tuning or edge-rwkv state files)
+    max_sessions: int | None = 10000
+    body_timeout: float = 10.0  # seconds to send a whole request body
 
 
 INIT_STATE_SUFFIXES = (".pth", ".pt", ".safetensors", ".state")
@@ -79,12 +92,23 @@ def load_initial_states(model, folder: str | None) -> dict:
     states = {}
     for f in sorted(d.iterdir()):
         if f.is_file() and f.suffix in INIT_STATE_SUFFIXES:
-            if not P.STATE_NAME.match(f.stem):
+            if not P.STATE_NAME.fullmatch(f.stem):
                 raise EdgeRWKVError(f"{f}: initial state names are letters, digits, '_' or '-' (rename the file)")
             if f.stem in states:
                 raise EdgeRWKVError(f"{d}: two files are named {f.stem!r}")
             states[f.stem] = model.initial_state(f)
     return states
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its reply was ready."""
+
+
+def check_api_key(key: str | None) -> None:
+    """A bearer token travels in an HTTP header: printable ASCII without spaces, or it could never match."""
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise EdgeRWKVError("--api-key must be printable ASCII without spaces (other characters cannot be sent "
+                            "reliably in an HTTP header, so no client could ever match it)")
 
 
 def is_loopback(host: str) -> bool:
@@ -103,17 +127,41 @@ def host_name(header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+def host_port(header: str) -> int | None:
+    h = header.strip()
+    tail = h[h.find("]") + 1:] if h.startswith("[") else (h if h.count(":") == 1 else "")
+    port = tail.rsplit(":", 1)[1] if ":" in tail else ""
+    return int(port) if port.isdigit() and len(port) <= 5 else None
+
+
+def same_origin(origin: str, host_header: str) -> bool:
+    """Whether a browser's Origin is the server the request reached (scheme http(s), Host name and port)."""
+    try:
+        u = urlsplit(origin)
+        port = u.port
+    except ValueError:
+        return False
+    if u.scheme not in ("http", "https") or not u.hostname or u.path or u.query:
+        return False
+    default = 443 if u.scheme == "https" else 80
+    return (u.hostname == host_name(host_header)
+            and (port or default) == (host_port(host_header) or default))
+
+
 def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Guard:
-    """ASGI middleware: Host check, API key, body-size cap (before any route code runs)."""
+    """ASGI middleware, before any route code runs: Host check, Origin check, API key, JSON content type,
+    body-size cap and body-time limit."""
 
     def __init__(self, app, cfg: ServeConfig):
+        check_api_key(cfg.api_key)
         self.app, self.cfg = app, cfg
         self.check_host = is_loopback(cfg.host)
         self.allowed = LOOPBACK_NAMES | {h.lower() for h in cfg.allowed_hosts}
+        self.cors = set(cfg.cors_origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -122,16 +170,29 @@ class Guard:
         err = self._check(scope, headers)
         if err is not None:
             return await err(scope, receive, send)
-        cap = self.cfg.max_body_bytes
-        seen = 0
+        cap, timeout = self.cfg.max_body_bytes, self.cfg.body_timeout
+        seen, body_done, deadline = 0, False, None
+        loop = asyncio.get_running_loop()
 
         async def limited_receive():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done, deadline
+            if body_done:  # after the body: waiting for a disconnect may last as long as the reply
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + timeout
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body was not sent within {timeout:g} s", code="body_timeout",
+                               headers={"Connection": "close"}) from None  # the rest of the body may never come
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > cap:
-                    raise APIError(413, f"request body is larger than {cap} bytes", code="body_too_large")
+                    raise APIError(413, f"request body is larger than {cap} bytes", code="body_too_large",
+                                   headers={"Connection": "close"})
+                body_done = not msg.get("more_body", False)
+            else:
+                body_done = True
             return msg
 
         await self.app(scope, limited_receive, send)
@@ -140,15 +201,29 @@ class Guard:
         if self.check_host and host_name(headers.get("host", "")) not in self.allowed:
             return _json_error(403, P.error_body("Host header not allowed (this server only answers to localhost)",
                                                  "permission_error", None, "invalid_host"))
+        origin = headers.get("origin")
+        if (origin is not None and origin not in self.cors and "*" not in self.cors
+                and not same_origin(origin, headers.get("host", ""))):
+            return _json_error(403, P.error_body("requests from other web pages are not allowed (Origin "
+                                                 f"{origin[:100]!r}; see --cors-origin)", "permission_error",
+                                                 None, "origin_not_allowed"))
         path = scope.get("path", "")
-        if self.cfg.api_key and path.startswith("/v1/") and scope.get("method") != "OPTIONS":
+        method = scope.get("method")
+        if self.cfg.api_key and path.startswith("/v1/") and method != "OPTIONS":
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), self.cfg.api_key.encode()):
+            # headers arrive as Latin-1; the key is ASCII (check_api_key), so equal keys give equal bytes
+            if not hmac.compare_digest(given.encode("latin-1"), self.cfg.api_key.encode("latin-1")):
                 return _json_error(401, P.error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",
                                                      "authentication_error", None, "invalid_api_key"),
                                    {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
+        if method in ("POST", "PUT", "PATCH"):
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            has_body = length not in (None, "0") or "transfer-encoding" in headers
+            if (media or has_body) and media != "application/json":
+                return _json_error(415, P.error_body("request bodies must be JSON sent as "
+                                                     "'Content-Type: application/json'", code="unsupported_media_type"))
         if length is not None:
             if not length.isdigit():
                 return _json_error(400, P.error_body("invalid Content-Length", code="invalid_request"))
@@ -159,7 +234,7 @@ class Guard:
 
 
 def create_app(model, cfg: ServeConfig) -> FastAPI:
-    store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions)
+    store = SessionStore(cfg.data_dir, model, hot=cfg.hot_sessions, max_sessions=cfg.max_sessions)
     sched = Scheduler(model, cfg.max_slots, cfg.queue, cfg.prefill_budget, cfg.prefix_cache_bytes)
     model_name = cfg.model_name or Path(str(model.path)).stem
     initial_states = load_initial_states(model, cfg.init_states_dir)
@@ -195,6 +270,11 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     @app.exception_handler(InputError)
     async def _input_error(request, e):
         return _json_error(400, P.error_body(str(e), code="invalid_value"))
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)  # gone while sending its body
+    async def _client_gone(request, e):  # nobody reads it: the connection is closed
+        return _json_error(499, P.error_body("the client closed the connection", code="client_closed_request"))
 
     @app.exception_handler(Exception)
     async def _internal(request, e):
@@ -236,15 +316,32 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         sid = body.get("id")
         if sid is not None:
             P.check_session_id(sid, "id")
-        system, title = body.get("system"), body.get("title")
-        for k, v in (("system", system), ("title", title)):
-            if v is not None and not isinstance(v, str):
-                raise P.bad(f"'{k}' must be a string", k, "invalid_type")
+        system = P.optional_text(body, "system", P.MAX_SYSTEM_CHARS)
+        title = P.optional_text(body, "title", P.MAX_TITLE_CHARS)
         return store.public(await run(store.create, sid, system, title))
 
+    def query_int(request: Request, key: str, default: int, lo: int, hi: int) -> int:
+        v = request.query_params.get(key)
+        if v is None:
+            return default
+        if not v.isdigit() or len(v) > 9 or not lo <= int(v) <= hi:
+            raise P.bad(f"'{key}' must be an integer in [{lo}, {hi}]", key)
+        return int(v)
+
     @app.get("/v1/sessions")
-    async def list_sessions():
-        return {"object": "list", "data": await run(store.list)}
+    async def list_sessions(request: Request):
+        limit = query_int(request, "limit", 100, 1, LIST_LIMIT)
+        after = request.query_params.get("after")
+        if after is not None:
+            P.check_session_id(after, "after")
+        return await run(store.list, limit, after)
+
+    @app.get("/v1/sessions/{sid}/messages")
+    async def session_messages(sid: str, request: Request):
+        P.check_session_id(sid, "session_id")
+        offset = query_int(request, "offset", 0, 0, 1 << 30)
+        limit = query_int(request, "limit", 100, 1, LIST_LIMIT)
+        return await run(store.messages, sid, offset, limit)
 
     @app.get("/v1/sessions/{sid}")
     async def get_session(sid: str):
@@ -268,9 +365,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         new = body.get("id")
         if new is not None:
             P.check_session_id(new, "id")
-        title = body.get("title")
-        if title is not None and not isinstance(title, str):
-            raise P.bad("'title' must be a string", "title", "invalid_type")
+        title = P.optional_text(body, "title", P.MAX_TITLE_CHARS)
         return store.public(await run(store.fork, sid, new, title))
 
     # ------------------------------------------------------------------ generation
@@ -322,15 +417,23 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         return kind, "".join(parts)
 
     async def wait_done(job: Job, request: Request) -> None:
+        """Until the job is done; a client that leaves meanwhile (checked every 0.2 s, tokens flowing
+        or not) cancels it, which frees its slot at the next step, and gets nothing committed."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time()
         while True:
-            try:
-                kind, payload = await asyncio.wait_for(job.events.get(), 0.25)
-            except asyncio.TimeoutError:
+            if loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     job.cancel()
-                    raise asyncio.CancelledError()
+                    raise ClientGone()
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if kind == "done":
+                if await request.is_disconnected():  # gone while the last tokens came
+                    raise ClientGone()
                 return
             if kind == "error":
                 raise APIError(500, payload, "server_error", None, "generation_failed")

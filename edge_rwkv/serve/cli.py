@@ -26,7 +26,11 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None, help=f"where sessions are kept (default {default_data_dir()})")
     s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (also read from the file given as @PATH)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (also read from the file given as @PATH); "
+                        "needed to listen beyond loopback")
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow listening beyond loopback without --api-key (anyone who reaches the port can use "
+                        "the model and read every session)")
     s.add_argument("--max-slots", type=int, default=4, help="sequences decoded together (batch size)")
     s.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; more get 429")
     s.add_argument("--cors-origin", action="append", default=None,
@@ -44,6 +48,8 @@ def register(sub) -> None:
                    help="prompt tokens read per decode step while other streams decode (default 128)")
     s.add_argument("--prefix-cache-mb", type=int, default=256,
                    help="host memory for states of recently read prompt prefixes (0: off; default 256)")
+    s.add_argument("--max-sessions", type=int, default=10000, help="sessions kept on disk; creating more gets 409")
+    s.add_argument("--body-timeout", type=float, default=10.0, help="seconds a client has to send a request body")
     s.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     s.add_argument("--init-states", default=None, metavar="DIR",
                    help="folder of named initial states (RWKV-PEFT state-tuning or edge-rwkv state files; the file "
@@ -80,6 +86,9 @@ def _read_key(value: str | None) -> str | None:
             value = f.read().strip()
     if value is not None and not value:
         raise EdgeRWKVError("--api-key is empty")
+    from .app import check_api_key
+
+    check_api_key(value)
     return value
 
 
@@ -89,17 +98,23 @@ def cmd_serve(a) -> int:
     from ..api import load
     from ..default_model import resolve_model
     from .app import ServeConfig, create_app, is_loopback
+    from .httpproto import JSONErrorH11Protocol
 
     for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens",
-                 "prefill_budget"):
+                 "prefill_budget", "max_sessions"):
         if getattr(a, name) < 1:
             raise EdgeRWKVError(f"--{name.replace('_', '-')} must be ≥ 1")
     if a.queue < 0 or not 0 <= a.port < 65536:
         raise EdgeRWKVError("--queue must be ≥ 0 and --port in [0, 65535]")
     if a.prefix_cache_mb < 0:
         raise EdgeRWKVError("--prefix-cache-mb must be ≥ 0")
+    if not 0 < a.body_timeout <= 3600:
+        raise EdgeRWKVError("--body-timeout must be in (0, 3600] seconds")
     key = _read_key(a.api_key)
     if not is_loopback(a.host) and not key:
+        if not a.insecure_no_auth:
+            raise EdgeRWKVError(f"listening on {a.host} needs --api-key (or --insecure-no-auth to let anyone who can "
+                                f"reach this machine use the model and read every session)")
         print(f"edge-rwkv: warning: listening on {a.host} without --api-key: anyone who can reach this "
               f"machine can use the model and read sessions", file=sys.stderr)
     sock = listen_socket(a.host, a.port)  # before the model loads: a busy port fails at once
@@ -113,11 +128,11 @@ def cmd_serve(a) -> int:
                           max_body_bytes=a.max_body_bytes, default_max_tokens=a.default_max_tokens,
                           hot_sessions=a.hot_sessions, model_name=a.model_name, allowed_hosts=a.allowed_host or [],
                           prefill_budget=a.prefill_budget, prefix_cache_bytes=a.prefix_cache_mb << 20,
-                          init_states_dir=a.init_states)
+                          init_states_dir=a.init_states, max_sessions=a.max_sessions, body_timeout=a.body_timeout)
         app = create_app(model, cfg)
         print(f"edge-rwkv serve: {model.path} on http://{address(a.host, sock.getsockname()[1])}  (sessions in "
               f"{cfg.data_dir}, {cfg.max_slots} slots, wkv {model.wkv_backend})", file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level,
+        server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, http=JSONErrorH11Protocol,
                                                access_log=a.log_level in ("info", "debug"), timeout_graceful_shutdown=3))
         server.run(sockets=[sock])
     finally:
@@ -148,8 +163,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def lock_data_dir(data_dir: str):
     """One daemon per data folder: a second one would race the first on the same session files."""
-    os.makedirs(data_dir, exist_ok=True)
-    f = open(os.path.join(data_dir, ".lock"), "a+")
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)  # sessions are private (the folder is made 0700)
+    f = open(os.open(os.path.join(data_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock

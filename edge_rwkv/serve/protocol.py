@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 from ..chat import CHAT_DEFAULTS, clean_message
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always used with fullmatch
 STATE_NAME = SESSION_ID  # names of the daemon's initial states (file stems): the same safe alphabet
 ROLES = ("system", "user", "assistant")
+MAX_TITLE_CHARS = 256
+MAX_SYSTEM_CHARS = 32768
 
 
 class APIError(Exception):
@@ -52,8 +54,20 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+def optional_text(body: dict, key: str, max_chars: int) -> str | None:
+    """A string field of at most `max_chars` characters, or None when absent."""
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise bad(f"'{key}' must be a string", key, "invalid_type")
+    if len(v) > max_chars:
+        raise bad(f"'{key}' is longer than {max_chars} characters", key, "string_too_long")
+    return v
+
+
 def check_session_id(sid, param: str = "session") -> str:
-    if not isinstance(sid, str) or not SESSION_ID.match(sid):
+    if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
         raise bad("session id must be 1-64 characters of letters, digits, '_' or '-', starting with a letter "
                   "or digit", param, "invalid_session_id")
     return sid
@@ -65,8 +79,14 @@ def _number(body, key, default, lo=None, hi=None, lo_open=False):
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(f"'{key}' must be a number", key, "invalid_type")
+    try:
+        v = float(v)  # an integer of hundreds of digits does not fit: OverflowError
+    except OverflowError:
+        raise bad(f"'{key}' is out of range", key) from None
+    if not math.isfinite(v):
+        raise bad(f"'{key}' must be a finite number", key, "invalid_type")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise bad(f"'{key}' must be {'>' if lo_open else '≥'} {lo}, got {v}", key)
     if hi is not None and v > hi:
@@ -144,14 +164,14 @@ def parse_common(body: dict, limits, defaults: dict | None = None) -> GenRequest
     sampling = dict(
         temperature=_number(body, "temperature", defaults.get("temperature", 1.0), 0.0, 100.0),
         top_p=_number(body, "top_p", defaults.get("top_p", limits.default_top_p), 0.0, 1.0, lo_open=True),
-        top_k=_int(body, "top_k", 0, 0),
+        top_k=_int(body, "top_k", 0, 0, 1 << 31),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         max_tokens=max_tokens, stop=_stop(body), seed=seed,
         require_text=defaults.get("require_text", False),
     )
     initial = body.get("initial_state")
-    if initial is not None and (not isinstance(initial, str) or not STATE_NAME.match(initial)):
+    if initial is not None and (not isinstance(initial, str) or not STATE_NAME.fullmatch(initial)):
         raise bad("'initial_state' must be the name of one of the server's initial states (see /v1/models)",
                   "initial_state", "invalid_type" if not isinstance(initial, str) else "invalid_value")
     return GenRequest(model or "", stream, include_usage, sampling, initial_state=initial)
