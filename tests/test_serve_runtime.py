@@ -43,6 +43,17 @@ def test_greedy_and_stop_strings_equal_the_api(server, api):
             assert complete(server, prompt=p, max_tokens=24, temperature=0, stop=stop) == cut
 
 
+def test_greedy_chat_equals_the_api_chat(server, api):
+    """A chat request (no session) and `Model.chat` build the same prompt, with the same defaults."""
+    for message in ("hello", "What does the socket module do?", "Explain   the\n\nos module"):
+        want = api.chat(temperature=0, max_tokens=24).ask(message)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": "m", "temperature": 0, "max_tokens": 24, "messages": [{"role": "user", "content": message}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert want.strip()
+
+
 def test_seeded_sampling_alone_and_concurrent_equals_the_api(server, api):
     settings = [dict(prompt=p, max_tokens=20, temperature=1.0, top_p=0.8, seed=40 + i) for i, p in enumerate(PROMPTS)]
     want = [api.generate(s["prompt"], max_tokens=20, temperature=1.0, top_p=0.8, seed=s["seed"]) for s in settings]
