@@ -261,23 +261,22 @@ class RowSampler:
 
 
 class Sampler:
-    """One sequence's sampler (a RowSampler of one row): `sample(logits [V]) -> token id`."""
+    """One sequence's sampler (a RowSampler of one row, sized by the first logits it sees):
+    `sample(logits [V]) -> token id`."""
 
     def __init__(self, params: SamplingParams, device="cpu", visible=None, stop_ids=None):
         self.params = params
-        self.rows = RowSampler(1, 0, device, visible, stop_ids)
-        self._vocab = None
+        self.device, self._visible, self._stop_ids = torch.device(device), visible, stop_ids
+        self.rows: RowSampler | None = None
 
     def sample(self, logits: torch.Tensor) -> int:
-        if self._vocab != logits.shape[-1]:  # the table of counts is sized by the first logits seen
-            rs = self.rows
-            self.rows = RowSampler(1, logits.shape[-1], rs.device, rs.visible, rs._stop_ids)
+        if self.rows is None or self.rows.vocab_size != logits.shape[-1]:
+            self.rows = RowSampler(1, logits.shape[-1], self.device, self._visible, self._stop_ids)
             self.rows.reset(0, self.params)
-            self._vocab = logits.shape[-1]
-        return int(self.rows.draw(logits.to(self.rows.device)[None], [0])[0])
+        return int(self.rows.draw(logits.to(self.device)[None], [0])[0])
 
     def occurrence(self) -> torch.Tensor | None:
-        return None if self.rows.occurrence is None else self.rows.occurrence[0]
+        return None if self.rows is None or self.rows.occurrence is None else self.rows.occurrence[0]
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams) -> int:
