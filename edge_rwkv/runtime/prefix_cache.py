@@ -22,6 +22,13 @@ class Hit:
     logits: torch.Tensor | None  # [V] after the last of those tokens (whole-prompt entries only)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t.to("cpu", copy=True)
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int):
         if not isinstance(max_bytes, int) or max_bytes < 0:
@@ -29,7 +36,8 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple, tuple[State, torch.Tensor | None]] = OrderedDict()
+        # key → (state on the host, logits or None, event marking the end of the copies or None)
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
         self._lengths: dict[int, int] = {}  # prefix length → entries of that length
         self._lock = threading.Lock()
 
@@ -49,7 +57,9 @@ class PrefixCache:
                     continue
                 self._entries.move_to_end(key)
                 self.hits += 1
-                state, logits = entry
+                state, logits, copied = entry
+                if copied is not None:
+                    copied.synchronize()
                 return Hit(n, state, logits if n == len(tokens) else None)
             self.misses += 1
             return None
@@ -60,9 +70,12 @@ class PrefixCache:
         if size > self.max_bytes or not tokens:
             return
         key = tuple(tokens)
-        host = State(*(t.to("cpu", copy=True) for t in (state.att_x, state.wkv, state.ffn_x)),
-                     state.fingerprint, state.tokens)
-        host_logits = None if logits is None else logits.to("cpu", copy=True)
+        host = State(*(_to_host(t) for t in (state.att_x, state.wkv, state.ffn_x)), state.fingerprint, state.tokens)
+        host_logits = None if logits is None else _to_host(logits)
+        copied = None
+        if state.device.type == "cuda":  # the copies run behind the step that made the state: no wait here
+            copied = torch.cuda.Event()
+            copied.record()
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -70,7 +83,7 @@ class PrefixCache:
                 if host_logits is None:
                     host_logits = old[1]
                     size += 0 if host_logits is None else host_logits.numel() * host_logits.element_size()
-            self._entries[key] = (host, host_logits)
+            self._entries[key] = (host, host_logits, copied)
             self._lengths[len(key)] = self._lengths.get(len(key), 0) + 1
             self.bytes += size
             while self.bytes > self.max_bytes:
@@ -78,7 +91,7 @@ class PrefixCache:
                 self._forget(k, e)
 
     def _forget(self, key: tuple, entry) -> None:
-        state, logits = entry
+        state, logits, _ = entry
         self.bytes -= state.nbytes + (0 if logits is None else logits.numel() * logits.element_size())
         self._lengths[len(key)] -= 1
         if not self._lengths[len(key)]:

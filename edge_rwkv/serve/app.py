@@ -467,7 +467,8 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
             else:
                 segments = conversation_segments(req.messages)
                 state = initial_state(req.initial_state)
-            tokens, boundaries = encode_segments(model.tokenizer, segments)
+            tokens, ends = encode_segments(model.tokenizer, segments)
+            boundaries = tuple(sorted({ends[0], ends[-1]})) if ends else ()  # system prompt; the whole history
             sampling = dict(req.sampling, stop=tuple(req.sampling["stop"]) + (TURN_END,))
             job = make_job(tokens, sampling, state, close_turn, chat=True, boundaries=boundaries)
         except BaseException:

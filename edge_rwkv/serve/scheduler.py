@@ -32,8 +32,9 @@ class Overloaded(Exception):
 class Job:
     """One generation. Events on `events`: ("text", str), ("done", self), ("error", message).
 
-    `boundaries`: prompt lengths after which the state is worth caching (message boundaries); the
-    whole prompt always is, with its logits."""
+    `boundaries`: prompt lengths after which the state is worth caching: the end of the system prompt
+    (shared by every conversation that uses it) and of the last message (where the next request of the
+    same conversation, resent whole, continues)."""
 
     def __init__(self, tokens: list[int], params: SamplingParams, tokenizer, loop: asyncio.AbstractEventLoop,
                  state: State | None = None, close_turn: bool = False, strip_leading: bool = False,
@@ -151,8 +152,7 @@ class Scheduler:
             if hit is not None:
                 tokens, state, logits = tokens[hit.length:], hit.state, hit.logits
         skipped = len(job.tokens) - len(tokens)
-        snapshots = [n - skipped for n in (*job.boundaries, len(job.tokens)) if n > skipped] \
-            if job.state is None and self.cache.max_bytes else ()
+        snapshots = [n - skipped for n in job.boundaries if n > skipped] if job.state is None and self.cache.max_bytes else ()
         return self.engine.join(tokens, job.params, state, sample_after=job.params.max_tokens > 0, logits=logits,
                                 snapshots=snapshots,
                                 on_snapshot=lambda slot, n, st, lg: self.cache.put(job.tokens[:n + skipped], st, lg))
