@@ -293,6 +293,7 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
 
     linear = make_linear or dense
     ln0 = (vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"))
+    source_emb = tensors["emb.weight"]  # DeepEmbed (7a) layers read it again after the table is folded
     emb = folded_embedding(take("emb.weight"), ln0, dtype, device, int8_embedding)
     layers = []
     for i in range(cfg.n_layer):
@@ -315,7 +316,7 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
             ffn_mix=vec(p + "ffn.x_k"),
             ffn_key=linear(p + "ffn.key.weight"), ffn_value=linear(p + "ffn.value.weight"),
             deep=DeepEmbed(deep_embed_table(tensors[p + "ffn.s_emb.weight"], tensors[p + "ffn.s_emb_x.weight"],
-                                            tensors["emb.weight"], ln0, dtype, device),
+                                            source_emb, ln0, dtype, device),
                            f32(p + "ffn.s1"), f32(p + "ffn.s2"), vec(p + "ffn.s0")) if cfg.deep_embed else None,
         ))
     return RWKV7(cfg, emb, layers, (vec("ln_out.weight"), vec("ln_out.bias")), linear("head.weight"), dtype, wkv)
