@@ -9,6 +9,7 @@ RWKV-PEFT state-tuning files hold tuned initial states (see read_time_states).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
