@@ -68,6 +68,19 @@ class Terminal:
     def interrupt(self) -> None:
         os.kill(self.proc.pid, signal.SIGINT)
 
+
+def interrupt_until(t: "Terminal", needle: str, tries: int = 5) -> None:
+    """Ctrl-C until `needle` shows: on a loaded machine the first signal can land while the line reader is
+    still being set up, before a keypress would have reached it."""
+    for k in range(tries):
+        t.interrupt()
+        try:
+            t.expect(needle, timeout=20)
+            return
+        except AssertionError:
+            if k == tries - 1:
+                raise
+
     def wait(self, timeout: float = 60) -> int:
         try:
             rc = self.proc.wait(timeout)
@@ -138,8 +151,7 @@ def test_arrow_keys_recall_lines_and_history_is_kept(model, tmp_path):
     t.expect("User: ")
     t.type("half a line")
     t.expect("half a line")
-    t.interrupt()
-    t.expect("[the line was dropped")
+    interrupt_until(t, "[the line was dropped")
     t.expect("User: ")
     t.type(UP)  # the last line of the earlier chat
     t.expect("/quit")
