@@ -69,18 +69,6 @@ class Terminal:
         os.kill(self.proc.pid, signal.SIGINT)
 
 
-def interrupt_until(t: "Terminal", needle: str, tries: int = 5) -> None:
-    """Ctrl-C until `needle` shows: on a loaded machine the first signal can land while the line reader is
-    still being set up, before a keypress would have reached it."""
-    for k in range(tries):
-        t.interrupt()
-        try:
-            t.expect(needle, timeout=20)
-            return
-        except AssertionError:
-            if k == tries - 1:
-                raise
-
     def wait(self, timeout: float = 60) -> int:
         try:
             rc = self.proc.wait(timeout)
@@ -158,3 +146,16 @@ def test_arrow_keys_recall_lines_and_history_is_kept(model, tmp_path):
     t.type("\r")
     assert t.wait() == 0, t.screen
     assert "Assistant:" not in t.screen
+
+
+def interrupt_until(t: "Terminal", needle: str, tries: int = 5) -> None:
+    """Ctrl-C until `needle` shows: on a loaded machine the first signal can land while the line reader is
+    still being set up, before a keypress would have reached it."""
+    for k in range(tries):
+        t.interrupt()
+        try:
+            t.expect(needle, timeout=20)
+            return
+        except AssertionError:
+            if k == tries - 1:
+                raise
