@@ -8,6 +8,12 @@ counted are the bytes the kernel must read/write (weights + scales + x + out). T
 device copy bandwidth measured in the same run (bytes read + written by a large copy).
 
     python3 benchmarks/bench_gemv.py [--json out.json] [--quick] [--skip-check]
+    python3 benchmarks/bench_gemv.py --sweep   # int8-activation kernels: launch layouts side by side
+
+--sweep times the int4 / int8 int8-activation GEMVs alone (x already rounded: in the decode step the
+rounding belongs to the kernel that produces x) under several `gemv_a8.Tiling`s, each checked against
+the fp64 reference first, beside a plain copy of the same weight bytes (what one launch of that size
+can reach).
 """
 
 from __future__ import annotations
@@ -224,14 +230,89 @@ def bench(args, log):
     return bw, rows
 
 
+SWEEP_TILINGS = [gemv_a8.Tiling(4, 4), gemv_a8.Tiling(4, 8), gemv_a8.Tiling(8, 4), gemv_a8.Tiling(2, 8),
+                 gemv_a8.Tiling(4, 2)] + [gemv_a8.Tiling(w, r, True, b) for w, r, b in
+                                          ((4, 4, 4), (4, 4, 8), (4, 8, 4), (8, 4, 2), (8, 4, 4), (2, 8, 8),
+                                           (4, 2, 8), (8, 2, 4))]
+
+
+def sweep(log) -> tuple[float, list[dict]]:
+    from edge_rwkv.cuda_kernels import _gemv_util as U
+
+    bw = copy_bandwidth()
+    log(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    rows = []
+    for (N, K) in SHAPES:
+        w = torch.randn(N, K, device="cuda") * 0.02
+        fmts = {"int4": quantize_int4_torch(w, 128), "int8": quantize_int8_torch(w)}
+        for M in (1, 4):
+            x = torch.randn(M, K, device="cuda")
+            for fmt, (q, sc) in fmts.items():
+                nbytes = q.numel() + sc.numel() * 2
+                src = q.view(-1)
+                copies = [(src.clone(), torch.empty_like(src)) for _ in range(max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes))))]
+                t = graph_time([lambda c=c: c[1].copy_(c[0]) for c in copies])
+                rows.append(dict(N=N, K=K, M=M, kernel=f"copy of the {fmt} bytes", us=t * 1e6, gbs=2 * nbytes / t / 1e9,
+                                 pct=100 * 2 * nbytes / t / bw))
+                del copies
+                int4 = fmt == "int4"
+                xq, xs, xz = (torch.empty(M * K, device="cuda", dtype=torch.int8),
+                              torch.empty(M * K // 32, device="cuda", dtype=torch.float32),
+                              torch.empty(M * K // 32, device="cuda", dtype=torch.int32))
+                gemv_a8.launch_quantize_x(U.as_numba(x.view(-1)), U.as_numba(xq), U.as_numba(xs), U.as_numba(xz),
+                                          M, K, int4, U.numba_stream_for_torch())
+                wd = dequantize_int4_torch(q, sc, 128) if int4 else dequantize_int8_torch(q, sc)
+                ref = gemv_a8.gemv_a8_reference(x, wd)
+                mk = (lambda P: gemv_int4.PreparedInt4(P[0], P[1], 128)) if int4 else (lambda P: gemv_int8.PreparedInt8(P[0], P[1]))
+                preps = [mk((q.clone(), sc.clone())) for _ in range(max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes))))]
+                out = torch.empty(M, N, device="cuda")
+                for tiling in SWEEP_TILINGS:
+                    def call(p, tiling=tiling):
+                        st = U.numba_stream_for_torch()
+                        if int4:
+                            gemv_a8.launch_int4_a8(p.wq, p.sc, U.as_numba(xq.view(torch.int32)), U.as_numba(xs),
+                                                   U.as_numba(xz), U.as_numba(out.view(-1)), M, N, K, 128,
+                                                   stream=st, tiling=tiling)
+                        else:
+                            gemv_a8.launch_int8_a8(p.wq, p.sc, U.as_numba(xq.view(torch.int32)), U.as_numba(xs),
+                                                   U.as_numba(out.view(-1)), M, N, K, stream=st, tiling=tiling)
+                    out.fill_(float("nan"))
+                    call(preps[0])
+                    torch.cuda.synchronize()
+                    e = rel(out, ref)
+                    if not (bool(torch.isfinite(out).all()) and e < 1e-4):
+                        log(f"FAIL {fmt} {N}x{K} M={M} {tiling}: rel err {e:.2e}")
+                        rows.append(dict(N=N, K=K, M=M, kernel=f"{fmt} a8 {tiling}", us=float("nan"), gbs=0, pct=0,
+                                         error=e))
+                        continue
+                    t = graph_time([lambda p=p: call(p) for p in preps])
+                    io = M * K + M * K // 32 * 8 + M * N * 4
+                    rows.append(dict(N=N, K=K, M=M, kernel=f"{fmt} a8 w{tiling.warps} r{tiling.rows}"
+                                     + (f" piped×{tiling.blocks_per_sm}" if tiling.pipelined else ""),
+                                     us=t * 1e6, gbs=(nbytes + io) / t / 1e9, pct=100 * (nbytes + io) / t / bw))
+                del preps
+    return bw, rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="int8-activation kernels under several launch layouts")
     args = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     torch.manual_seed(0)
+    if args.sweep:
+        bw, rows = sweep(log)
+        log(f"\n| N×K | rows | kernel | µs | GB/s | % of copy bw ({bw / 1e12:.2f} TB/s) |")
+        log("|---|---|---|---:|---:|---:|")
+        for r in rows:
+            log(f"| {r['N']}×{r['K']} | {r['M']} | {r['kernel']} | {r['us']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} % |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(copy_bw=bw, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+        return 0
     if not args.skip_check and not check_correctness(log):
         log("CORRECTNESS FAILED")
         return 1

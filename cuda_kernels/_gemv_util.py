@@ -133,7 +133,7 @@ def _sim_helpers() -> dict:
     return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
                 unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
                 warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
-                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=f32, int32=np.int32)
+                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=f32, int32=np.int32, uint32=np.uint32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +337,21 @@ def _gpu_helpers() -> dict:
     return dict(ld_u32x4=ld_u32x4, ld_u32x4_l1=ld_u32x4_l1, ld_f32x4=ld_f32x4, unpack_s8x4=unpack_s8x4,
                 unpack_s4x8=unpack_s4x8, h2f=h2f, warp_sum=warp_sum, warp_max=warp_max,
                 warp_sum_i=warp_sum_i, dp4a_us=dp4a_us, dp4a_ss=dp4a_ss, nibbles_u8x4=nibbles_u8x4,
-                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=types.float32, int32=types.int32)
+                h2x2f=h2x2f, st_f16x8=st_f16x8, float32=types.float32, int32=types.int32,
+                uint32=types.uint32)
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (persistent grids size themselves by it)."""
+    global _sm_count
+    if _sm_count is None:
+        from numba import cuda
+
+        _sm_count = 4 if simulator_enabled() else cuda.get_current_device().MULTIPROCESSOR_COUNT
+    return _sm_count
+
+
+_sm_count = None
 
 
 def helpers() -> dict:

@@ -27,11 +27,12 @@ Numba is imported lazily; importing this module needs neither numba nor a GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from . import _gemv_util as U
 
 BLOCK = 32  # x values per scale; also the weights one lane reduces per step
-WARPS_PER_BLOCK = 4
-ROWS_PER_BLOCK = 4  # weight rows a block streams together (each x load feeds all of them)
+WARPS_PER_BLOCK = 4  # of the x-rounding launch
 MAX_ROWS = 8
 
 
@@ -80,128 +81,216 @@ def launch_quantize_x(x, xq, xs, xz, M: int, K: int, pairs: bool, stream=0) -> N
 
 # ---------------------------------------------------------------------------------------- GEMVs
 
-def _rows_prologue(R: int, M: int, name: str, args: str) -> tuple[list[str], str]:
-    # A block of WARPS_PER_BLOCK warps shares R rows and splits K between its threads (split-K
-    # inside the block): with N = 4096 rows one warp per row group left SMs with ~8 warps, too few
-    # loads in flight to cover the memory latency.
-    L = [f"def {name}({args}):",
-         "    lane = cuda.threadIdx.x & 31",
-         "    warp = cuda.threadIdx.x >> 5",
-         "    t = cuda.threadIdx.x",
-         f"    red = cuda.shared.array({WARPS_PER_BLOCK * R * M}, float32)",
-         f"    row0 = cuda.blockIdx.x * {R}",
-         "    nb = K >> 5",
-         "    while row0 < N:",
-         # stacked weights (rpx < N): rows [g·rpx, (g+1)·rpx) read their own M rows of x
-         "        xg = row0 // rpx",
-         f"        xb = xg * ({M} * K)",
-         f"        sb = xg * ({M} * nb)"]
-    ind = " " * 8
-    for r in range(R):  # rows past N re-read row N-1 and are not stored
-        L.append(f"{ind}r{r} = min(row0 + {r}, N - 1)")
-    L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
-    L.append(f"{ind}e = t * {BLOCK}")
-    L.append(f"{ind}while e < K:")
-    return L, ind
+@dataclass(frozen=True)
+class Tiling:
+    """How a GEMV launch is laid out. A block of `warps` warps streams `rows` weight rows together and
+    splits K between its threads (split-K inside the block: with N = 4096 rows one warp per row group
+    left SMs with ~8 warps, too few loads in flight to cover the memory latency).
+
+    pipelined: a persistent grid (`blocks_per_sm` blocks on each SM) walks the row groups and issues the
+    next group's weight loads before it multiplies the current one, so every thread keeps two groups
+    of 16-byte loads in flight and no block's start-up or reduction leaves the memory idle."""
+    warps: int = 4
+    rows: int = 4
+    pipelined: bool = False
+    blocks_per_sm: int = 4
+
+    @property
+    def span(self) -> int:  # weights of one row a block covers per step
+        return BLOCK * 32 * self.warps
 
 
+TILING = {"int4": Tiling(), "int8": Tiling()}  # the layouts QuantLinear launches (bench_gemv.py sweeps others)
 ACTS = ("none", "relu2")  # output activations (relu²: the FFN key, so its output needs no extra launch)
 
 
-def _block_reduce_store(R: int, M: int, ind: str, row_scale: bool, act: str) -> list[str]:
+@dataclass(frozen=True)
+class _Format:
+    """What differs between int4 and int8 weights inside the kernel."""
+    name: str
+    args: str
+    row_scale: bool  # int8: one scale a row, applied at the store; int4: a scale a group, inside the loop
+
+    def load_lines(self, dst: str, row: str, e: str, ind: str) -> list[str]:
+        if self.name == "int4":
+            return [f"{ind}{dst}_0, {dst}_1, {dst}_2, {dst}_3 = ld_u32x4(wq, {row} * (K >> 3) + ({e} >> 3))",
+                    f"{ind}{dst}s = h2f(sc[{row} * (K >> gshift) + ({e} >> gshift)])"]
+        return [f"{ind}{dst}_0, {dst}_1, {dst}_2, {dst}_3 = ld_u32x4(wq, {row} * (K >> 2) + ({e} >> 2))",
+                f"{ind}{dst}_4, {dst}_5, {dst}_6, {dst}_7 = ld_u32x4(wq, {row} * (K >> 2) + ({e} >> 2) + 4)"]
+
+    def zero_lines(self, dst: str, ind: str) -> list[str]:
+        words = 4 if self.name == "int4" else 8
+        L = [f"{ind}{dst}_{i} = uint32(0)" for i in range(words)]
+        return L + ([f"{ind}{dst}s = float32(0.0)"] if self.name == "int4" else [])
+
+    def multiply_lines(self, R: int, M: int, ind: str) -> list[str]:
+        L = []
+        if self.name == "int4":
+            L += [f"{ind}z{m} = xz[sb + {m} * nb + b]" for m in range(M)]
+        for r in range(R):
+            if self.name == "int4":
+                L += [f"{ind}lo{i}, hi{i} = nibbles_u8x4(w{r}_{i})" for i in range(4)]
+            for m in range(M):
+                if self.name == "int4":
+                    acc = f"z{m}"
+                    for i in range(4):
+                        acc = f"dp4a_us(hi{i}, x{m}_{2 * i + 1}, dp4a_us(lo{i}, x{m}_{2 * i}, {acc}))"
+                    L.append(f"{ind}a{r}_{m} += float32({acc}) * (xs{m} * w{r}s)")
+                else:
+                    acc = "0"
+                    for i in range(8):
+                        acc = f"dp4a_ss(w{r}_{i}, x{m}_{i}, {acc})"
+                    L.append(f"{ind}a{r}_{m} += float32({acc}) * xs{m}")
+        return L
+
+
+FORMATS = {"int4": _Format("int4", "wq, sc, xq, xs, xz, out, N, K, gshift, rpx", row_scale=False),
+           "int8": _Format("int8", "wq, sc, xq, xs, out, N, K, rpx", row_scale=True)}
+
+
+def _x_lines(M: int, ind: str) -> list[str]:
+    # stacked weights (rpx < N): rows [g·rpx, (g+1)·rpx) read their own M rows of x
+    L = [f"{ind}xg = row0 // rpx", f"{ind}xb = xg * ({M} * K)", f"{ind}sb = xg * ({M} * nb)", f"{ind}b = e >> 5"]
+    for m in range(M):
+        L.append(f"{ind}x{m}_0, x{m}_1, x{m}_2, x{m}_3 = ld_u32x4_l1(xq, (xb + {m} * K + e) >> 2)")
+        L.append(f"{ind}x{m}_4, x{m}_5, x{m}_6, x{m}_7 = ld_u32x4_l1(xq, ((xb + {m} * K + e) >> 2) + 4)")
+        L.append(f"{ind}xs{m} = xs[sb + {m} * nb + b]")
+    return L
+
+
+def _reduce_store_lines(R: int, M: int, warps: int, ind: str, fmt: _Format, act: str) -> list[str]:
     """Warp sums → shared memory → R·M threads add the warps' partials, activate and store."""
-    L = U.block_reduce_lines(R, M, WARPS_PER_BLOCK, ind, "N")
-    if row_scale:
+    L = [f"{ind}xg = row0 // rpx"] + U.block_reduce_lines(R, M, warps, ind, "N")
+    if fmt.row_scale:
         L.append(f"{ind}        v = v * h2f(sc[row])")
     if act == "relu2":
         L.append(f"{ind}        v = max(v, float32(0.0))")
         L.append(f"{ind}        v = v * v")
     L.append(f"{ind}        out[xg * {M} * rpx + (t % {M}) * rpx + row - xg * rpx] = v")
     L.append(f"{ind}cuda.syncthreads()")
+    return L
+
+
+def _prologue(fmt: _Format, tiling: Tiling, M: int) -> list[str]:
+    R, W = tiling.rows, tiling.warps
+    return [f"def gemv_a8_kernel({fmt.args}):",
+            "    lane = cuda.threadIdx.x & 31",
+            "    warp = cuda.threadIdx.x >> 5",
+            "    t = cuda.threadIdx.x",
+            f"    red = cuda.shared.array({W * R * M}, float32)",
+            f"    row0 = cuda.blockIdx.x * {R}",
+            "    nb = K >> 5"]
+
+
+def _rows_lines(R: int, base: str, dst: str, ind: str) -> list[str]:
+    return [f"{ind}{dst}{r} = min({base} + {r}, N - 1)" for r in range(R)]  # rows past N re-read N-1, not stored
+
+
+def _simple_source(fmt: _Format, tiling: Tiling, M: int, act: str) -> str:
+    """One row group per block (the grid covers N); loads and multiplies alternate within a block."""
+    R = tiling.rows
+    L = _prologue(fmt, tiling, M) + ["    while row0 < N:"]
+    ind, i2 = " " * 8, " " * 12
+    L += _rows_lines(R, "row0", "r", ind)
+    L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    L += [f"{ind}e = t * {BLOCK}", f"{ind}while e < K:"]
+    for r in range(R):
+        L += fmt.load_lines(f"w{r}", f"r{r}", "e", i2)
+    L += _x_lines(M, i2) + fmt.multiply_lines(R, M, i2)
+    L.append(f"{i2}e += {tiling.span}")
+    L += _reduce_store_lines(R, M, tiling.warps, ind, fmt, act)
     L.append(f"{ind}row0 += cuda.gridDim.x * {R}")
-    return L
-
-
-def _load_x(M: int, i2: str) -> list[str]:
-    L = [f"{i2}b = e >> 5"]
-    for m in range(M):
-        L.append(f"{i2}x{m}_0, x{m}_1, x{m}_2, x{m}_3 = ld_u32x4_l1(xq, (xb + {m} * K + e) >> 2)")
-        L.append(f"{i2}x{m}_4, x{m}_5, x{m}_6, x{m}_7 = ld_u32x4_l1(xq, ((xb + {m} * K + e) >> 2) + 4)")
-        L.append(f"{i2}xs{m} = xs[sb + {m} * nb + b]")
-    return L
-
-
-def int4_source(M: int, R: int = ROWS_PER_BLOCK, act: str = "none") -> str:
-    L, ind = _rows_prologue(R, M, "gemv_int4_a8_kernel", "wq, sc, xq, xs, xz, out, N, K, gshift, rpx")
-    i2 = ind + "    "
-    L.append(f"{i2}gpr = K >> gshift")
-    for r in range(R):
-        L.append(f"{i2}w{r}_0, w{r}_1, w{r}_2, w{r}_3 = ld_u32x4(wq, r{r} * (K >> 3) + (e >> 3))")
-    for r in range(R):
-        L.append(f"{i2}s{r} = h2f(sc[r{r} * gpr + (e >> gshift)])")
-    L += _load_x(M, i2)
-    for m in range(M):
-        L.append(f"{i2}z{m} = xz[sb + {m} * nb + b]")
-    for r in range(R):
-        for i in range(4):
-            L.append(f"{i2}lo{i}, hi{i} = nibbles_u8x4(w{r}_{i})")
-        for m in range(M):
-            acc = f"z{m}"
-            for i in range(4):
-                acc = f"dp4a_us(hi{i}, x{m}_{2 * i + 1}, dp4a_us(lo{i}, x{m}_{2 * i}, {acc}))"
-            L.append(f"{i2}a{r}_{m} += float32({acc}) * (xs{m} * s{r})")
-    L.append(f"{i2}e += {BLOCK * 32 * WARPS_PER_BLOCK}")
-    L += _block_reduce_store(R, M, ind, row_scale=False, act=act)
     return "\n".join(L) + "\n"
 
 
-def int8_source(M: int, R: int = ROWS_PER_BLOCK, act: str = "none") -> str:
-    L, ind = _rows_prologue(R, M, "gemv_int8_a8_kernel", "wq, sc, xq, xs, out, N, K, rpx")
-    i2 = ind + "    "
+def _pipelined_source(fmt: _Format, tiling: Tiling, M: int, act: str) -> str:
+    """Persistent blocks walk (row group, K span) steps; step j+1's weights are loaded before step j's
+    products, so the loads of the next group are in flight during the reduction of this one."""
+    R = tiling.rows
+    L = _prologue(fmt, tiling, M)
+    ind, i2 = " " * 4, " " * 8
+    L += [f"{ind}spans = (K + {tiling.span - 1}) // {tiling.span}",
+          f"{ind}rstep = cuda.gridDim.x * {R}",
+          f"{ind}ch = 0",
+          f"{ind}e = t * {BLOCK}"]
     for r in range(R):
-        L.append(f"{i2}w{r}_0, w{r}_1, w{r}_2, w{r}_3 = ld_u32x4(wq, r{r} * (K >> 2) + (e >> 2))")
-        L.append(f"{i2}w{r}_4, w{r}_5, w{r}_6, w{r}_7 = ld_u32x4(wq, r{r} * (K >> 2) + (e >> 2) + 4)")
-    L += _load_x(M, i2)
+        L += fmt.zero_lines(f"w{r}", ind)
+    L += _rows_lines(R, "row0", "r", ind)
+    L.append(f"{ind}if row0 < N and e < K:")
     for r in range(R):
-        for m in range(M):
-            acc = "0"
-            for i in range(8):
-                acc = f"dp4a_ss(w{r}_{i}, x{m}_{i}, {acc})"
-            L.append(f"{i2}a{r}_{m} += float32({acc}) * xs{m}")
-    L.append(f"{i2}e += {BLOCK * 32 * WARPS_PER_BLOCK}")
-    L += _block_reduce_store(R, M, ind, row_scale=True, act=act)
+        L += fmt.load_lines(f"w{r}", f"r{r}", "e", i2)
+    L += [f"{ind}a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    L.append(f"{ind}while row0 < N:")
+    # the next step (uniform over the block, so the reduction below is reached by every thread)
+    L += [f"{i2}nch = ch + 1", f"{i2}nrow0 = row0", f"{i2}if nch == spans:", f"{i2}    nch = 0",
+          f"{i2}    nrow0 = row0 + rstep", f"{i2}ne = nch * {tiling.span} + t * {BLOCK}"]
+    for r in range(R):
+        L += fmt.zero_lines(f"n{r}", i2)
+    L += _rows_lines(R, "nrow0", "q", i2)
+    L.append(f"{i2}if nrow0 < N and ne < K:")
+    for r in range(R):
+        L += fmt.load_lines(f"n{r}", f"q{r}", "ne", i2 + "    ")
+    L.append(f"{i2}if e < K:")
+    L += _x_lines(M, i2 + "    ") + fmt.multiply_lines(R, M, i2 + "    ")
+    L.append(f"{i2}if nch == 0:")
+    L += _reduce_store_lines(R, M, tiling.warps, i2 + "    ", fmt, act)
+    L += [f"{i2}    a{r}_{m} = float32(0.0)" for r in range(R) for m in range(M)]
+    words = 4 if fmt.name == "int4" else 8
+    for r in range(R):
+        L += [f"{i2}w{r}_{i} = n{r}_{i}" for i in range(words)]
+        if fmt.name == "int4":
+            L.append(f"{i2}w{r}s = n{r}s")
+    L += [f"{i2}row0 = nrow0", f"{i2}ch = nch", f"{i2}e = ne"]
     return "\n".join(L) + "\n"
 
 
-def get_kernel(fmt: str, M: int, R: int = ROWS_PER_BLOCK, act: str = "none"):
+def kernel_source(fmt: str, M: int, tiling: Tiling | None = None, act: str = "none") -> str:
+    tiling = tiling or TILING[fmt]
+    gen = _pipelined_source if tiling.pipelined else _simple_source
+    return gen(FORMATS[fmt], tiling, M, act)
+
+
+def int4_source(M: int, tiling: Tiling | None = None, act: str = "none") -> str:
+    return kernel_source("int4", M, tiling, act)
+
+
+def int8_source(M: int, tiling: Tiling | None = None, act: str = "none") -> str:
+    return kernel_source("int8", M, tiling, act)
+
+
+def get_kernel(fmt: str, M: int, tiling: Tiling | None = None, act: str = "none"):
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_a8: 1..{MAX_ROWS} rows of x, got {M}")
     if act not in ACTS:
         raise ValueError(f"gemv_a8: activation {act!r} not one of {ACTS}")
-    if fmt == "int4":
-        return U.build_kernel(("int4-a8", M, R, act), int4_source(M, R, act), "gemv_int4_a8_kernel")
-    return U.build_kernel(("int8-a8", M, R, act), int8_source(M, R, act), "gemv_int8_a8_kernel")
+    tiling = tiling or TILING[fmt]
+    return U.build_kernel((f"{fmt}-a8", M, tiling, act), kernel_source(fmt, M, tiling, act), "gemv_a8_kernel")
 
 
-def grid_for(N: int, R: int = ROWS_PER_BLOCK) -> int:
-    return max(1, min((N + R - 1) // R, 65535))
+def grid_for(N: int, tiling: Tiling) -> int:
+    groups = (N + tiling.rows - 1) // tiling.rows
+    if tiling.pipelined:
+        groups = min(groups, U.sm_count() * tiling.blocks_per_sm)
+    return max(1, min(groups, 65535))
 
 
 def launch_int4_a8(wq, sc, xq, xs, xz, out, M: int, N: int, K: int, group: int, groups: int = 1,
-                   stream=0, act: str = "none") -> None:
+                   stream=0, act: str = "none", tiling: Tiling | None = None) -> None:
     """wq int32 [N*K/8] (packed nibbles), sc int16 [N*K/G] (fp16 bits), xq int32 view [groups*M*K/4]
     (pairs layout), xs fp32, xz int32 [groups*M*K/32], out fp32/fp16 flat [groups, M, N/groups]:
     weight rows [g·N/groups, (g+1)·N/groups) take x rows [g·M, (g+1)·M)."""
-    get_kernel("int4", M, act=act)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](
+    tiling = tiling or TILING["int4"]
+    get_kernel("int4", M, tiling, act)[grid_for(N, tiling), 32 * tiling.warps, stream](
         wq, sc, xq, xs, xz, out, N, K, group.bit_length() - 1, N // groups)
 
 
 def launch_int8_a8(wq, sc, xq, xs, out, M: int, N: int, K: int, groups: int = 1, stream=0,
-                   act: str = "none") -> None:
+                   act: str = "none", tiling: Tiling | None = None) -> None:
     """wq int32 [N*K/4] (int8 bytes), sc int16 [N] (fp16 bits), xq int32 view [groups*M*K/4]
     (natural layout), xs fp32 [groups*M*K/32], out fp32/fp16 flat [groups, M, N/groups]."""
-    get_kernel("int8", M, act=act)[grid_for(N), 32 * WARPS_PER_BLOCK, stream](wq, sc, xq, xs, out, N, K,
-                                                                              N // groups)
+    tiling = tiling or TILING["int8"]
+    get_kernel("int8", M, tiling, act)[grid_for(N, tiling), 32 * tiling.warps, stream](
+        wq, sc, xq, xs, out, N, K, N // groups)
 
 
 def check_shapes(K: int, group: int | None = None) -> None:
@@ -211,7 +300,7 @@ def check_shapes(K: int, group: int | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------- torch API
 
-def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none"):
+def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none", tiling: Tiling | None = None):
     """x [M, K] CUDA (M <= MAX_ROWS; fp32 or fp16) -> out [M, N] (fp16 for fp16 x, else fp32);
     act="relu2" stores relu(y)² instead of y.
 
@@ -223,11 +312,12 @@ def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none"):
     Mx, K = x.shape
     M = Mx // groups
     int4 = hasattr(prep, "group")
+    tiling = tiling or TILING["int4" if int4 else "int8"]
     if K != prep.K:
         raise ValueError(f"gemv_a8: x has K={K}, weight K={prep.K}")
-    if Mx % groups or prep.N % groups or (prep.N // groups) % ROWS_PER_BLOCK:
+    if Mx % groups or prep.N % groups or (prep.N // groups) % tiling.rows:
         raise ValueError(f"gemv_a8: {groups} groups must split x rows ({Mx}) and weight rows ({prep.N}) "
-                         f"into whole blocks of {ROWS_PER_BLOCK}")
+                         f"into whole blocks of {tiling.rows}")
     check_shapes(K, prep.group if int4 else None)
     if x.dtype not in (torch.float16, torch.float32) or not x.is_contiguous():
         x = x.float().contiguous()
@@ -244,9 +334,9 @@ def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none"):
     xq32, out1 = U.as_numba(xq.view(torch.int32)), U.as_numba(out.view(-1))
     if int4:
         launch_int4_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), U.as_numba(xz), out1, M, prep.N, K, prep.group,
-                       groups, stream, act)
+                       groups, stream, act, tiling)
     else:
-        launch_int8_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), out1, M, prep.N, K, groups, stream, act)
+        launch_int8_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), out1, M, prep.N, K, groups, stream, act, tiling)
     return out
 
 

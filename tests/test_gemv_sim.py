@@ -100,29 +100,34 @@ A8_SCRIPT = textwrap.dedent(r"""
         assert (np.abs(got - exact) <= bound * (1 + 1e-5) + 1e-5).all(), name
         print("ok", name, f"{e_ref:.1e}", f"{np.abs(got - exact).max() / bound.max():.2f} of the bound")
 
-    for M, N, K, g in [(1, 5, 2048 + 128, 128), (2, 3, 1024, 64), (3, 6, 512, 32)]:
-        w = rng.standard_normal((N, K)).astype(np.float32)
-        w[0, 3] = -7.5
-        p, s = F.quantize_int4_ref(w, g)
-        x = rng.standard_normal((M, K)).astype(np.float32 if M != 2 else np.float16)
-        x[0, 5] = 40.0  # an outlier in one block
-        xq, xs, xz, xr = quantize(x, True)
-        wd = F.dequantize_int4_ref(p, s, g).astype(np.float64)
-        out = np.full((M, N), np.nan, np.float32)
-        gemv_a8.launch_int4_a8(p.reshape(-1).view(np.int32), s.reshape(-1).view(np.int16), xq.view(np.int32),
-                               xs, xz, out.reshape(-1), M, N, K, g)
-        check(f"int4-a8 M={M} N={N} K={K} g={g}", out, xr, x, wd, xs)
+    # the default layout, and persistent pipelined grids: few blocks walking several row groups (the
+    # simulator has 4 SMs), K spanning one or two block steps (2 warps cover 2048 weights a step)
+    tilings = [None, gemv_a8.Tiling(warps=2, rows=2, pipelined=True, blocks_per_sm=1),
+               gemv_a8.Tiling(warps=1, rows=3, pipelined=True, blocks_per_sm=1)]
+    for tiling in tilings:
+        for M, N, K, g in [(1, 13, 2048 + 128, 128), (2, 3, 1024, 64), (3, 6, 512, 32)]:
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            w[0, 3] = -7.5
+            p, s = F.quantize_int4_ref(w, g)
+            x = rng.standard_normal((M, K)).astype(np.float32 if M != 2 else np.float16)
+            x[0, 5] = 40.0  # an outlier in one block
+            xq, xs, xz, xr = quantize(x, True)
+            wd = F.dequantize_int4_ref(p, s, g).astype(np.float64)
+            out = np.full((M, N), np.nan, np.float32)
+            gemv_a8.launch_int4_a8(p.reshape(-1).view(np.int32), s.reshape(-1).view(np.int16), xq.view(np.int32),
+                                   xs, xz, out.reshape(-1), M, N, K, g, tiling=tiling)
+            check(f"int4-a8 M={M} N={N} K={K} g={g} {tiling}", out, xr, x, wd, xs)
 
-    for M, N, K in [(1, 6, 2048), (2, 5, 1024 + 32)]:
-        w = rng.standard_normal((N, K)).astype(np.float32)
-        q, s = F.quantize_int8_ref(w)
-        x = rng.standard_normal((M, K)).astype(np.float16)
-        xq, xs, xz, xr = quantize(x, False)
-        wd = F.dequantize_int8_ref(q, s).astype(np.float64)
-        out = np.full((M, N), np.nan, np.float32)
-        gemv_a8.launch_int8_a8(q.reshape(-1).view(np.int32), s.view(np.int16), xq.view(np.int32), xs,
-                               out.reshape(-1), M, N, K)
-        check(f"int8-a8 M={M} N={N} K={K}", out, xr, x, wd, xs)
+        for M, N, K in [(1, 11, 2048 + 64), (2, 5, 1024 + 32)]:
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            q, s = F.quantize_int8_ref(w)
+            x = rng.standard_normal((M, K)).astype(np.float16)
+            xq, xs, xz, xr = quantize(x, False)
+            wd = F.dequantize_int8_ref(q, s).astype(np.float64)
+            out = np.full((M, N), np.nan, np.float32)
+            gemv_a8.launch_int8_a8(q.reshape(-1).view(np.int32), s.view(np.int16), xq.view(np.int32), xs,
+                                   out.reshape(-1), M, N, K, tiling=tiling)
+            check(f"int8-a8 M={M} N={N} K={K} {tiling}", out, xr, x, wd, xs)
 
     # relu² at the store (the FFN key): the same product, activated
     for fmt in ("int4", "int8"):
@@ -167,6 +172,10 @@ A8_SCRIPT = textwrap.dedent(r"""
     ref = np.stack([xr[i * M:(i + 1) * M] @ wd[i * n:(i + 1) * n].T for i in range(G)])
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-6, err
+    piped = np.full((G, M, n), np.nan, np.float32)
+    gemv_a8.launch_int4_a8(p.reshape(-1).view(np.int32), s.reshape(-1).view(np.int16), xq.view(np.int32), xs, xz,
+                           piped.reshape(-1), M, G * n, K, g, groups=G, tiling=tilings[1], act="relu2")
+    assert np.allclose(piped, np.maximum(out, 0) ** 2, rtol=1e-6, atol=0)
     print("ok stacked", err)
     print("ALL OK")
 """)
