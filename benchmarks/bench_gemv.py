@@ -8,9 +8,9 @@ counted are the bytes the kernel must read/write (weights + scales + x + out). T
 device copy bandwidth measured in the same run (bytes read + written by a large copy).
 
     python3 benchmarks/bench_gemv.py [--json out.json] [--quick] [--skip-check]
-    python3 benchmarks/bench_gemv.py --sweep   # int8-activation kernels: launch layouts side by side
+    python3 benchmarks/bench_gemv.py --sweep a8|seg   # launch layouts side by side
 
---sweep times the int4 / int8 int8-activation GEMVs alone (x already rounded: in the decode step the
+--sweep a8 times the int4 / int8 int8-activation GEMVs alone (x already rounded: in the decode step the
 rounding belongs to the kernel that produces x) under several `gemv_a8.Tiling`s, each checked against
 the fp64 reference first, beside a plain copy of the same weight bytes (what one launch of that size
 can reach).
@@ -294,17 +294,66 @@ def sweep(log) -> tuple[float, list[dict]]:
     return bw, rows
 
 
+SEG_LAYOUTS = [(8, 4), (8, 2), (4, 4), (4, 8), (4, 2), (8, 1), (4, 1), (2, 1), (2, 2)]  # (rows, warps)
+
+
+def sweep_seg(log) -> tuple[float, list[dict]]:
+    """The segmented fp16 GEMV on a 7.2B layer's two LoRA stages (B = 1): the downs (four matrices
+    of K = 4096 with 96 / 128 / 128 / 480 rows) and the ups (four of 4096 rows, K = their rank)."""
+    from edge_rwkv.cuda_kernels import _gemv_util as U, gemv_seg
+
+    bw = copy_bandwidth()
+    ranks, C = (96, 128, 128, 480), 4096
+    rows = []
+    for stage in ("downs", "ups"):
+        shapes = [(r, C) for r in ranks] if stage == "downs" else [(C, r) for r in ranks]
+        nbytes = sum(n * k for n, k in shapes) * 2
+        copies = max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes)))
+        bufs, tabs = [], []
+        x = torch.randn(sum(k for _, k in shapes) if stage == "ups" else C, device="cuda").half()
+        for _ in range(copies):
+            buf = (torch.randn(nbytes // 2, device="cuda") * 0.02).half()
+            segs, off, xo, oo = [], 0, 0, 0
+            for n, k in shapes:
+                segs.append(gemv_seg.Segment(buf[off:off + n * k].view(n, k), xo if stage == "ups" else 0, 0, oo))
+                off, oo = off + n * k, oo + n
+                xo += k
+            bufs.append((buf, segs))
+            tabs.append(gemv_seg.build_table(buf, segs))
+        nout = sum(n for n, _ in shapes)
+        out = torch.empty(nout, device="cuda", dtype=torch.float16)
+        ref = gemv_seg.seg_gemv_reference(bufs[0][1], x, nout, 1)
+        for R, W in SEG_LAYOUTS:
+            def call(i, R=R, W=W):
+                tab, nrows = tabs[i]
+                gemv_seg.launch(U.as_numba(bufs[i][0].view(torch.int32)), U.as_numba(x.view(torch.int32)),
+                                U.as_numba(out), U.as_numba(tab), nrows, 1, U.numba_stream_for_torch(), R, W)
+            out.fill_(float("nan"))
+            call(0)
+            torch.cuda.synchronize()
+            e = rel(out.cpu(), ref)
+            if not e < 2e-3:
+                log(f"FAIL seg {stage} r{R} w{W}: rel err {e:.2e}")
+                continue
+            t = graph_time([lambda i=i: call(i) for i in range(copies)])
+            rows.append(dict(N=f"{stage} {nout}", K="/".join(str(k) for _, k in shapes[:1]) + "…", M=1,
+                             kernel=f"seg fp16 r{R} w{W}", us=t * 1e6, gbs=nbytes / t / 1e9, pct=100 * nbytes / t / bw))
+        del bufs, tabs
+    return bw, rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="int8-activation kernels under several launch layouts")
+    ap.add_argument("--sweep", choices=("a8", "seg"), default=None,
+                    help="launch layouts side by side: the int8-activation kernels, or the segmented fp16 GEMV")
     args = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     torch.manual_seed(0)
     if args.sweep:
-        bw, rows = sweep(log)
+        bw, rows = (sweep if args.sweep == "a8" else sweep_seg)(log)
         log(f"\n| N×K | rows | kernel | µs | GB/s | % of copy bw ({bw / 1e12:.2f} TB/s) |")
         log("|---|---|---|---:|---:|---:|")
         for r in rows:

@@ -2,10 +2,13 @@
 
 Per layer the step needs only three of these launches (plus the matmuls):
 
-* `norm_mix`     x += dx; h = LayerNorm(x) (x held in registers, one block of up to 1024 threads
+* `norm_mix`     x' = x + dx; h = LayerNorm(x') (x' held in registers, a block of up to 256 threads
                  per row); for each of M mix vectors: out[m] = h + (prev − h)·mix[m];
                  prev = h. The time-mix prologue (M=6: r k v w a g), the channel-mix prologue (M=1)
-                 and, with a zero mix, the final norm before the head. One block per batch row.
+                 and, with a zero mix, the final norm before the head. At small batches a row is
+                 split over several blocks: each reads the whole row for the statistics (from L2)
+                 and writes only its slice — one block a row left a 4096-wide row to one SM, 11 µs a
+                 launch on an H200. x' goes to a second buffer, since other blocks still read x.
 * `time_mix_wkv` everything between the r/k/v/LoRA products and the output projection: decay, the a
                  gate, kk normalisation, the k and v corrections (v_first), the WKV state update in
                  place, group norm, the r·k bonus and the output gate. One block per (row, head),
@@ -93,8 +96,9 @@ def _block_sum_fn(NT: int, ZERO):
 
 
 @functools.lru_cache(maxsize=None)
-def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
-    """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers, and M mixes."""
+def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int, EPB: int):
+    """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers, and M mixes;
+    a block writes EPB of each thread's elements (ceil(EPT / EPB) blocks a row)."""
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
@@ -107,10 +111,12 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
     EM = EPT * M  # local array sizes must be compile-time constants
 
     @cuda.jit(fastmath=False)
-    def kern(x, dx, add, lnw, lnb, prev, live, mix, out):
-        # x [B,C] acc, in/out; dx [B,C] added first when add != 0; prev [B,C] in/out (rows with live[b]
-        # == 0 keep theirs); mix [M,C]; out [M,B,C]
+    def kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out):
+        # x [B,C] acc, read; xout [B,C] = x + dx (dx added when add != 0); prev [B,C] in/out (rows
+        # with live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes the elements
+        # e of each thread with e // EPB == sl.
         b = cuda.blockIdx.x
+        sl = cuda.blockIdx.y
         keep = live[b] == 0
         t = cuda.threadIdx.x
         C = x.shape[1]
@@ -130,6 +136,7 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
                 xv = x[b, c]
                 if add != 0:
                     xv += acc(dx[b, c])
+            if c < C and e // EPB == sl:
                 ws[e] = acc(lnw[c])
                 bs[e] = acc(lnb[c])
                 ps[e] = acc(prev[b, c])
@@ -146,9 +153,8 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int):
         inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)
         for e in range(EPT):
             c = t + e * NT
-            if c < C:
-                if add != 0:
-                    x[b, c] = xs[e]
+            if c < C and e // EPB == sl:
+                xout[b, c] = xs[e]
                 h = (xs[e] - mean) * inv * ws[e] + bs[e]
                 xx = ps[e] - h
                 if not keep:
@@ -284,14 +290,27 @@ def _acc_name(t: torch.Tensor) -> str:
     return "float64" if t.dtype == torch.float64 else "float32"
 
 
-def norm_mix(x, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
-    """In place: x += dx (if add); h = LN(x); out[m] = h + (prev − h)·mix[m]; prev = h where live[b]."""
-    C = x.shape[1]
+ROW_BLOCKS_TARGET = 128  # blocks a norm_mix launch aims for at small batches (an H200 has 132 SMs)
+
+
+def norm_mix_split(B: int, EPT: int) -> int:
+    """Elements of each thread one block writes: all of them (one block a row) once B rows fill the
+    GPU, else few enough that B · blocks-per-row reaches ROW_BLOCKS_TARGET."""
+    per_row = max(1, min(EPT, ROW_BLOCKS_TARGET // max(B, 1)))
+    return -(-EPT // per_row)
+
+
+def norm_mix(x, xout, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
+    """xout = x + dx (x when not add); h = LN(xout); out[m] = h + (prev − h)·mix[m]; prev = h where
+    live[b]. xout must not be x (blocks of one row read all of x while others write their slices)."""
+    B, C = x.shape
     nt = _norm_threads(C)
-    kern = norm_mix_kernel(_acc_name(x), nt, -(-C // nt), mix.shape[0])
-    arrays = [kernel_array(t) for t in (x, dx)] + [np.int32(1 if add else 0)] + \
+    ept = -(-C // nt)
+    epb = norm_mix_split(B, ept)
+    kern = norm_mix_kernel(_acc_name(x), nt, ept, mix.shape[0], epb)
+    arrays = [kernel_array(t) for t in (x, xout, dx)] + [np.int32(1 if add else 0)] + \
              [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)]
-    kern[x.shape[0], nt, current_stream()](*arrays)
+    kern[(B, -(-ept // epb)), nt, current_stream()](*arrays)
 
 
 def time_mix_wkv(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first: bool, v_first, state, live,

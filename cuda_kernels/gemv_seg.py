@@ -31,8 +31,7 @@ MAX_ROWS = 4
 ACTS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 
 
-def kernel_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
-    W = WARPS_PER_BLOCK
+def kernel_source(M: int, R: int = ROWS_PER_BLOCK, W: int = WARPS_PER_BLOCK) -> str:
     L = ["import math",
          "",
          "def seg_gemv_kernel(w, x, out, tab, nseg, nrows):",
@@ -86,17 +85,21 @@ def kernel_source(M: int, R: int = ROWS_PER_BLOCK) -> str:
     return "\n".join(L) + "\n"
 
 
-def get_kernel(M: int):
+def get_kernel(M: int, R: int = ROWS_PER_BLOCK, W: int = WARPS_PER_BLOCK):
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"seg_gemv: 1..{MAX_ROWS} activation rows, got {M}")
-    return U.build_kernel(("seg-f16", M, ROWS_PER_BLOCK), kernel_source(M), "seg_gemv_kernel")
+    if ROWS_PER_BLOCK % R:
+        raise ValueError(f"seg_gemv: {R} rows a block must divide the segments' row multiple {ROWS_PER_BLOCK}")
+    return U.build_kernel(("seg-f16", M, R, W), kernel_source(M, R, W), "seg_gemv_kernel")
 
 
-def launch(w, x, out, tab, nrows: int, M: int, stream=0) -> None:
+def launch(w, x, out, tab, nrows: int, M: int, stream=0, rows: int = ROWS_PER_BLOCK,
+           warps: int = WARPS_PER_BLOCK) -> None:
     """w int32 view of the fp16 weights, x int32 view of the fp16 activations, out flat (fp16/fp32),
-    tab int32 [S, 9]; nrows = the last segment's row_end; M activation rows."""
-    blocks = max(1, min((nrows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 65535))
-    get_kernel(M)[blocks, 32 * WARPS_PER_BLOCK, stream](w, x, out, tab, tab.shape[0], nrows)
+    tab int32 [S, 9]; nrows = the last segment's row_end; M activation rows; `rows` weight rows a
+    block of `warps` warps streams together (a divisor of ROWS_PER_BLOCK)."""
+    blocks = max(1, min((nrows + rows - 1) // rows, 65535))
+    get_kernel(M, rows, warps)[blocks, 32 * warps, stream](w, x, out, tab, tab.shape[0], nrows)
 
 
 class Segment:

@@ -242,7 +242,9 @@ class FusedStep:
         B, C = batch, cfg.n_embd
         self.packed = packed
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        self.x = torch.zeros(B, C, dtype=acc, device=dev)
+        # the residual stream, in two buffers: each norm_mix reads one and writes x + dx to the other
+        self.res = (torch.zeros(B, C, dtype=acc, device=dev), torch.zeros(B, C, dtype=acc, device=dev))
+        self._cur = 0
         self.v_first = torch.zeros(B, C, dtype=acc, device=dev)
         self.xin = torch.zeros(6, B, C, dtype=dt, device=dev)
         self.att = torch.zeros(B, C, dtype=dt, device=dev)
@@ -279,10 +281,11 @@ class FusedStep:
     def __call__(self, tokens: torch.Tensor, state: State, live: torch.Tensor) -> torch.Tensor:
         net, k, P = self.net, self.k, self.packed
         B = self.batch
-        self.x.copy_(net.emb[tokens.view(B)])
-        dx = self.x
+        self._cur = 0
+        self.res[0].copy_(net.emb[tokens.view(B)])
+        dx = self.res[0]
         for i, (L, p) in enumerate(zip(net.layers, P)):
-            k.norm_mix(self.x, dx, L.ln1[0], L.ln1[1], state.att_x[i], live, p.mix, self.xin, add=i > 0)
+            self._norm_mix(dx, L.ln1, state.att_x[i], live, p.mix, self.xin, add=i > 0)
             if self.tables is not None:
                 dx = self._layer_seg(i, L, p, state, live)
                 continue
@@ -290,10 +293,10 @@ class FusedStep:
             k.time_mix_wkv(r, kk, v, lo, g, L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k, L.ln_x[0], L.ln_x[1],
                            i == 0, self.v_first, state.wkv[i], live, self.att)
             dx = L.output(self.att)
-            k.norm_mix(self.x, dx, L.ln2[0], L.ln2[1], state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
+            self._norm_mix(dx, L.ln2, state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
             h = torch.relu(L.ffn_key(self.xk[0]))
             dx = L.ffn_value(h * h)
-        k.norm_mix(self.x, dx, net.ln_out[0], net.ln_out[1], self.final_prev, live, self.zero_mix, self.hn, add=True)
+        self._norm_mix(dx, net.ln_out, self.final_prev, live, self.zero_mix, self.hn, add=True)
         if self.tables is not None and self.head_table is not None:
             from ..cuda_kernels.gemv_seg import seg_gemv
 
@@ -319,7 +322,7 @@ class FusedStep:
         k.time_mix_wkv(r, kk, v, self.out2[:3], self.out2[3], L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k,
                        L.ln_x[0], L.ln_x[1], i == 0, self.v_first, state.wkv[i], live, self.att)
         dx = self._product(L.output, t.output, self.att, self.dx)
-        k.norm_mix(self.x, dx, L.ln2[0], L.ln2[1], state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
+        self._norm_mix(dx, L.ln2, state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
         if t.ffn_key is not None:
             h = self._product(L.ffn_key, t.ffn_key, self.xk, self.h)
         elif (prep := _a8_views(L.ffn_key, B)) is not None:  # quantized: relu² at the GEMV's store
@@ -330,6 +333,12 @@ class FusedStep:
             h = torch.relu(L.ffn_key(self.xk[0]))
             h = h * h
         return self._product(L.ffn_value, t.ffn_value, h, self.dx)
+
+    def _norm_mix(self, dx, ln, prev, live, mix, out, add: bool) -> None:
+        """The residual add, LayerNorm and token-shift mixes; flips the residual buffer."""
+        src, dst = self.res[self._cur], self.res[1 - self._cur]
+        self.k.norm_mix(src, dst, dx, ln[0], ln[1], prev, live, mix, out, add=add)
+        self._cur = 1 - self._cur
 
     def _product(self, lin, table, x, out):
         """A dense fp16 matrix through the segmented GEMV (into `out`), else the linear itself."""
