@@ -95,6 +95,52 @@ def _block_sum_fn(NT: int, ZERO):
     return block_sum
 
 
+def _norm_mix_source(NT: int, EPT: int, M: int, EPB: int) -> str:
+    """The norm_mix kernel with each thread's EPT elements in named scalars, not a local array: stores
+    to a local array may alias the global loads that follow as far as the compiler knows, which
+    serialised one global round trip per element (~0.45 µs each on an H200)."""
+    E = range(EPT)
+    L = ["def norm_mix_kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out):",
+         # x [B,C] acc, read; xout [B,C] = x + dx (dx added when add != 0); prev [B,C] in/out (rows with
+         # live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes element e of each
+         # thread (column t + e·NT) where e // EPB == sl.
+         "    b = cuda.blockIdx.x",
+         "    sl = cuda.blockIdx.y",
+         "    keep = live[b] == 0",
+         "    t = cuda.threadIdx.x",
+         "    C = x.shape[1]",
+         f"    buf = cuda.shared.array({NT}, acc)"]
+    # every load first (x and dx of the whole row for the statistics, the block's own slice of the
+    # parameters), every store last
+    for e in E:
+        L += [f"    c{e} = t + {e * NT}",
+              f"    own{e} = c{e} < C and {e // EPB} == sl",
+              f"    x{e} = ZERO",
+              f"    if c{e} < C:",
+              f"        x{e} = acc(x[b, c{e}])",
+              "        if add != 0:",
+              f"            x{e} += acc(dx[b, c{e}])",
+              f"    w{e} = ZERO", f"    o{e} = ZERO", f"    p{e} = ZERO"]
+        L += [f"    m{e}_{m} = ZERO" for m in range(M)]
+        L += [f"    if own{e}:", f"        w{e} = acc(lnw[c{e}])", f"        o{e} = acc(lnb[c{e}])",
+              f"        p{e} = acc(prev[b, c{e}])"]
+        L += [f"        m{e}_{m} = acc(mix[{m}, c{e}])" for m in range(M)]
+    L.append("    mean = block_sum(buf, " + " + ".join(f"x{e}" for e in E) + ", t) / C")
+    L.append("    s = ZERO")
+    for e in E:
+        L += [f"    if c{e} < C:", f"        d = x{e} - mean", "        s += d * d"]
+    L.append("    inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)")
+    for e in E:
+        L += [f"    if own{e}:",
+              f"        xout[b, c{e}] = x{e}",
+              f"        h = (x{e} - mean) * inv * w{e} + o{e}",
+              f"        xx = p{e} - h",
+              "        if not keep:",
+              f"            prev[b, c{e}] = h"]
+        L += [f"        out[{m}, b, c{e}] = h + xx * m{e}_{m}" for m in range(M)]
+    return "\n".join(L) + "\n"
+
+
 @functools.lru_cache(maxsize=None)
 def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int, EPB: int):
     """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers, and M mixes;
@@ -105,64 +151,10 @@ def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int, EPB: int):
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    EPS = npacc(LN_EPS)
-    ZERO = npacc(0.0)
-    block_sum = _block_sum_fn(NT, ZERO)
-    EM = EPT * M  # local array sizes must be compile-time constants
-
-    @cuda.jit(fastmath=False)
-    def kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out):
-        # x [B,C] acc, read; xout [B,C] = x + dx (dx added when add != 0); prev [B,C] in/out (rows
-        # with live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes the elements
-        # e of each thread with e // EPB == sl.
-        b = cuda.blockIdx.x
-        sl = cuda.blockIdx.y
-        keep = live[b] == 0
-        t = cuda.threadIdx.x
-        C = x.shape[1]
-        buf = cuda.shared.array(NT, acc)
-        xs = cuda.local.array(EPT, acc)
-        ws = cuda.local.array(EPT, acc)
-        bs = cuda.local.array(EPT, acc)
-        ps = cuda.local.array(EPT, acc)
-        ms = cuda.local.array(EM, acc)
-        # every load first, stores last: stores may alias later loads as far as the compiler knows,
-        # which serialised ~6 global round trips per thread (the kernel took ~5 µs for one 768 row)
-        s = ZERO
-        for e in range(EPT):
-            c = t + e * NT
-            xv = ZERO
-            if c < C:
-                xv = x[b, c]
-                if add != 0:
-                    xv += acc(dx[b, c])
-            if c < C and e // EPB == sl:
-                ws[e] = acc(lnw[c])
-                bs[e] = acc(lnb[c])
-                ps[e] = acc(prev[b, c])
-                for m in range(M):
-                    ms[e * M + m] = acc(mix[m, c])
-            xs[e] = xv
-            s += xv
-        mean = block_sum(buf, s, t) / C
-        s = ZERO
-        for e in range(EPT):
-            if t + e * NT < C:
-                d = xs[e] - mean
-                s += d * d
-        inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)
-        for e in range(EPT):
-            c = t + e * NT
-            if c < C and e // EPB == sl:
-                xout[b, c] = xs[e]
-                h = (xs[e] - mean) * inv * ws[e] + bs[e]
-                xx = ps[e] - h
-                if not keep:
-                    prev[b, c] = h
-                for m in range(M):
-                    out[m, b, c] = h + xx * ms[e * M + m]
-
-    return kern
+    ns = dict(cuda=cuda, math=math, acc=acc, ZERO=npacc(0.0), EPS=npacc(LN_EPS),
+              block_sum=_block_sum_fn(NT, npacc(0.0)))
+    exec(compile(_norm_mix_source(NT, EPT, M, EPB), f"<norm_mix {NT} {EPT} {M} {EPB}>", "exec"), ns)
+    return cuda.jit(fastmath=False)(ns["norm_mix_kern"])
 
 
 THREADS_PER_ROW = 8  # threads sharing a state row in time_mix_wkv
@@ -175,6 +167,94 @@ def time_mix_threads_per_row(N: int) -> int:
     return min(THREADS_PER_ROW, N)
 
 
+_TIME_MIX_VECTOR = """
+    kk = ZERO
+    ag = ZERO
+    kj = ZERO
+    rj = ZERO
+    if t < N:
+        c = base + t
+        rj = acc(r[bi, c])
+        kj = acc(k[bi, c])
+        wl = acc(w0[c]) + acc(lora[1, bi, c])
+        sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
+        ag = ONE / (ONE + math.exp(-(acc(a0[c]) + acc(lora[2, bi, c]))))
+        kk = kj * acc(k_k[c])
+        vj = acc(v[bi, c])
+        if first != 0:
+            v_first[bi, c] = vj
+        else:
+            gate = ONE / (ONE + math.exp(-(acc(v0[c]) + acc(lora[0, bi, c]))))
+            vj = vj + (acc(v_first[bi, c]) - vj) * gate
+        sv[t] = vj
+        sr[t] = rj
+    nrm = math.sqrt(block_sum(buf, kk * kk, t))  # kk is zero at t >= N
+    if nrm < KEPS:
+        nrm = KEPS
+    if t < N:
+        kk = kk / nrm
+        kj = kj * (ONE + (ag - ONE) * acc(k_a[base + t]))
+        sk[t] = kj
+        sa[t] = -kk
+        sb[t] = kk * ag
+        rk = rj * kj * acc(r_k[h, t])
+    else:
+        rk = ZERO
+    bonus = block_sum(buf, rk, t)  # its barrier also orders the shared writes above before the state pass
+"""
+
+_TIME_MIX_OUTPUT = """
+    cuda.syncthreads()
+    red[i, p] = y
+    cuda.syncthreads()
+    y = ZERO
+    if t < N:
+        for q in range(TPR):
+            y += red[t, q]
+    mean = block_sum(buf, y, t) / N
+    dev = y - mean if t < N else ZERO
+    var = block_sum(buf, dev * dev, t) / N
+    if t < N:
+        c = base + t
+        o = (y - mean) / math.sqrt(var + GEPS) * acc(lnw[c]) + acc(lnb[c]) + bonus * sv[t]
+        out[bi, c] = o * acc(g[bi, c])
+"""
+
+
+def _time_mix_source(N: int, TPR: int) -> str:
+    """time_mix_wkv with the thread's share of its state row in named scalars (CPT = N / TPR of them):
+    loaded first so their latency overlaps the vector work, and — unlike a local array, whose stores
+    the compiler must order before later global loads — all in flight at once."""
+    Q = range(N // TPR)
+    L = ["def time_mix_kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out):",
+         # r,k,v,g [B,C]; lora [3,B,C] = (v, w, a) LoRA outputs; v_first [B,C] acc (written when first);
+         # state [B,H,N,N] acc in place for rows with live[b] != 0; out [B,C] = (GroupNorm(y) + bonus)·g
+         "    H = state.shape[1]",
+         "    bh = cuda.blockIdx.x",
+         "    bi = bh // H",
+         "    keep = live[bi] == 0",
+         "    h = bh - bi * H",
+         "    t = cuda.threadIdx.x",
+         "    base = h * N"]
+    L += [f"    s{n} = cuda.shared.array(N, acc)" for n in ("r", "d", "k", "v", "a", "b")]
+    L += ["    buf = cuda.shared.array(NT, acc)",
+          "    red = cuda.shared.array((N, TPR), acc)",
+          # state pass: row i of the head's N×N state, TPR threads a row, columns p + q·TPR
+          "    i = t // TPR",
+          "    p = t - i * TPR"]
+    L += [f"    s{q} = state[bi, h, i, p + {q * TPR}]" for q in Q]
+    L += _TIME_MIX_VECTOR.strip("\n").split("\n")
+    L.append("    x = " + " + ".join(f"s{q} * sa[p + {q * TPR}]" for q in Q))
+    L += ["    red[i, p] = x", "    cuda.syncthreads()", "    x = ZERO", "    for q in range(TPR):",
+          "        x += red[i, q]", "    vi = sv[i]"]
+    L += [f"    n{q} = s{q} * sd[p + {q * TPR}] + x * sb[p + {q * TPR}] + vi * sk[p + {q * TPR}]" for q in Q]
+    L.append("    y = " + " + ".join(f"n{q} * sr[p + {q * TPR}]" for q in Q))
+    L.append("    if not keep:")
+    L += [f"        state[bi, h, i, p + {q * TPR}] = n{q}" for q in Q]
+    L += _TIME_MIX_OUTPUT.strip("\n").split("\n")
+    return "\n".join(L) + "\n"
+
+
 @functools.lru_cache(maxsize=None)
 def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int):
     global cuda
@@ -183,107 +263,13 @@ def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int):
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    CPT = N // TPR
-    DS = npacc(DECAY_SCALE)
-    ONE = npacc(1.0)
-    ZERO = npacc(0.0)
-    GEPS = npacc(GROUP_NORM_EPS)
-    KEPS = npacc(KK_EPS)
-
     NT = N * TPR
-    block_sum = _block_sum_fn(NT, ZERO)  # threads at or above N contribute zeros
-
-    @cuda.jit(fastmath=False)
-    def kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out):
-        # r,k,v,g [B,C]; lora [3,B,C] = (v, w, a) LoRA outputs; v_first [B,C] acc (written when first);
-        # state [B,H,N,N] acc in place for rows with live[b] != 0; out [B,C] = (GroupNorm(y) + bonus)·g
-        H = state.shape[1]
-        bh = cuda.blockIdx.x
-        bi = bh // H
-        keep = live[bi] == 0
-        h = bh - bi * H
-        t = cuda.threadIdx.x
-        base = h * N
-        sr = cuda.shared.array(N, acc)
-        sd = cuda.shared.array(N, acc)
-        sk = cuda.shared.array(N, acc)
-        sv = cuda.shared.array(N, acc)
-        sa = cuda.shared.array(N, acc)
-        sb = cuda.shared.array(N, acc)
-        buf = cuda.shared.array(NT, acc)
-        red = cuda.shared.array((N, TPR), acc)
-        # this thread's share of the state row, loaded first so its latency overlaps the vector work
-        i = t // TPR
-        p = t - i * TPR
-        s = cuda.local.array(CPT, acc)
-        for q in range(CPT):
-            s[q] = state[bi, h, i, p + q * TPR]
-        kk = ZERO
-        ag = ZERO
-        kj = ZERO
-        rj = ZERO
-        if t < N:
-            c = base + t
-            rj = acc(r[bi, c])
-            kj = acc(k[bi, c])
-            wl = acc(w0[c]) + acc(lora[1, bi, c])
-            sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
-            ag = ONE / (ONE + math.exp(-(acc(a0[c]) + acc(lora[2, bi, c]))))
-            kk = kj * acc(k_k[c])
-            vj = acc(v[bi, c])
-            if first != 0:
-                v_first[bi, c] = vj
-            else:
-                gate = ONE / (ONE + math.exp(-(acc(v0[c]) + acc(lora[0, bi, c]))))
-                vj = vj + (acc(v_first[bi, c]) - vj) * gate
-            sv[t] = vj
-            sr[t] = rj
-        nrm = math.sqrt(block_sum(buf, kk * kk, t))  # kk is zero at t >= N
-        if nrm < KEPS:
-            nrm = KEPS
-        if t < N:
-            kk = kk / nrm
-            kj = kj * (ONE + (ag - ONE) * acc(k_a[base + t]))
-            sk[t] = kj
-            sa[t] = -kk
-            sb[t] = kk * ag
-            rk = rj * kj * acc(r_k[h, t])
-        else:
-            rk = ZERO
-        bonus = block_sum(buf, rk, t)  # its barrier also orders the shared writes above before the state pass
-        # state pass: row i of the head's N×N state, TPR threads per row
-        x = ZERO
-        for q in range(CPT):
-            x += s[q] * sa[p + q * TPR]
-        red[i, p] = x
-        cuda.syncthreads()
-        x = ZERO
-        for q in range(TPR):
-            x += red[i, q]
-        vi = sv[i]
-        y = ZERO
-        for q in range(CPT):
-            j = p + q * TPR
-            sn = s[q] * sd[j] + x * sb[j] + vi * sk[j]
-            if not keep:
-                state[bi, h, i, j] = sn
-            y += sn * sr[j]
-        cuda.syncthreads()
-        red[i, p] = y
-        cuda.syncthreads()
-        y = ZERO
-        if t < N:
-            for q in range(TPR):
-                y += red[t, q]
-        mean = block_sum(buf, y, t) / N
-        dev = y - mean if t < N else ZERO
-        var = block_sum(buf, dev * dev, t) / N
-        if t < N:
-            c = base + t
-            o = (y - mean) / math.sqrt(var + GEPS) * acc(lnw[c]) + acc(lnb[c]) + bonus * sv[t]
-            out[bi, c] = o * acc(g[bi, c])
-
-    return kern, N * TPR
+    ZERO = npacc(0.0)
+    ns = dict(cuda=cuda, math=math, acc=acc, N=N, TPR=TPR, NT=NT, ZERO=ZERO, ONE=npacc(1.0),
+              DS=npacc(DECAY_SCALE), GEPS=npacc(GROUP_NORM_EPS), KEPS=npacc(KK_EPS),
+              block_sum=_block_sum_fn(NT, ZERO))  # threads at or above N contribute zeros
+    exec(compile(_time_mix_source(N, TPR), f"<time_mix_wkv {N} {TPR}>", "exec"), ns)
+    return cuda.jit(fastmath=False)(ns["time_mix_kern"]), NT
 
 
 def _acc_name(t: torch.Tensor) -> str:

@@ -322,7 +322,7 @@ def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none", tiling: Tilin
     tiling = tiling or tiling_for("int4" if int4 else "int8", K)
     if K != prep.K:
         raise ValueError(f"gemv_a8: x has K={K}, weight K={prep.K}")
-    if Mx % groups or prep.N % groups or (prep.N // groups) % tiling.rows:
+    if Mx % groups or prep.N % groups or (groups > 1 and (prep.N // groups) % tiling.rows):
         raise ValueError(f"gemv_a8: {groups} groups must split x rows ({Mx}) and weight rows ({prep.N}) "
                          f"into whole blocks of {tiling.rows}")
     check_shapes(K, prep.group if int4 else None)
