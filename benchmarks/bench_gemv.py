@@ -325,9 +325,9 @@ def sweep_seg(log) -> tuple[float, list[dict]]:
         ref = gemv_seg.seg_gemv_reference(bufs[0][1], x, nout, 1)
         for R, W in SEG_LAYOUTS:
             def call(i, R=R, W=W):
-                tab, nrows = tabs[i]
+                st = tabs[i]
                 gemv_seg.launch(U.as_numba(bufs[i][0].view(torch.int32)), U.as_numba(x.view(torch.int32)),
-                                U.as_numba(out), U.as_numba(tab), nrows, 1, U.numba_stream_for_torch(), R, W)
+                                U.as_numba(out), U.as_numba(st.table), st.nrows, 1, U.numba_stream_for_torch(), R, W)
             out.fill_(float("nan"))
             call(0)
             torch.cuda.synchronize()

@@ -23,6 +23,8 @@ graph-capturable. Reference: ``seg_gemv_reference``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from . import _gemv_util as U
 
 WARPS_PER_BLOCK = 4
@@ -102,6 +104,22 @@ def launch(w, x, out, tab, nrows: int, M: int, stream=0, rows: int = ROWS_PER_BL
     get_kernel(M, rows, warps)[blocks, 32 * warps, stream](w, x, out, tab, tab.shape[0], nrows)
 
 
+class SegTable(NamedTuple):
+    """A built table: the int32 [S, 9] tensor, its total rows, and the launch layout for its K."""
+    table: object
+    nrows: int
+    rows: int
+    warps: int
+
+
+def layout_for(max_k: int) -> tuple[int, int]:
+    """(rows a block, warps a block) by the table's longest K (bench_gemv.py --sweep seg, H200, B = 1,
+    a 7.2B layer: the LoRA-ups, K ≤ 480, 4.7 µs with one warp a 4-row block vs 7.2 with 4 warps a
+    8-row block, whose threads mostly idle at such K; the LoRA-downs, K = 4096, 4.7 µs with 8 warps a
+    4-row block vs 5.6)."""
+    return (4, 1) if max_k <= 512 else (4, 8)
+
+
 class Segment:
     """One product of the table: `weight` [rows, K] (a row-major view into the weight buffer) applied
     to activation rows at x_off + m·x_stride of the flat input; output row m at out_off + m·out_stride
@@ -115,8 +133,8 @@ class Segment:
         self.out_stride = weight.shape[0] if out_stride is None else out_stride
 
 
-def build_table(buffer, segments: list[Segment]):
-    """int32 [S, 9] table over `buffer` (the fp16 tensor every segment's weight is a view of)."""
+def build_table(buffer, segments: list[Segment]) -> SegTable:
+    """The table over `buffer` (the fp16 tensor every segment's weight is a view of)."""
     import torch
 
     rows, r0 = [], 0
@@ -131,10 +149,11 @@ def build_table(buffer, segments: list[Segment]):
                              "input offsets multiples of 8")
         rows.append([r0, r0 + n, K, off, s.x_off, s.x_stride, s.out_off, s.out_stride, ACTS[s.act]])
         r0 += n
-    return torch.tensor(rows, dtype=torch.int32, device=buffer.device), r0
+    layout = layout_for(max(r[2] for r in rows))
+    return SegTable(torch.tensor(rows, dtype=torch.int32, device=buffer.device), r0, *layout)
 
 
-def seg_gemv(buffer, table, nrows: int, x, out, M: int) -> None:
+def seg_gemv(buffer, table: SegTable, x, out, M: int) -> None:
     """out[out_off + m·out_stride + i] = act(Σ_k W_s[i, k] · x[x_off + m·x_stride + k]) for every
     segment s and activation row m < M. buffer, x: fp16 tensors (16-byte aligned); out contiguous
     fp16 or fp32 (any shape: addressed flat)."""
@@ -147,7 +166,8 @@ def seg_gemv(buffer, table, nrows: int, x, out, M: int) -> None:
     U.check_aligned(buffer, "seg_gemv weights")
     U.check_aligned(x, "seg_gemv activations")
     launch(kernel_array(buffer.view(-1).view(torch.int32)), kernel_array(x.reshape(-1).view(torch.int32)),
-           kernel_array(out.view(-1)), kernel_array(table), nrows, M, current_stream())
+           kernel_array(out.view(-1)), kernel_array(table.table), table.nrows, M, current_stream(), table.rows,
+           table.warps)
 
 
 def seg_gemv_reference(segments: list[Segment], x, out_size: int, M: int):

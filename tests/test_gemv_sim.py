@@ -188,11 +188,11 @@ SEG_SCRIPT = textwrap.dedent(r"""
     torch.manual_seed(0)
 
     def run(buf, segs, x, M, out_dtype):
-        tab, n = G.build_table(buf, segs)
+        st = G.build_table(buf, segs)
         size = max(s.out_off + (M - 1) * s.out_stride + s.weight.shape[0] for s in segs)
         out = np.full(size, np.nan, out_dtype)
-        G.launch(buf.numpy().reshape(-1).view(np.int32), x.numpy().reshape(-1).view(np.int32), out, tab.numpy(),
-                 n, M)
+        G.launch(buf.numpy().reshape(-1).view(np.int32), x.numpy().reshape(-1).view(np.int32), out,
+                 st.table.numpy(), st.nrows, M, rows=st.rows, warps=st.warps)
         ref = G.seg_gemv_reference(segs, x, size, M)
         got = torch.from_numpy(out.astype(np.float64))
         assert torch.equal(torch.isnan(got), torch.isnan(ref))  # exactly the segments' outputs written

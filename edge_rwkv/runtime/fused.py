@@ -167,7 +167,7 @@ def _stack_quantized_rkv(L: Layer):
 @dataclass
 class SegTables:
     """One layer's segment tables for a batch of B rows (inputs are [slot, B, C] buffers)."""
-    stage1: tuple  # (table, rows)
+    stage1: object  # gemv_seg.SegTable
     stage2: tuple
     output: tuple | None  # None: a quantized matrix (its own GEMV)
     ffn_key: tuple | None
@@ -300,7 +300,7 @@ class FusedStep:
         if self.tables is not None and self.head_table is not None:
             from ..cuda_kernels.gemv_seg import seg_gemv
 
-            seg_gemv(net.head.weight, *self.head_table, self.hn, self.logits, B)
+            seg_gemv(net.head.weight, self.head_table, self.hn, self.logits, B)
             return self.logits
         return net.head(self.hn[0]).float()
 
@@ -309,8 +309,8 @@ class FusedStep:
         from ..cuda_kernels.gemv_seg import seg_gemv
 
         k, t, C, B = self.k, self.tables[i], L.mix.shape[1], self.batch
-        seg_gemv(p.seg.buf1, *t.stage1, self.xin, self.out1, B)
-        seg_gemv(p.seg.buf2, *t.stage2, self.out1, self.out2, B)
+        seg_gemv(p.seg.buf1, t.stage1, self.xin, self.out1, B)
+        seg_gemv(p.seg.buf2, t.stage2, self.out1, self.out2, B)
         if p.seg.rkv:
             r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
         elif p.seg.rkv_prep is not None and all(x.int8_activations for x in (L.receptance, L.key, L.value)):
@@ -346,7 +346,7 @@ class FusedStep:
             return lin(x.view(self.batch, -1))
         from ..cuda_kernels.gemv_seg import seg_gemv
 
-        seg_gemv(lin.weight, *table, x, out, self.batch)
+        seg_gemv(lin.weight, table, x, out, self.batch)
         return out
 
     def _time_mix_inputs(self, L: Layer, p: PackedLayer):
