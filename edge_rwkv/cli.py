@@ -12,8 +12,11 @@ from pathlib import Path
 from .errors import EdgeRWKVError, InputError
 from .extras import missing_dependency
 
-# Commands living beside their subsystem; each module has `register(subparsers)`.
-EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serve.cli", "edge_rwkv.bench")
+# Commands living beside their subsystem: each module has `register(subparsers)` and adds its own command(s);
+# `edge-rwkv --help` lists them in this order, after the core commands below. A module whose subsystem is not
+# installed is left out.
+EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serve.cli", "edge_rwkv.plan_cli",
+                  "edge_rwkv.bench")
 
 
 # --------------------------------------------------------------------------- shared arguments

@@ -278,6 +278,6 @@ def test_server_healthy_after_hostile_requests(server):
     ("http://localhost:99999", "localhost:99999", False), ("ftp://localhost", "localhost", False),
 ])
 def test_same_origin(origin, host, same):
-    from edge_rwkv.serve.app import same_origin
+    from edge_rwkv.serve.guard import same_origin
 
     assert same_origin(origin, host) is same

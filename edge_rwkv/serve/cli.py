@@ -1,4 +1,4 @@
-"""`edge-rwkv serve` (the offline assistant daemon) and `edge-rwkv plan` (what fits on a device)."""
+"""`edge-rwkv serve`: the offline assistant daemon on the command line."""
 from __future__ import annotations
 
 import errno
@@ -57,28 +57,6 @@ def register(sub) -> None:
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("plan", help="which precision of a model fits a device, and its bandwidth-bound speed",
-                       description="For each precision (fp16, int8, int4): the memory the daemon needs (weights, "
-                                   "states of slots and hot sessions, CUDA context, runtime, allocator slack; the "
-                                   "load's peak) against what the module leaves it, and the decode speed: the "
-                                   "bound set by memory bandwidth and the range expected from it.")
-    from ..devices import DEVICES, PRESETS, SERVE_HOT_SESSIONS, SERVE_SLOTS
-
-    p.add_argument("model", help=f"model file (only its shapes are read) or a preset: {', '.join(PRESETS)} "
-                                 "(also without the rwkv7- prefix, as bench --preset names them)")
-    p.add_argument("--device", default="orin-nano-8gb", help=f"device profile: {', '.join(DEVICES)}")
-    p.add_argument("--quantize-head", action="store_true", help="plan with the output head quantized too")
-    p.add_argument("--slots", type=int, default=SERVE_SLOTS,
-                   help=f"sequences decoded together, serve --max-slots (default {SERVE_SLOTS})")
-    p.add_argument("--hot-sessions", type=int, default=SERVE_HOT_SESSIONS,
-                   help=f"session states kept in memory, serve --hot-sessions (default {SERVE_HOT_SESSIONS}; "
-                        "0 for the Python API)")
-    p.add_argument("--visible", type=float, default=None, metavar="GIB",
-                   help="memory Linux sees on your module (MemTotal in /proc/meminfo, GiB), instead of the "
-                        "profile's estimate")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
-
 
 def _read_key(value: str | None) -> str | None:
     if value and value.startswith("@"):
@@ -86,7 +64,7 @@ def _read_key(value: str | None) -> str | None:
             value = f.read().strip()
     if value is not None and not value:
         raise EdgeRWKVError("--api-key is empty")
-    from .app import check_api_key
+    from .guard import check_api_key
 
     check_api_key(value)
     return value
@@ -97,7 +75,9 @@ def cmd_serve(a) -> int:
 
     from ..api import load
     from ..default_model import resolve_model
-    from .app import ServeConfig, create_app, is_loopback
+    from .app import create_app
+    from .config import ServeConfig
+    from .guard import is_loopback
     from .httpproto import JSONErrorH11Protocol
 
     for name in ("max_slots", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "default_max_tokens",
@@ -176,17 +156,3 @@ def lock_data_dir(data_dir: str):
         raise EdgeRWKVError(f"another edge-rwkv serve is already using {data_dir} (choose another --data-dir)") from None
     return f
 
-
-def cmd_plan(a) -> int:
-    from ..devices import format_plan, plan_model
-
-    visible = None if a.visible is None else int(a.visible * (1 << 30))
-    result = plan_model(a.model, a.device, slots=a.slots, hot_sessions=a.hot_sessions,
-                        quantize_head=a.quantize_head, visible_bytes=visible)
-    if a.json:
-        import json
-
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_plan(result))
-    return 0
