@@ -305,8 +305,9 @@ def sweep_seg(log) -> tuple[float, list[dict]]:
     bw = copy_bandwidth()
     ranks, C = (96, 128, 128, 480), 4096
     rows = []
-    for stage in ("downs", "ups"):
-        shapes = [(r, C) for r in ranks] if stage == "downs" else [(C, r) for r in ranks]
+    stages = {"downs": [(r, C) for r in ranks], "ups": [(C, r) for r in ranks],
+              "1.5b ffn key": [(8192, 2048)], "1.5b ffn value": [(2048, 8192)]}
+    for stage, shapes in stages.items():
         nbytes = sum(n * k for n, k in shapes) * 2
         copies = max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes)))
         bufs, tabs = [], []
