@@ -96,48 +96,51 @@ def _block_sum_fn(NT: int, ZERO):
 
 
 def _norm_mix_source(NT: int, EPT: int, M: int, EPB: int) -> str:
-    """The norm_mix kernel with each thread's EPT elements in named scalars, not a local array: stores
-    to a local array may alias the global loads that follow as far as the compiler knows, which
-    serialised one global round trip per element (~0.45 µs each on an H200)."""
-    E = range(EPT)
+    """The norm_mix kernel, generated so that every global load is issued before any is used: each
+    thread's elements are named scalars (not a local array, whose stores the compiler must order
+    before later loads), and loads are unconditional at clamped indices (a load inside an `if` whose
+    body also uses it costs one round trip per element: ~0.45 µs each on an H200)."""
     L = ["def norm_mix_kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out):",
          # x [B,C] acc, read; xout [B,C] = x + dx (dx added when add != 0); prev [B,C] in/out (rows with
-         # live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes element e of each
-         # thread (column t + e·NT) where e // EPB == sl.
+         # live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes elements
+         # e = sl·EPB + j (j < EPB) of each thread: column t + e·NT.
          "    b = cuda.blockIdx.x",
          "    sl = cuda.blockIdx.y",
          "    keep = live[b] == 0",
          "    t = cuda.threadIdx.x",
          "    C = x.shape[1]",
+         "    last = C - 1",
          f"    buf = cuda.shared.array({NT}, acc)"]
-    # every load first (x and dx of the whole row for the statistics, the block's own slice of the
-    # parameters), every store last
-    for e in E:
-        L += [f"    c{e} = t + {e * NT}",
-              f"    own{e} = c{e} < C and {e // EPB} == sl",
-              f"    x{e} = ZERO",
-              f"    if c{e} < C:",
-              f"        x{e} = acc(x[b, c{e}])",
-              "        if add != 0:",
-              f"            x{e} += acc(dx[b, c{e}])",
-              f"    w{e} = ZERO", f"    o{e} = ZERO", f"    p{e} = ZERO"]
-        L += [f"    m{e}_{m} = ZERO" for m in range(M)]
-        L += [f"    if own{e}:", f"        w{e} = acc(lnw[c{e}])", f"        o{e} = acc(lnb[c{e}])",
-              f"        p{e} = acc(prev[b, c{e}])"]
-        L += [f"        m{e}_{m} = acc(mix[{m}, c{e}])" for m in range(M)]
-    L.append("    mean = block_sum(buf, " + " + ".join(f"x{e}" for e in E) + ", t) / C")
+    for e in range(EPT):  # the whole row, for the statistics
+        L += [f"    xa = acc(x[b, min(t + {e * NT}, last)])", f"    xd = acc(dx[b, min(t + {e * NT}, last)])",
+              f"    x{e} = xa + xd if add != 0 else xa"]
+    for j in range(EPB):  # the block's own columns: the value again (from L1) and the parameters
+        L += [f"    e{j} = sl * {EPB} + {j}",
+              f"    c{j} = t + e{j} * {NT}",
+              f"    own{j} = c{j} < C and e{j} < {EPT}",
+              f"    i{j} = min(c{j}, last)",
+              f"    xa = acc(x[b, i{j}])", f"    xd = acc(dx[b, i{j}])",
+              f"    v{j} = xa + xd if add != 0 else xa",
+              f"    w{j} = acc(lnw[i{j}])",
+              f"    o{j} = acc(lnb[i{j}])",
+              f"    p{j} = acc(prev[b, i{j}])"]
+        L += [f"    m{j}_{m} = acc(mix[{m}, i{j}])" for m in range(M)]
+    for e in range(EPT):
+        L.append(f"    if t + {e * NT} > last:")
+        L.append(f"        x{e} = ZERO")
+    L.append("    mean = block_sum(buf, " + " + ".join(f"x{e}" for e in range(EPT)) + ", t) / C")
     L.append("    s = ZERO")
-    for e in E:
-        L += [f"    if c{e} < C:", f"        d = x{e} - mean", "        s += d * d"]
+    for e in range(EPT):
+        L += [f"    if t + {e * NT} <= last:", f"        d = x{e} - mean", "        s += d * d"]
     L.append("    inv = 1 / math.sqrt(block_sum(buf, s, t) / C + EPS)")
-    for e in E:
-        L += [f"    if own{e}:",
-              f"        xout[b, c{e}] = x{e}",
-              f"        h = (x{e} - mean) * inv * w{e} + o{e}",
-              f"        xx = p{e} - h",
+    for j in range(EPB):
+        L += [f"    if own{j}:",
+              f"        xout[b, c{j}] = v{j}",
+              f"        h = (v{j} - mean) * inv * w{j} + o{j}",
+              f"        xx = p{j} - h",
               "        if not keep:",
-              f"            prev[b, c{e}] = h"]
-        L += [f"        out[{m}, b, c{e}] = h + xx * m{e}_{m}" for m in range(M)]
+              f"            prev[b, c{j}] = h"]
+        L += [f"        out[{m}, b, c{j}] = h + xx * m{j}_{m}" for m in range(M)]
     return "\n".join(L) + "\n"
 
 
@@ -168,38 +171,42 @@ def time_mix_threads_per_row(N: int) -> int:
 
 
 _TIME_MIX_VECTOR = """
-    kk = ZERO
-    ag = ZERO
-    kj = ZERO
-    rj = ZERO
+    tc = min(t, N - 1)
+    c = base + tc
+    rj = acc(r[bi, c])
+    kj = acc(k[bi, c])
+    vj = acc(v[bi, c])
+    wl = acc(w0[c]) + acc(lora[1, bi, c])
+    al = acc(a0[c]) + acc(lora[2, bi, c])
+    vl = acc(v0[c]) + acc(lora[0, bi, c])
+    vf = acc(v_first[bi, c])
+    kkj = acc(k_k[c])
+    kaj = acc(k_a[c])
+    rkj = acc(r_k[h, tc])
+    lnwj = acc(lnw[c])
+    lnbj = acc(lnb[c])
+    gj = acc(g[bi, c])
+    ag = ONE / (ONE + math.exp(-al))
+    kk = kj * kkj if t < N else ZERO
+    if first == 0:
+        vj = vj + (vf - vj) * (ONE / (ONE + math.exp(-vl)))
     if t < N:
-        c = base + t
-        rj = acc(r[bi, c])
-        kj = acc(k[bi, c])
-        wl = acc(w0[c]) + acc(lora[1, bi, c])
-        sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
-        ag = ONE / (ONE + math.exp(-(acc(a0[c]) + acc(lora[2, bi, c]))))
-        kk = kj * acc(k_k[c])
-        vj = acc(v[bi, c])
         if first != 0:
             v_first[bi, c] = vj
-        else:
-            gate = ONE / (ONE + math.exp(-(acc(v0[c]) + acc(lora[0, bi, c]))))
-            vj = vj + (acc(v_first[bi, c]) - vj) * gate
+        sd[t] = math.exp(-DS / (ONE + math.exp(-wl)))
         sv[t] = vj
         sr[t] = rj
     nrm = math.sqrt(block_sum(buf, kk * kk, t))  # kk is zero at t >= N
     if nrm < KEPS:
         nrm = KEPS
+    kk = kk / nrm
+    kj = kj * (ONE + (ag - ONE) * kaj)
+    rk = ZERO
     if t < N:
-        kk = kk / nrm
-        kj = kj * (ONE + (ag - ONE) * acc(k_a[base + t]))
         sk[t] = kj
         sa[t] = -kk
         sb[t] = kk * ag
-        rk = rj * kj * acc(r_k[h, t])
-    else:
-        rk = ZERO
+        rk = rj * kj * rkj
     bonus = block_sum(buf, rk, t)  # its barrier also orders the shared writes above before the state pass
 """
 
@@ -215,9 +222,8 @@ _TIME_MIX_OUTPUT = """
     dev = y - mean if t < N else ZERO
     var = block_sum(buf, dev * dev, t) / N
     if t < N:
-        c = base + t
-        o = (y - mean) / math.sqrt(var + GEPS) * acc(lnw[c]) + acc(lnb[c]) + bonus * sv[t]
-        out[bi, c] = o * acc(g[bi, c])
+        o = (y - mean) / math.sqrt(var + GEPS) * lnwj + lnbj + bonus * sv[t]
+        out[bi, c] = o * gj
 """
 
 
