@@ -111,14 +111,17 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     from edge_rwkv.quant.linear import quantized_linears
 
     B = 3
-    step = FusedStep(m.net, B, m.runner.packed())
-    assert step.tables is not None and not m.runner.packed()[1].seg.rkv
     live = torch.ones(B, dtype=torch.int32, device="cuda")
     # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
-    # activations: rounding x to int8 also follows those small differences (random weights amplify)
+    # activations: rounding x to int8 also follows those small differences (random weights amplify).
+    # A step fixes its paths when it is built (as a captured graph does): one step per setting.
     for int8_x, tol in ((False, 2e-2), (True, 6e-2)):
         for lin in quantized_linears(m.net) + quantized_linears(ref.net):
             lin.int8_activations = int8_x
+        step = FusedStep(m.net, B, m.runner.packed())
+        assert step.tables is not None and not m.runner.packed()[1].seg.rkv
+        rounded_in_place = all(p.rkv is not None and p.output is not None and p.ffn_key is not None for p in step.a8)
+        assert rounded_in_place == int8_x  # int8 activations: rounded by the kernels that produce them
         st = m.new_state(B)
         st_ref = st.clone()
         g = torch.Generator(device="cuda").manual_seed(1)
