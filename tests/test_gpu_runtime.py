@@ -108,7 +108,7 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
     m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
     ref = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
-    from edge_rwkv.quant.linear import quantized_linears
+    from edge_rwkv.quant.linear import QuantLinear, quantized_linears
 
     B = 3
     live = torch.ones(B, dtype=torch.int32, device="cuda")
@@ -120,8 +120,12 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
             lin.int8_activations = int8_x
         step = FusedStep(m.net, B, m.runner.packed())
         assert step.tables is not None and not m.runner.packed()[1].seg.rkv
-        rounded_in_place = all(p.rkv is not None and p.output is not None and p.ffn_key is not None for p in step.a8)
-        assert rounded_in_place == int8_x  # int8 activations: rounded by the kernels that produce them
+        # int8 activations: rounded by the kernels that produce them, for every quantized product (layer 0's
+        # output stays fp16 under the default policy)
+        for L, plan in zip(m.net.layers, step.a8):
+            assert (plan.rkv is not None) == int8_x
+            assert (plan.output is not None) == (int8_x and isinstance(L.output, QuantLinear))
+            assert (plan.ffn_key is not None) == int8_x
         st = m.new_state(B)
         st_ref = st.clone()
         g = torch.Generator(device="cuda").manual_seed(1)
