@@ -42,6 +42,26 @@ def test_graph_decode_equals_eager(model_file):
     assert graph_state.tokens == eager_state.tokens
 
 
+def test_quantized_graph_decode_equals_eager(model_file, tmp_path):
+    """int4 at fp16: the captured step (LoRA on a side stream beside the r/k/v GEMV, activations rounded
+    by norm_mix / time_mix_wkv) gives the eager step's tokens and state."""
+    from edge_rwkv.artifact import write_artifact
+    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.quant.policy import QuantPolicy
+    from edge_rwkv.quantize import quantize_checkpoint
+
+    tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
+    write_artifact(tmp_path / "q.safetensors", tensors, meta)
+    m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
+    graph_text, graph_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
+    assert m.describe()["decode"] == "cuda-graph, fused step"
+    m.runner.graph_error = "forced eager for the comparison"
+    m._idle_engines.clear()
+    eager_text, eager_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
+    assert graph_text == eager_text
+    assert torch.equal(graph_state.wkv, eager_state.wkv)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
 def test_fused_step_equals_forward(model_file, dtype, tol):
     """The fused decode step (Numba kernels around the matmuls) against the model's own forward."""

@@ -282,6 +282,9 @@ class FusedStep:
         self.h = torch.zeros(B, net.layers[0].ffn_key.out_features, dtype=torch.float16, device=dev)
         self.tables = [seg_tables(L, p.seg, B) for L, p in zip(net.layers, self.packed)]
         self.a8 = self._a8_plans(B, C, dev)
+        # quantized r/k/v: their GEMV and the LoRA launches read the same norm_mix output and nothing of
+        # each other, so the LoRA runs on a second stream beside the GEMV (a CUDA graph keeps the fork)
+        self.side = torch.cuda.Stream(dev) if dev.type == "cuda" and any(a.rkv is not None for a in self.a8) else None
         head = net.head
         self.head_table = None
         if _is_dense(head) and head.weight.dtype == torch.float16 and head.weight.shape[0] % ROWS_PER_BLOCK == 0:
@@ -347,19 +350,17 @@ class FusedStep:
 
     def _layer_seg(self, i: int, L: Layer, p: PackedLayer, state: State, live: torch.Tensor) -> torch.Tensor:
         """One layer through the segmented GEMV (after its first norm_mix); returns the FFN output."""
-        from ..cuda_kernels.gemv_seg import seg_gemv
-
         from ..cuda_kernels.gemv_a8 import gemv_a8_rounded
 
         k, t, a8, C, B = self.k, self.tables[i], self.a8[i], L.mix.shape[1], self.batch
-        seg_gemv(p.seg.buf1, t.stage1, self.xin, self.out1, B)
-        seg_gemv(p.seg.buf2, t.stage2, self.out1, self.out2, B)
-        if p.seg.rkv:
-            r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
-        elif a8.rkv is not None:  # x rounded by the norm_mix above
-            r, kk, v = gemv_a8_rounded(a8.rkv, p.seg.rkv_prep, self.rkv_out, groups=3)
+        if a8.rkv is not None:
+            r, kk, v = self._rkv_beside_lora(p, t, a8)
         else:
-            r, kk, v = L.receptance(self.xin[0]), L.key(self.xin[1]), L.value(self.xin[2])
+            self._lora(p, t)
+            if p.seg.rkv:
+                r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
+            else:
+                r, kk, v = L.receptance(self.xin[0]), L.key(self.xin[1]), L.value(self.xin[2])
         k.time_mix_wkv(r, kk, v, self.out2[:3], self.out2[3], L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k,
                        L.ln_x[0], L.ln_x[1], i == 0, self.v_first, state.wkv[i], live, self.att, rounded=a8.output)
         if a8.output is not None:
@@ -376,6 +377,29 @@ class FusedStep:
             h = torch.relu(L.ffn_key(self.xk[0]))
             h = h * h
         return self._product(L.ffn_value, t.ffn_value, h, self.dx)
+
+    def _rkv_beside_lora(self, p: PackedLayer, t: SegTables, a8: A8Plan):
+        """Quantized r, k, v in one int8-activation GEMV (x rounded by the norm_mix before it), with the
+        LoRA launches on the side stream meanwhile where there is one."""
+        from ..cuda_kernels.gemv_a8 import gemv_a8_rounded
+
+        if self.side is None:
+            self._lora(p, t)
+            return gemv_a8_rounded(a8.rkv, p.seg.rkv_prep, self.rkv_out, groups=3)
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            self._lora(p, t)
+        rkv = gemv_a8_rounded(a8.rkv, p.seg.rkv_prep, self.rkv_out, groups=3)
+        main.wait_stream(self.side)
+        return rkv
+
+    def _lora(self, p: PackedLayer, t: SegTables) -> None:
+        """Stage 1 (r/k/v when dense, the LoRA downs) and stage 2 (the LoRA ups) of the segmented GEMV."""
+        from ..cuda_kernels.gemv_seg import seg_gemv
+
+        seg_gemv(p.seg.buf1, t.stage1, self.xin, self.out1, self.batch)
+        seg_gemv(p.seg.buf2, t.stage2, self.out1, self.out2, self.batch)
 
     def _norm_mix(self, dx, ln, prev, live, mix, out, add: bool, rounded=None, rounded_mixes: int = 0) -> None:
         """The residual add, LayerNorm and token-shift mixes (the first `rounded_mixes` also rounded to
