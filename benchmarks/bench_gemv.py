@@ -312,7 +312,7 @@ def sweep_seg(log) -> tuple[float, list[dict]]:
         nbytes = sum(n * k for n, k in shapes) * 2
         copies = max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes)))
         bufs, tabs = [], []
-        x = torch.randn(sum(k for _, k in shapes) if stage == "ups" else C, device="cuda").half()
+        x = torch.randn(sum(k for _, k in shapes) if stage == "ups" else max(k for _, k in shapes), device="cuda").half()
         for _ in range(copies):
             buf = (torch.randn(nbytes // 2, device="cuda") * 0.02).half()
             segs, off, xo, oo = [], 0, 0, 0
