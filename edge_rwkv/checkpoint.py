@@ -10,11 +10,9 @@ RWKV-PEFT state-tuning files hold tuned initial states (see read_time_states).
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,9 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .schema import Int, List, Obj, Opt, SchemaError, Str, load_json
+from . import safetensors_header
+from .safetensors_header import Header, HeaderError, looks_like_safetensors
+from .schema import SchemaError, load_json
 
 # Per-layer tensors of RWKV-7 x070 under `blocks.{i}.`; v0/v1/v2 are unused (and optional) in layer 0.
 ATT_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
@@ -111,10 +111,8 @@ def sniff_format(path: str | os.PathLike) -> str:
     with open(p, "rb") as f:
         head = f.read(16)
     # safetensors first: its 8-byte header length may begin with any byte, 0x80 included
-    if len(head) >= 9:
-        (hlen,) = struct.unpack("<Q", head[:8])
-        if 2 <= hlen <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
+    if looks_like_safetensors(head, size):
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":
@@ -157,60 +155,18 @@ def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-# One entry of a safetensors header; sizes are checked against the file before any tensor is read.
-_TENSOR_ENTRY = Obj({"dtype": Str(16), "shape": List(Int(0, 1 << 40), 8), "data_offsets": List(Int(0), 2)})
-_ST_METADATA = Opt(Obj({}, extra=Str(1 << 26)))
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, dict]:
-    """(tensor index, metadata) from a safetensors header, every entry checked against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors header")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{path}: safetensors header length {hlen} exceeds the file ({size} bytes)")
-        try:
-            header = load_json(f.read(hlen))
-        except SchemaError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
-    meta = header.pop("__metadata__", None)
+def read_header(path: Path) -> Header:
+    """The safetensors header of a model file or shard, every entry checked against the file size."""
     try:
-        _ST_METADATA.check(meta, "__metadata__")
-    except SchemaError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    data_len = size - 8 - hlen
-    for name, info in header.items():
-        try:
-            _TENSOR_ENTRY.check(info, f"tensor '{name}'")
-        except SchemaError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        begin, end = info["data_offsets"] if len(info["data_offsets"]) == 2 else (-1, -1)
-        if begin < 0:
-            raise CheckpointError(f"{path}: tensor '{name}' has no valid data offsets")
-        if not (begin <= end <= data_len):
-            raise CheckpointError(
-                f"{path}: tensor '{name}' lies beyond the end of the file (truncated: needs {end} data bytes, has {data_len})"
-            )
-        itemsize = _ITEMSIZE.get(info["dtype"])
-        if itemsize is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has unknown dtype {info['dtype']!r}")
-        if math.prod(info["shape"]) * itemsize != end - begin:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) but "
-                                  f"{end - begin} data bytes")
-    return header, meta or {}
+        return safetensors_header.read(path)
+    except HeaderError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _read_safetensors(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
-    _, meta = read_safetensors_header(path)
+    meta = read_header(path).metadata
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = to_device_one_by_one(((k, f.get_tensor(k)) for k in f.keys()), device)
@@ -623,8 +579,7 @@ def _hf_headers(folder: Path) -> tuple[dict[str, Path], dict[str, tuple], dict[s
         if fmt != "safetensors":
             raise CheckpointError(f"{f}: holds a torch pickle, not safetensors; a Hugging Face folder is read "
                                   "only from safetensors (nothing was unpickled)")
-        header, _ = read_safetensors_header(f)
-        for name, info in header.items():
+        for name, info in read_header(f).tensors.items():
             if name in where:
                 raise CheckpointError(f"{folder}: tensor '{name}' is in both {where[name].name} and {f.name}")
             where[name], shapes[name], dtypes[name] = f, tuple(info.get("shape", ())), str(info.get("dtype"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import EdgeRWKVError
+from .safetensors_header import LENGTH, declared_length
 
 READERS = ("state", "int8-state", "artifact", "safetensors", "pth")
 SLOW_CASE_S = 5.0
@@ -124,11 +124,8 @@ def read(reader: str, path: Path):
 
 def _header_span(data: bytes) -> int:
     """Bytes 0 … end of the safetensors header (the whole file when it is not one)."""
-    if len(data) >= 8:
-        (n,) = struct.unpack("<Q", data[:8])
-        if n <= len(data) - 8:
-            return 8 + n
-    return len(data)
+    n = declared_length(data)
+    return LENGTH.size + n if n is not None and n <= len(data) - LENGTH.size else len(data)
 
 
 def _flip(data: bytearray, rng: random.Random, lo: int, hi: int) -> None:
@@ -175,7 +172,7 @@ def _replace_json_value(text: str, rng: random.Random) -> str | None:
 def _with_header(data: bytes, header_text: str) -> bytes:
     raw = header_text.encode("utf-8", "surrogatepass")
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[_header_span(data):]
+    return LENGTH.pack(len(raw)) + raw + data[_header_span(data):]
 
 
 def _structured(data: bytes, rng: random.Random) -> bytes | None:

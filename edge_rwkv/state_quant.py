@@ -31,7 +31,7 @@ import torch
 from .errors import StateError
 from .fileio import atomic_write_bytes
 from .schema import Obj, Str
-from .state import STATE_FIELDS, State, _digest as state_digest, check_tensor_entries, read_state_file
+from .state import STATE_FIELDS, State, _digest as state_digest, check_tensor_entries, read_header_meta, read_state_file
 
 QSTATE_FORMAT = "edge-rwkv-qstate"
 QSTATE_VERSION = 2
@@ -144,7 +144,7 @@ def load_quantized(path: str | os.PathLike, device="cpu", expect_fingerprint: st
 
 
 def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | None = None) -> QuantizedState:
-    meta, header = _read_meta(data, name)
+    meta = _read_meta(data, name)
     from safetensors.torch import load
 
     try:
@@ -165,17 +165,15 @@ def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | Non
                           meta["granularity"], meta["fingerprint"], int(meta["tokens"]))
 
 
-def _read_meta(data: bytes, name: str) -> tuple[dict, dict]:
-    from .state import read_header_meta
-
-    header, meta, hlen = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, READS_VERSIONS, QSTATE_SCHEMA,
-                                          "edge-rwkv int8 state file")
+def _read_meta(data: bytes, name: str) -> dict:
+    header, meta = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, READS_VERSIONS, QSTATE_SCHEMA,
+                                   "edge-rwkv int8 state file")
     L, B, C, H, N = (meta[k] for k in ("n_layer", "batch", "n_embd", "n_head", "head_size"))
     check_tensor_entries(header, {
-        "att_x": ("F32", [L, B, C], 4), "ffn_x": ("F32", [L, B, C], 4), "wkv_q": ("I8", [L, B, H, N, N], 1),
-        "wkv_scale": ("F16", [L, B, H, N] if meta["granularity"] == "head_row" else [L, B, N], 2),
-    }, len(data) - 8 - hlen, name)
-    return meta, header
+        "att_x": ("F32", [L, B, C]), "ffn_x": ("F32", [L, B, C]), "wkv_q": ("I8", [L, B, H, N, N]),
+        "wkv_scale": ("F16", [L, B, H, N] if meta["granularity"] == "head_row" else [L, B, N]),
+    }, name)
+    return meta
 
 
 # --------------------------------------------------------------------------- measuring the effect
