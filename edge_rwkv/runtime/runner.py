@@ -106,9 +106,7 @@ class Runner:
         shorter piece runs eagerly."""
         chunk = chunk or self.chunk
         g = self.prefill_graph(chunk, state) if ids.shape[1] == chunk else None
-        logits, new = g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)
-        new.tokens = state.tokens + ids.shape[1]
-        return logits, new
+        return g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], state: State, chunk: int | None = None) -> tuple[torch.Tensor, State]:
