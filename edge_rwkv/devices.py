@@ -136,7 +136,7 @@ def get_device(name: str) -> DeviceProfile:
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from .checkpoint import expected_shapes
+    from .keys import expected_shapes
 
     return expected_shapes(cfg)
 
