@@ -1,4 +1,5 @@
-"""Reading, validating and naming RWKV-7 checkpoints: the one place that knows key names.
+"""Reading and validating RWKV-7 checkpoints, and translating other spellings of the weight names
+(trainer wrappers, the Hugging Face / fla layout) to the official ones that keys.py defines.
 
 Files are told apart by their bytes (never their file names):
   * official BlinkDL `.pth` (a torch zip or legacy pickle) — read with `weights_only=True` only;

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
-from .errors import StateError
 from . import safetensors_header
+from .errors import StateError
 from .fileio import atomic_write_bytes
 from .safetensors_header import Header, HeaderError, HeaderNotJSON, HeaderTooLarge, HeaderTruncated
 from .schema import Int, Obj, SchemaError, Str, load_json
@@ -109,13 +111,11 @@ class State:
 
     # -- files
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
         tensors = {k: getattr(self, k).detach().float().contiguous().cpu() for k in ("att_x", "wkv", "ffn_x")}
         meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "tokens": int(self.tokens), **self.dims()}
         meta["sha256"] = _digest(tensors, meta)
-        return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        return safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic: the file is either the previous one or this state, complete (temp + fsync + rename)."""
@@ -237,9 +237,7 @@ def _read_state_meta(data: bytes, name: str) -> dict:
 
 
 def _read_state_tensors(data: bytes, name: str, meta: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     try:
-        return load(data)
+        return safetensors_load(data)
     except Exception as e:  # safetensors raises its own error type for truncated buffers
         raise StateError(f"{name}: corrupt or truncated state file ({e})") from None

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from .errors import StateError
 from .fileio import atomic_write_bytes
@@ -115,13 +117,11 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
 
 
 def to_bytes(q: QuantizedState) -> bytes:
-    from safetensors.torch import save
-
     tensors = {k: getattr(q, k).detach().contiguous().cpu() for k in _ORDER}
     meta = {"format": QSTATE_FORMAT, "format_version": QSTATE_VERSION, "quant": "int8",
             "granularity": q.granularity, "fingerprint": q.fingerprint, "tokens": int(q.tokens), **q.dims()}
     meta["sha256"] = _digest(tensors, meta)
-    return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    return safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def save_quantized(state: State | QuantizedState, path: str | os.PathLike, granularity: str = "head_row") -> int:
@@ -145,10 +145,8 @@ def load_quantized(path: str | os.PathLike, device="cpu", expect_fingerprint: st
 
 def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | None = None) -> QuantizedState:
     meta = _read_meta(data, name)
-    from safetensors.torch import load
-
     try:
-        tensors = load(data)
+        tensors = safetensors_load(data)
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
         raise StateError(f"{name}: corrupt or truncated state file ({e})") from None
     if _digest(tensors, meta if meta["format_version"] >= 2 else None) != meta["sha256"]:

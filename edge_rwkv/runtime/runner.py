@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from ..quant.linear import quantized_linears
 from ..state import State
 from .fused import fused_step_supported, pack_layers
 from .graph import GraphStep, PrefillGraph
@@ -40,8 +41,6 @@ def prefill_chunk_for(net) -> int:
 
 
 def _is_quantized(net) -> bool:
-    from ..quant.linear import quantized_linears
-
     return bool(quantized_linears(net))
 
 
