@@ -170,7 +170,6 @@ class Model:
             state = self.new_state(ids.shape[0])
         self.check_state(state, ids.shape[0])
         logits, new = self.net.forward(ids, state.to(self.device))
-        new.tokens = state.tokens + ids.shape[1]
         return (logits[0] if unbatched else logits), new
 
     # ---------------------------------------------------------------- generation

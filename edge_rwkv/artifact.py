@@ -14,11 +14,13 @@ import json
 import os
 
 import torch
+from safetensors.torch import save_file
 
-from .checkpoint import check_keys_and_shapes, check_layer_count, check_values
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fileio import atomic_path
+from .keys import check_keys_and_shapes, check_layer_count, expected_shapes
+from .quant.formats import INPUT_SCALE_SUFFIX, SCALE_SUFFIX, QuantizedWeight
 from .schema import ANY, Int, Num, Obj, Opt, SchemaError, Str
 
 FORMAT = "edge-rwkv-model"
@@ -84,25 +86,20 @@ def quantized_names(meta: dict) -> dict[str, dict]:
 
 def quantized_parts(name: str, tensors: dict) -> list[str]:
     """Stored tensor names of quantized weight `name` (values, scale, optional input scale)."""
-    from .quant.formats import INPUT_SCALE_SUFFIX, SCALE_SUFFIX
-
     return [k for k in (name, name + SCALE_SUFFIX, name + INPUT_SCALE_SUFFIX) if k in tensors]
 
 
 def load_quantized(name: str, spec: dict, tensors: dict, path: str):
     """The validated QuantizedWeight for `name` (errors name the file)."""
-    from .quant.formats import QuantizedWeight
-
     try:
         return QuantizedWeight.from_stored(name, spec, tensors)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def check_artifact(tensors: dict[str, torch.Tensor], meta: dict, cfg: ModelConfig, path: str, progress=False) -> None:
-    """Keys and shapes against the config; quantized parts against their format; floats finite."""
-    from .checkpoint import expected_shapes
-
+def check_artifact_layout(tensors: dict[str, torch.Tensor], meta: dict, cfg: ModelConfig, path: str) -> list[str]:
+    """Keys and shapes against the config, quantized parts against their format; returns the names of
+    the float tensors (dense weights, scales) whose values the reader then checks (float, finite)."""
     specs = quantized_names(meta)
     check_layer_count(tensors, cfg.n_layer, path)  # before expected_shapes walks n_layer layers
     want = expected_shapes(cfg)
@@ -121,13 +118,11 @@ def check_artifact(tensors: dict[str, torch.Tensor], meta: dict, cfg: ModelConfi
         shapes[name] = tuple(want[name])
         float_names.update(k for k in quantized_parts(name, tensors) if k != name)  # scales must be finite
     check_keys_and_shapes(shapes, cfg, path)
-    check_values({k: tensors[k] for k in float_names if k in tensors}, path, progress=progress)
+    return [k for k in tensors if k in float_names]
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically write tensors + metadata (the file appears complete or not at all)."""
-    from safetensors.torch import save_file
-
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata={"edge_rwkv": json.dumps(meta, sort_keys=True)})

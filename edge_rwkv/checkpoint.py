@@ -1,4 +1,5 @@
-"""Reading, validating and naming RWKV-7 checkpoints: the one place that knows key names.
+"""Reading and validating RWKV-7 checkpoints, and translating other spellings of the weight names
+(trainer wrappers, the Hugging Face / fla layout) to the official ones that keys.py defines.
 
 Files are told apart by their bytes (never their file names):
   * official BlinkDL `.pth` (a torch zip or legacy pickle) — read with `weights_only=True` only;
@@ -9,49 +10,33 @@ RWKV-PEFT state-tuning files hold tuned initial states (see read_time_states).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import pickle
 import re
-import struct
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from . import artifact, safetensors_header
 from .config import ModelConfig
-from .errors import CheckpointError
-from .schema import Int, List, Obj, Opt, SchemaError, Str, load_json
-
-# Per-layer tensors of RWKV-7 x070 under `blocks.{i}.`; v0/v1/v2 are unused (and optional) in layer 0.
-ATT_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
-ATT_LORA = (("w1", "w2"), ("a1", "a2"), ("v1", "v2"), ("g1", "g2"))
-ATT_LINEARS = ("receptance", "key", "value", "output")
-LAYER0_OPTIONAL = {"att.v0", "att.v1", "att.v2"}
+from .errors import CheckpointError, StateError
+from .fileio import _umask as umask
+from .fileio import atomic_write_bytes, fsync_dir, sha256_file
+from .keys import check_keys_and_shapes, check_layer_count, expected_shapes, layer_indices
+from .progress import progress_iter
+from .safetensors_header import Header, HeaderError, looks_like_safetensors
+from .schema import SchemaError, load_json
 
 _STRIP_PREFIXES = ("_orig_mod.", "module.", "model.")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def layer_keys(i: int) -> list[str]:
-    """All tensor names of layer i in the official layout."""
-    keys = ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"]
-    if i == 0:
-        keys += ["ln0.weight", "ln0.bias"]
-    keys += [f"att.{n}" for n in ATT_VECTORS]
-    keys += [f"att.{n}" for pair in ATT_LORA for n in pair]
-    keys += [f"att.{n}.weight" for n in ATT_LINEARS]
-    keys += ["att.r_k", "att.ln_x.weight", "att.ln_x.bias", "ffn.x_k", "ffn.key.weight", "ffn.value.weight"]
-    return [f"blocks.{i}.{k}" for k in keys]
-
-
-def expected_keys(n_layer: int) -> set[str]:
-    keys = {"emb.weight", "ln_out.weight", "ln_out.bias", "head.weight"}
-    for i in range(n_layer):
-        keys.update(layer_keys(i))
-    return keys
 
 
 def canonical_name(name: str) -> str:
@@ -111,10 +96,8 @@ def sniff_format(path: str | os.PathLike) -> str:
     with open(p, "rb") as f:
         head = f.read(16)
     # safetensors first: its 8-byte header length may begin with any byte, 0x80 included
-    if len(head) >= 9:
-        (hlen,) = struct.unpack("<Q", head[:8])
-        if 2 <= hlen <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
+    if looks_like_safetensors(head, size):
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":
@@ -157,60 +140,16 @@ def _read_torch(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-# One entry of a safetensors header; sizes are checked against the file before any tensor is read.
-_TENSOR_ENTRY = Obj({"dtype": Str(16), "shape": List(Int(0, 1 << 40), 8), "data_offsets": List(Int(0), 2)})
-_ST_METADATA = Opt(Obj({}, extra=Str(1 << 26)))
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, dict]:
-    """(tensor index, metadata) from a safetensors header, every entry checked against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors header")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{path}: safetensors header length {hlen} exceeds the file ({size} bytes)")
-        try:
-            header = load_json(f.read(hlen))
-        except SchemaError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
-    meta = header.pop("__metadata__", None)
+def read_header(path: Path) -> Header:
+    """The safetensors header of a model file or shard, every entry checked against the file size."""
     try:
-        _ST_METADATA.check(meta, "__metadata__")
-    except SchemaError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    data_len = size - 8 - hlen
-    for name, info in header.items():
-        try:
-            _TENSOR_ENTRY.check(info, f"tensor '{name}'")
-        except SchemaError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        begin, end = info["data_offsets"] if len(info["data_offsets"]) == 2 else (-1, -1)
-        if begin < 0:
-            raise CheckpointError(f"{path}: tensor '{name}' has no valid data offsets")
-        if not (begin <= end <= data_len):
-            raise CheckpointError(
-                f"{path}: tensor '{name}' lies beyond the end of the file (truncated: needs {end} data bytes, has {data_len})"
-            )
-        itemsize = _ITEMSIZE.get(info["dtype"])
-        if itemsize is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has unknown dtype {info['dtype']!r}")
-        if math.prod(info["shape"]) * itemsize != end - begin:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) but "
-                                  f"{end - begin} data bytes")
-    return header, meta or {}
+        return safetensors_header.read(path)
+    except HeaderError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _read_safetensors(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
-
-    _, meta = read_safetensors_header(path)
+    meta = read_header(path).metadata
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = to_device_one_by_one(((k, f.get_tensor(k)) for k in f.keys()), device)
@@ -304,108 +243,14 @@ def derive_config(tensors: dict[str, torch.Tensor], path: str = "<memory>", shap
                        deep_embed=deep)
 
 
-def layer_indices(names, path: str) -> set[int]:
-    """The layer numbers that tensor names `blocks.{i}.…` mention (bounded: no huge numbers parsed)."""
-    out = set()
-    for k in names:
-        m = re.match(r"blocks\.(\d+)\.", k)
-        if m:
-            digits = m.group(1)
-            if len(digits) > 9:
-                raise CheckpointError(f"{path}: tensor '{k[:60]}' names layer {digits[:12]}…, beyond any model")
-            out.add(int(digits))
-    return out
-
-
-def check_layer_count(names, n_layer: int, path: str) -> None:
-    """The tensors hold layers 0 … n_layer-1, each with at least one tensor: checked before anything is
-    built or walked per layer, so a claimed or implied layer count can never exceed what the file holds."""
-    layers = layer_indices(names, path)
-    beyond = sorted(i for i in layers if i >= n_layer)[:5]
-    if beyond:
-        raise CheckpointError(f"{path}: tensors of layer(s) {beyond} but the model has {n_layer} layers")
-    if len(layers) < n_layer:  # the first few holes, found without building range(n_layer)
-        missing, i = [], 0
-        while len(missing) < 5 and i < n_layer:
-            if i not in layers:
-                missing.append(i)
-            i += 1
-        more = f" (+{n_layer - len(layers) - len(missing)} more)" if n_layer - len(layers) > len(missing) else ""
-        raise CheckpointError(f"{path}: layer(s) {missing}{more} have no tensors (found up to blocks.{max(layers, default=-1)})")
-
-
 def _pair(shape, name, path):
     if len(shape) != 2:
         raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}, expected 2 dimensions")
     return shape
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    C, F, V = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size
-    vec = (1, 1, C)
-    lora = {"w": cfg.decay_lora, "a": cfg.aaa_lora, "v": cfg.mv_lora, "g": cfg.gate_lora}
-    shapes = {"emb.weight": (V, C), "head.weight": (V, C), "ln_out.weight": (C,), "ln_out.bias": (C,)}
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        for k in layer_keys(i):
-            short = k[len(p):]
-            if short.startswith(("ln", "att.ln_x")):
-                shapes[k] = (C,)
-            elif short in ("att.r_k",):
-                shapes[k] = (cfg.n_head, cfg.head_size)
-            elif short.startswith("att.") and short[4:] in ATT_VECTORS or short == "ffn.x_k":
-                shapes[k] = vec
-            elif short.startswith("att.") and short[4:6] in ("w1", "a1", "v1", "g1"):
-                shapes[k] = (C, lora[short[4]])
-            elif short.startswith("att.") and short[4:6] in ("w2", "a2", "v2", "g2"):
-                shapes[k] = (lora[short[4]], C)
-            elif short in ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight"):
-                shapes[k] = (C, C)
-            elif short == "ffn.key.weight":
-                shapes[k] = (F, C)
-            elif short == "ffn.value.weight":
-                shapes[k] = (C, F)
-        if cfg.deep_embed:
-            shapes.update(deep_embed_shapes(cfg, i))
-    return shapes
-
-
-def deep_embed_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    """RWKV-7a's DeepEmbed tensors of layer i: a per-token D×D table (s_emb, plus s_emb_x applied to the
-    ln0-normed embedding) and the FFN-key scale around it (s1 [C, D], s2 [D, F], s0 [1, 1, F])."""
-    C, F, V, D = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.deep_embed
-    f = f"blocks.{i}.ffn."
-    return {f + "s_emb.weight": (V, D * D), f + "s_emb_x.weight": (D * D, C), f + "s0": (1, 1, F),
-            f + "s1": (C, D), f + "s2": (D, F)}
-
-
-def _same_shape(actual, expected) -> bool:
-    # Vectors are [1,1,C] officially; [C] is accepted too (some exporters squeeze them).
-    if tuple(actual) == tuple(expected):
-        return True
-    return len(expected) == 3 and expected[:2] == (1, 1) and tuple(actual) == (expected[2],)
-
-
-def check_keys_and_shapes(shapes: dict[str, tuple], cfg: ModelConfig, path: str, extra_ok=lambda k: False) -> None:
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(shapes) - {f"blocks.0.{k}" for k in LAYER0_OPTIONAL})
-    if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{more}")
-    optional0 = {f"blocks.0.{k}" for k in LAYER0_OPTIONAL}
-    unexpected = sorted(k for k in shapes if k not in want and not extra_ok(k))
-    if unexpected:
-        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}{more} — not part of RWKV-7 x070")
-    for k, shp in shapes.items():
-        if k in want and not _same_shape(shp, want[k]) and not (k in optional0 and len(shp) in (2, 3)):
-            raise CheckpointError(f"{path}: tensor '{k}' has shape {list(shp)}, expected {list(want[k])}")
-
-
 def check_values(tensors: dict[str, torch.Tensor], path: str, names=None, progress: bool = False) -> None:
     """Floating dtype and finite values, tensor by tensor (names default to all)."""
-    from .progress import progress_iter
-
     names = list(names if names is not None else tensors)
     for k in progress_iter(names, desc="validating", enabled=progress):
         t = tensors[k]
@@ -430,8 +275,6 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, progress: bool = False, device: str | torch.device = "cpu") -> Checkpoint:
     """Read any supported model file, validate it fully, and return tensors under official names on `device`."""
-    from . import artifact
-
     if Path(path).is_dir():
         if not is_hf_folder(path):
             raise CheckpointError(f"{path}: is a directory without {HF_CONFIG}, expected a model file or a "
@@ -441,7 +284,7 @@ def load_checkpoint(path: str | os.PathLike, progress: bool = False, device: str
     p = str(path)
     if meta:
         cfg = artifact.config_from_metadata(meta, p)
-        artifact.check_artifact(tensors, meta, cfg, p, progress=progress)
+        check_values(tensors, p, artifact.check_artifact_layout(tensors, meta, cfg, p), progress=progress)
         return Checkpoint(p, tensors, cfg, meta)
     cfg = derive_config(tensors, p)
     check_keys_and_shapes({k: tuple(v.shape) for k, v in tensors.items()}, cfg, p)
@@ -623,8 +466,7 @@ def _hf_headers(folder: Path) -> tuple[dict[str, Path], dict[str, tuple], dict[s
         if fmt != "safetensors":
             raise CheckpointError(f"{f}: holds a torch pickle, not safetensors; a Hugging Face folder is read "
                                   "only from safetensors (nothing was unpickled)")
-        header, _ = read_safetensors_header(f)
-        for name, info in header.items():
+        for name, info in read_header(f).tensors.items():
             if name in where:
                 raise CheckpointError(f"{folder}: tensor '{name}' is in both {where[name].name} and {f.name}")
             where[name], shapes[name], dtypes[name] = f, tuple(info.get("shape", ())), str(info.get("dtype"))
@@ -706,8 +548,6 @@ def _check_hf_shapes(shapes: dict[str, tuple], cfg: ModelConfig, table: dict, ti
 
 def _read_hf_tensors(where: dict[str, Path]) -> dict[str, torch.Tensor]:
     """Every tensor of the folder, shard by shard through safetensors (memory-mapped; no pickle)."""
-    from safetensors import SafetensorError, safe_open
-
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, f in where.items():
@@ -777,14 +617,6 @@ def write_hf_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], c
                     dtype: torch.dtype) -> None:
     """Write config.json + model.safetensors into a new folder: built beside it, then renamed into place,
     so the folder appears complete or not at all."""
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    from .fileio import _umask as umask
-    from .fileio import atomic_write_bytes, fsync_dir
-
     dest = Path(path)
     if cfg.deep_embed:
         raise CheckpointError(f"{dest}: the fla layout has no RWKV-7a DeepEmbed tensors; keep this model as an "
@@ -809,10 +641,6 @@ def write_hf_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], c
 
 def source_sha256(path: str | os.PathLike) -> str:
     """Digest of a model's bytes: the file, or a Hugging Face folder's config and weight files in order."""
-    import hashlib
-
-    from .fileio import sha256_file
-
     p = Path(path)
     if not p.is_dir():
         return sha256_file(p)
@@ -837,8 +665,6 @@ def read_time_states(path: str | os.PathLike, cfg: ModelConfig) -> torch.Tensor:
     """The tuned WKV states [L, H, N, N] (fp32) of a state-tuning file (.pth or safetensors) for this model.
 
     Other tensors in the file are ignored (a file RWKV-PEFT merged into a model holds the weights too)."""
-    from .errors import StateError
-
     try:
         tensors, _ = read_tensors(path)
     except CheckpointError as e:

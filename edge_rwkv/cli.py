@@ -146,7 +146,7 @@ def parameter_count(cfg) -> int:
     """Logical parameters (layer-0 v0/v1/v2 excluded: unused), whatever the storage format."""
     import math
 
-    from .checkpoint import expected_shapes
+    from .keys import expected_shapes
 
     return sum(math.prod(shape) for shape in expected_shapes(cfg).values())
 

@@ -136,7 +136,7 @@ def get_device(name: str) -> DeviceProfile:
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from .checkpoint import expected_shapes
+    from .keys import expected_shapes
 
     return expected_shapes(cfg)
 
@@ -249,7 +249,7 @@ def config_of(model: str) -> ModelConfig:
         return preset
     from pathlib import Path
 
-    from .checkpoint import derive_config, is_hf_folder, load_checkpoint, read_safetensors_header
+    from .checkpoint import derive_config, is_hf_folder, load_checkpoint, read_header
     from .errors import CheckpointError
 
     path = Path(model)
@@ -260,10 +260,10 @@ def config_of(model: str) -> ModelConfig:
         raise InputError(f"{model}: no such model file (or use a preset: {names})")
     if path.suffix == ".safetensors":
         try:
-            header, meta = read_safetensors_header(path)
-            if "config" in meta or any(k.endswith(".scale") for k in header):
+            header = read_header(path)
+            if "config" in header.metadata or any(k.endswith(".scale") for k in header.tensors):
                 raise CheckpointError("artifact: read fully")
-            return derive_config({}, str(path), shapes={k: tuple(v["shape"]) for k, v in header.items()})
+            return derive_config({}, str(path), shapes={k: tuple(v["shape"]) for k, v in header.tensors.items()})
         except CheckpointError:
             pass
     return load_checkpoint(path).config

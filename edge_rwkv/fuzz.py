@@ -19,15 +19,20 @@ from __future__ import annotations
 import io
 import json
 import random
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 
+from . import state_quant
+from .checkpoint import Checkpoint, derive_config, load_checkpoint
 from .errors import EdgeRWKVError
+from .safetensors_header import LENGTH, declared_length
+from .state import State
+from .synthetic import random_checkpoint
 
 READERS = ("state", "int8-state", "artifact", "safetensors", "pth")
 SLOW_CASE_S = 5.0
@@ -62,14 +67,10 @@ class Report:
 
 def _tiny_checkpoint(n_embd: int = 64) -> dict[str, torch.Tensor]:
     """Two layers, small enough that reading one takes milliseconds (the artifact needs 128: int4 groups)."""
-    from .synthetic import random_checkpoint
-
     return {k: v.half() for k, v in random_checkpoint(2, n_embd, 32, vocab_size=64, seed=0).items()}
 
 
 def _seed_state():
-    from .state import State
-
     g = torch.Generator().manual_seed(0)
     return State(torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 2, 32, 32, generator=g),
                  torch.randn(2, 1, 64, generator=g), fingerprint="f" * 64, tokens=1234)
@@ -80,22 +81,15 @@ def seed_bytes(reader: str) -> bytes:
     if reader == "state":
         return _seed_state().to_bytes()
     if reader == "int8-state":
-        from .state_quant import quantize_state, to_bytes
-
-        return to_bytes(quantize_state(_seed_state()))
+        return state_quant.to_bytes(state_quant.quantize_state(_seed_state()))
     sd = _tiny_checkpoint(128 if reader == "artifact" else 64)
     if reader == "safetensors":
-        from safetensors.torch import save
-
         return save(sd)
     if reader == "pth":
         buf = io.BytesIO()
         torch.save(sd, buf)
         return buf.getvalue()
     if reader == "artifact":
-        from safetensors.torch import save
-
-        from .checkpoint import Checkpoint, derive_config
         from .quant.policy import QuantPolicy
         from .quantize import quantize_checkpoint
 
@@ -108,15 +102,9 @@ def seed_bytes(reader: str) -> bytes:
 def read(reader: str, path: Path):
     """Run the reader the product uses for this kind of file."""
     if reader == "state":
-        from .state import State
-
         return State.load(path)
     if reader == "int8-state":
-        from .state_quant import load_quantized
-
-        return load_quantized(path, dequantize=False)
-    from .checkpoint import load_checkpoint
-
+        return state_quant.load_quantized(path, dequantize=False)
     return load_checkpoint(path)
 
 
@@ -124,11 +112,8 @@ def read(reader: str, path: Path):
 
 def _header_span(data: bytes) -> int:
     """Bytes 0 … end of the safetensors header (the whole file when it is not one)."""
-    if len(data) >= 8:
-        (n,) = struct.unpack("<Q", data[:8])
-        if n <= len(data) - 8:
-            return 8 + n
-    return len(data)
+    n = declared_length(data)
+    return LENGTH.size + n if n is not None and n <= len(data) - LENGTH.size else len(data)
 
 
 def _flip(data: bytearray, rng: random.Random, lo: int, hi: int) -> None:
@@ -175,7 +160,7 @@ def _replace_json_value(text: str, rng: random.Random) -> str | None:
 def _with_header(data: bytes, header_text: str) -> bytes:
     raw = header_text.encode("utf-8", "surrogatepass")
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[_header_span(data):]
+    return LENGTH.pack(len(raw)) + raw + data[_header_span(data):]
 
 
 def _structured(data: bytes, rng: random.Random) -> bytes | None:

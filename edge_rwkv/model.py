@@ -164,7 +164,8 @@ class RWKV7:
         return self.emb.device
 
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = True):
-        """tokens [B,T] int64 → logits [B,T,V] (or [B,V] for the last token) fp32, new State."""
+        """tokens [B,T] int64 → logits [B,T,V] (or [B,V] for the last token) fp32, new State (counting
+        the T tokens read on top of `state`'s count; one count, as the State keeps for its batch)."""
         x = self.emb[tokens].float()
         att_x, wkv_s, ffn_x = [], [], []
         v_first = None
@@ -179,7 +180,8 @@ class RWKV7:
         if not all_logits:
             x = x[:, -1]
         logits = self.head(layer_norm(x, self.ln_out).to(self.dtype)).float()
-        new_state = State(torch.stack(att_x), torch.stack(wkv_s), torch.stack(ffn_x), state.fingerprint)
+        new_state = State(torch.stack(att_x), torch.stack(wkv_s), torch.stack(ffn_x), state.fingerprint,
+                          state.tokens + tokens.shape[1])
         return logits, new_state
 
     def time_mix(self, L: Layer, x, prev_x, S, v_first, first_layer: bool):

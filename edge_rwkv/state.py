@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
+from . import safetensors_header
 from .errors import StateError
 from .fileio import atomic_write_bytes
+from .safetensors_header import Header, HeaderError, HeaderNotJSON, HeaderTooLarge, HeaderTruncated
 from .schema import Int, Obj, SchemaError, Str, load_json
 
 STATE_FORMAT = "edge-rwkv-state"
@@ -109,13 +111,11 @@ class State:
 
     # -- files
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
         tensors = {k: getattr(self, k).detach().float().contiguous().cpu() for k in ("att_x", "wkv", "ffn_x")}
         meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "tokens": int(self.tokens), **self.dims()}
         meta["sha256"] = _digest(tensors, meta)
-        return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        return safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic: the file is either the previous one or this state, complete (temp + fsync + rename)."""
@@ -141,13 +141,8 @@ class State:
 def is_state_file(path: str | os.PathLike) -> bool:
     """Whether `path` holds an edge-rwkv state file (safetensors whose header carries our state metadata)."""
     try:
-        with open(path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            if hlen > MAX_STATE_FILE:
-                return False
-            header = json.loads(f.read(hlen))
-        return isinstance(header, dict) and _META_KEY in (header.get("__metadata__") or {})
-    except (OSError, ValueError, struct.error, TypeError, AttributeError):
+        return _META_KEY in safetensors_header.read(path, MAX_HEADER).metadata
+    except (OSError, HeaderError):
         return False
 
 
@@ -174,25 +169,33 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None, order=("
     return h.hexdigest()
 
 
-def read_header_meta(data: bytes, name: str, meta_key: str, fmt: str, versions: tuple[int, ...], schema: Obj,
-                     what: str = "edge-rwkv state file") -> tuple[dict, dict, int]:
-    """(safetensors header, our metadata, header length) of a state-like file: format and version
-    first, then every field against `schema` (types and ranges), before any tensor is read."""
-    if len(data) < 8:
-        raise StateError(f"{name}: truncated state file ({len(data)} bytes)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise StateError(f"{name}: truncated state file (header claims {hlen} bytes, file has {len(data)})")
-    if hlen > MAX_HEADER:
-        raise StateError(f"{name}: state header of {hlen} bytes is larger than any state's")
+def _state_error(e: HeaderError, name: str, what: str) -> StateError:
+    if isinstance(e, HeaderTruncated):
+        return StateError(f"{name}: truncated state file ({e})")
+    if isinstance(e, HeaderTooLarge):
+        return StateError(f"{name}: state header is larger than any state's ({e})")
+    if isinstance(e, HeaderNotJSON):
+        return StateError(f"{name}: not an {what} (no valid metadata)")
+    return StateError(f"{name}: {e}")
+
+
+def read_header_meta(source: bytes | Path, name: str, meta_key: str, fmt: str, versions: tuple[int, ...],
+                     schema: Obj, what: str = "edge-rwkv state file") -> tuple[Header, dict]:
+    """(safetensors header, our metadata) of a state-like file — its bytes, or its path (then only the
+    header is read): format and version first, then every field against `schema` (types and ranges),
+    before any tensor is read."""
     try:
-        header = load_json(data[8:8 + hlen])
-        meta = load_json(header["__metadata__"][meta_key])
-    except (SchemaError, KeyError, TypeError):
+        header = (safetensors_header.read(source, MAX_HEADER) if isinstance(source, Path)
+                  else safetensors_header.parse(source, max_header=MAX_HEADER))
+    except HeaderError as e:
+        raise _state_error(e, name, what) from None
+    try:
+        meta = load_json(header.metadata[meta_key])
+    except (SchemaError, KeyError):
         raise StateError(f"{name}: not an {what} (no valid metadata)") from None
-    if not isinstance(header, dict) or not isinstance(meta, dict) or meta.get("format") != fmt:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise StateError(f"{name}: not an {what}")
-    if set(header["__metadata__"]) != {meta_key}:  # nothing in the header escapes the checks and the checksum
+    if set(header.metadata) != {meta_key}:  # nothing in the header escapes the checks and the checksum
         raise StateError(f"{name}: unexpected metadata keys in a state file")
     version = meta.get("format_version")
     if isinstance(version, bool) or version not in versions:
@@ -204,47 +207,37 @@ def read_header_meta(data: bytes, name: str, meta_key: str, fmt: str, versions: 
         raise StateError(f"{name}: state metadata is invalid: {e}") from None
     if meta["n_head"] * meta["head_size"] != meta["n_embd"]:
         raise StateError(f"{name}: state metadata is inconsistent (n_head × head_size ≠ n_embd)")
-    return header, meta, hlen
+    return header, meta
 
 
-def check_tensor_entries(header: dict, expected: dict[str, tuple[str, list[int], int]], data_len: int,
-                         name: str) -> None:
-    """Exactly the expected tensors, each of its dtype and shape, its bytes inside the file."""
-    extra = sorted(k for k in header if k != "__metadata__" and k not in expected)
+def check_tensor_entries(header: Header, expected: dict[str, tuple[str, list[int]]], name: str) -> None:
+    """Exactly the expected tensors, each of its dtype and shape (the header reader has already checked
+    that each one's bytes lie inside the file and match its dtype and shape)."""
+    extra = sorted(k for k in header.tensors if k not in expected)
     if extra:
         raise StateError(f"{name}: unexpected tensor(s) {extra[:3]} in a state file")
-    for k, (dt, shape, esize) in expected.items():
-        info = header.get(k)
-        if not isinstance(info, dict) or info.get("dtype") != dt or info.get("shape") != shape:
+    for k, (dt, shape) in expected.items():
+        info = header.tensors.get(k)
+        if info is None or info["dtype"] != dt or info["shape"] != shape:
             raise StateError(f"{name}: tensor '{k}' is missing or has the wrong shape/dtype (expected {dt} {shape})")
-        off = info.get("data_offsets")
-        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) for o in off)
-                or not 0 <= off[0] <= off[1] <= data_len or off[1] - off[0] != math.prod(shape) * esize):
-            raise StateError(f"{name}: tensor '{k}' has bad data offsets (truncated or corrupt file)")
 
 
 def read_state_header(path: str | os.PathLike) -> dict:
     """A state file's metadata (format, version and fields checked; tensors and checksum not read)."""
     p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(8)
-        hlen = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        data = head + f.read(min(hlen, MAX_HEADER))
-    return read_header_meta(data, str(p), _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)[1]
+    return read_header_meta(p, str(p), _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)[1]
 
 
 def _read_state_meta(data: bytes, name: str) -> dict:
-    header, meta, hlen = read_header_meta(data, name, _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)
+    header, meta = read_header_meta(data, name, _META_KEY, STATE_FORMAT, READS_VERSIONS, STATE_SCHEMA)
     L, B, C, H, N = (meta[k] for k in ("n_layer", "batch", "n_embd", "n_head", "head_size"))
-    check_tensor_entries(header, {"att_x": ("F32", [L, B, C], 4), "ffn_x": ("F32", [L, B, C], 4),
-                                  "wkv": ("F32", [L, B, H, N, N], 4)}, len(data) - 8 - hlen, name)
+    check_tensor_entries(header, {"att_x": ("F32", [L, B, C]), "ffn_x": ("F32", [L, B, C]),
+                                  "wkv": ("F32", [L, B, H, N, N])}, name)
     return meta
 
 
 def _read_state_tensors(data: bytes, name: str, meta: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     try:
-        return load(data)
+        return safetensors_load(data)
     except Exception as e:  # safetensors raises its own error type for truncated buffers
         raise StateError(f"{name}: corrupt or truncated state file ({e})") from None

@@ -27,11 +27,13 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from .errors import StateError
 from .fileio import atomic_write_bytes
 from .schema import Obj, Str
-from .state import STATE_FIELDS, State, _digest as state_digest, check_tensor_entries, read_state_file
+from .state import STATE_FIELDS, State, _digest as state_digest, check_tensor_entries, read_header_meta, read_state_file
 
 QSTATE_FORMAT = "edge-rwkv-qstate"
 QSTATE_VERSION = 2
@@ -115,13 +117,11 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
 
 
 def to_bytes(q: QuantizedState) -> bytes:
-    from safetensors.torch import save
-
     tensors = {k: getattr(q, k).detach().contiguous().cpu() for k in _ORDER}
     meta = {"format": QSTATE_FORMAT, "format_version": QSTATE_VERSION, "quant": "int8",
             "granularity": q.granularity, "fingerprint": q.fingerprint, "tokens": int(q.tokens), **q.dims()}
     meta["sha256"] = _digest(tensors, meta)
-    return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    return safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def save_quantized(state: State | QuantizedState, path: str | os.PathLike, granularity: str = "head_row") -> int:
@@ -144,11 +144,9 @@ def load_quantized(path: str | os.PathLike, device="cpu", expect_fingerprint: st
 
 
 def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | None = None) -> QuantizedState:
-    meta, header = _read_meta(data, name)
-    from safetensors.torch import load
-
+    meta = _read_meta(data, name)
     try:
-        tensors = load(data)
+        tensors = safetensors_load(data)
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
         raise StateError(f"{name}: corrupt or truncated state file ({e})") from None
     if _digest(tensors, meta if meta["format_version"] >= 2 else None) != meta["sha256"]:
@@ -165,17 +163,15 @@ def from_bytes(data: bytes, name: str = "<bytes>", expect_fingerprint: str | Non
                           meta["granularity"], meta["fingerprint"], int(meta["tokens"]))
 
 
-def _read_meta(data: bytes, name: str) -> tuple[dict, dict]:
-    from .state import read_header_meta
-
-    header, meta, hlen = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, READS_VERSIONS, QSTATE_SCHEMA,
-                                          "edge-rwkv int8 state file")
+def _read_meta(data: bytes, name: str) -> dict:
+    header, meta = read_header_meta(data, name, _META_KEY, QSTATE_FORMAT, READS_VERSIONS, QSTATE_SCHEMA,
+                                   "edge-rwkv int8 state file")
     L, B, C, H, N = (meta[k] for k in ("n_layer", "batch", "n_embd", "n_head", "head_size"))
     check_tensor_entries(header, {
-        "att_x": ("F32", [L, B, C], 4), "ffn_x": ("F32", [L, B, C], 4), "wkv_q": ("I8", [L, B, H, N, N], 1),
-        "wkv_scale": ("F16", [L, B, H, N] if meta["granularity"] == "head_row" else [L, B, N], 2),
-    }, len(data) - 8 - hlen, name)
-    return meta, header
+        "att_x": ("F32", [L, B, C]), "ffn_x": ("F32", [L, B, C]), "wkv_q": ("I8", [L, B, H, N, N]),
+        "wkv_scale": ("F16", [L, B, H, N] if meta["granularity"] == "head_row" else [L, B, N]),
+    }, name)
+    return meta
 
 
 # --------------------------------------------------------------------------- measuring the effect

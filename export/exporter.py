@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,20 +131,3 @@ def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, optio
             for p in problems:
                 log(f"lint [{name}, TensorRT {target}] {p}")
     return manifest
-
-
-def tool_versions() -> dict:
-    import numpy
-    import torch
-
-    import edge_rwkv
-
-    v = {"edge_rwkv": edge_rwkv.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
-         "numpy": numpy.__version__, "python": platform.python_version()}
-    try:
-        import onnxruntime
-
-        v["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        v["onnxruntime"] = None
-    return v

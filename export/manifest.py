@@ -27,6 +27,8 @@ from pathlib import Path
 from edge_rwkv.errors import InputError
 from edge_rwkv.fileio import atomic_write_bytes, sha256_file
 
+from .versions import tool_versions
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "edge-rwkv-export"
 FORMAT_VERSION = 2
@@ -127,7 +129,6 @@ def file_table(folder: Path, names) -> dict:
 def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str | None) -> dict:
     from edge_rwkv.tokenizer import END_OF_TEXT, WorldTokenizer
 
-    from .exporter import tool_versions
     from .onnx_graph import IR_VERSION, OPSET, WKV_DOMAIN, WKV_NAME
     from .reference import reference_fingerprint
     from .weights import WEIGHTS_FILE

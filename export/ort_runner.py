@@ -61,8 +61,7 @@ class OrtGraph:
         feeds = {k: v.cpu().numpy() for k, v in state_feeds(state).items()}
         feeds["tokens"] = ids
         outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        new = state_from_outputs(outs, self.n_layer, state)
-        new.tokens = state.tokens + self.tokens
+        new = state_from_outputs(outs, self.n_layer, state, self.tokens)
         return torch.from_numpy(outs["logits"]), new
 
 

@@ -28,14 +28,15 @@ def state_feeds(state: State) -> dict[str, torch.Tensor]:
     return feeds
 
 
-def state_from_outputs(outputs: dict[str, torch.Tensor | np.ndarray], n_layer: int, like: State) -> State:
-    """A new State from the graph's `{part}_out.{i}` outputs (fingerprint kept from `like`)."""
+def state_from_outputs(outputs: dict[str, torch.Tensor | np.ndarray], n_layer: int, like: State,
+                       read: int) -> State:
+    """The State after a graph read `read` tokens from `like`, from its `{part}_out.{i}` outputs."""
     def get(name):
         t = outputs[name]
         return torch.from_numpy(np.asarray(t)) if not isinstance(t, torch.Tensor) else t
 
     stacked = {p: torch.stack([get(f"{p}_out.{i}") for i in range(n_layer)]) for p in PARTS}
-    return State(stacked["att_x"], stacked["wkv"], stacked["ffn_x"], like.fingerprint, like.tokens)
+    return State(stacked["att_x"], stacked["wkv"], stacked["ffn_x"], like.fingerprint, like.tokens + read)
 
 
 def run_sequence(decode, prefill, tokens, state: State):

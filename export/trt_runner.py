@@ -75,8 +75,7 @@ class TrtGraph:
                 raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()
         outs = {n: self.buffers[n].clone() for n in self.outputs}
-        new = state_from_outputs(outs, self.n_layer, state)
-        new.tokens = state.tokens + self.tokens
+        new = state_from_outputs(outs, self.n_layer, state, self.tokens)
         return outs["logits"], new
 
 

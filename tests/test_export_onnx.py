@@ -557,9 +557,9 @@ def test_bad_quantized_artifact(tmp_path):
     path = _quantized_artifact(tmp_path / "q.safetensors", "int4")
     from safetensors.torch import load_file, save_file
     import json
-    from edge_rwkv.checkpoint import read_safetensors_header
+    from edge_rwkv.safetensors_header import read
 
-    _, meta = read_safetensors_header(path)
+    meta = read(path).metadata
     t = load_file(str(path))
     t["blocks.0.att.key.weight"] = t["blocks.0.att.key.weight"][:, :-1].contiguous()  # truncated packed data
     save_file(t, str(path), metadata=meta)

@@ -246,8 +246,7 @@ def test_hf_output_never_replaces_an_existing_folder(sd, tmp_path, capsys):
 
 def test_hf_output_is_all_or_nothing(sd, tmp_path, monkeypatch):
     """A write that fails half-way leaves neither the folder nor its temporary sibling."""
-    import safetensors.torch
-
+    from edge_rwkv import checkpoint
     from edge_rwkv.checkpoint import write_hf_folder
     from edge_rwkv.config import ModelConfig
     from edge_rwkv.checkpoint import derive_config
@@ -256,7 +255,7 @@ def test_hf_output_is_all_or_nothing(sd, tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
     with pytest.raises(OSError):
         write_hf_folder(tmp_path / "out", sd, derive_config(sd), torch.float32)
     assert list(tmp_path.iterdir()) == []

@@ -130,6 +130,30 @@ def test_batch_equals_single_runs(case):
         torch.testing.assert_close(out[i], single, rtol=0, atol=2e-5 * float(single.std()))
 
 
+def test_forward_carries_the_token_count(tmp_path):
+    """The network's forward returns the state counting what it read: a whole prompt, a prompt read in
+    chunks, a batch, and single decode steps — no caller adds the count afterwards."""
+    sd = random_checkpoint(2, 64, 32, vocab_size=VOCAB, seed=5)
+    m = edge_rwkv.load(write(sd, tmp_path, "m", "safetensors"))
+    ids = torch.tensor([TOKENS])
+    _, st = m.net.forward(ids, m.new_state())
+    assert st.tokens == len(TOKENS)
+    _, st = m.net.forward(ids[:, :3], st, all_logits=False)  # continues from the count it is given
+    assert st.tokens == len(TOKENS) + 3
+    for chunk in (5, len(TOKENS)):  # chunked prefill: each chunk's forward adds its own tokens
+        _, pre = m.runner.prefill(TOKENS, m.new_state(), chunk=chunk)
+        assert pre.tokens == len(TOKENS)
+    _, batched = m.net.forward(torch.tensor([TOKENS[:4], TOKENS[4:8]]), m.new_state(2))
+    assert batched.tokens == 4  # one count for the batch, as the State keeps it
+    step = pre
+    for t in (7, 8, 9):  # decode steps, one token each
+        _, step = m.net.forward(torch.tensor([[t]]), step, all_logits=False)
+    assert step.tokens == len(TOKENS) + 3 and pre.tokens == len(TOKENS)  # the given state is untouched
+    _, api_state = m.forward([7, 8, 9], pre)
+    assert api_state.tokens == step.tokens
+    torch.testing.assert_close(api_state.wkv, step.wkv)
+
+
 def test_generate_greedy_is_argmax_decoding(case):
     m = edge_rwkv.load(write(case["sd"], case["folder"], "m", "safetensors"))
     prompt = TOKENS[:6]

@@ -303,7 +303,7 @@ def test_failed_rename_keeps_old_file(model, used_state, tmp_path, monkeypatch):
 
 
 def test_failed_serialisation_keeps_old_file(model, used_state, tmp_path, monkeypatch):
-    import safetensors.torch as st
+    from edge_rwkv import state as state_module
 
     path = tmp_path / "keep.state"
     used_state.save(path)
@@ -312,7 +312,7 @@ def test_failed_serialisation_keeps_old_file(model, used_state, tmp_path, monkey
     def boom(*a, **k):
         raise RuntimeError("serialisation failed midway")
 
-    monkeypatch.setattr(st, "save", boom)
+    monkeypatch.setattr(state_module, "safetensors_save", boom)
     with pytest.raises(RuntimeError):
         used_state.save(path)
     monkeypatch.undo()

@@ -170,9 +170,15 @@ class BatchEngine:
         """Free the slot and return its state (batch 1, on the engine's device)."""
         s = self._slot(slot)
         self._halt(slot, s)
-        st = self.state.select(slot)
-        st.tokens = s.tokens
+        st = self._row_state(slot)
         self.slots[slot] = None
+        return st
+
+    def _row_state(self, i: int) -> State:
+        """Slot i's state (batch 1) with the slot's token count: the engine's batch state is shared by
+        sequences of different lengths, so each one's count is kept in its slot."""
+        st = self.state.select(i)
+        st.tokens = self.slots[i].tokens
         return st
 
     def busy(self, slot: int) -> bool:
@@ -277,9 +283,7 @@ class BatchEngine:
     def _snapshot(self, i: int, s: Slot, logits) -> None:
         if s.snapshots and s.read == s.snapshots[0]:
             s.snapshots.pop(0)
-            st = self.state.select(i)
-            st.tokens = s.tokens
-            s.on_snapshot(i, s.read, st, logits)
+            s.on_snapshot(i, s.read, self._row_state(i), logits)
 
     def _piece(self, n: int, chunk: int) -> int:
         """Tokens to read in one prefill forward: a full chunk (replayed from its captured graph on a
@@ -314,17 +318,15 @@ class BatchEngine:
                     break
                 part, s.pending = s.pending[:n], s.pending[n:]
                 ids = torch.tensor([part], dtype=torch.long, device=self.device)
-                row = self.state.select(i)
-                logits, new = self.runner.read(ids, row, chunk)
+                logits, new = self.runner.read(ids, self._row_state(i), chunk)
                 self._write_row(i, new)
                 self.logits[i].copy_(logits[0])
-                s.tokens += n
+                s.tokens = new.tokens
                 s.read += n
                 if budget is not None:
                     budget -= n
                 if s.snapshots and s.read == s.snapshots[0]:
                     s.snapshots.pop(0)
-                    new.tokens = s.tokens
                     s.on_snapshot(i, s.read, new, None if s.pending else logits[0])
             if s.forced or s.forcing:
                 continue

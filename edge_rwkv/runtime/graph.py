@@ -112,5 +112,6 @@ class PrefillGraph:
                 self.state.copy_(state)
                 self.graph.replay()
             # copies made outside inference mode: ordinary tensors, like the eager forward's
-            out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint)
+            out = State(self.out.att_x.clone(), self.out.wkv.clone(), self.out.ffn_x.clone(), state.fingerprint,
+                        state.tokens + self.T)
             return self.logits.clone(), out

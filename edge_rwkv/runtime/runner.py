@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from ..quant.linear import quantized_linears
 from ..state import State
 from .fused import fused_step_supported, pack_layers
 from .graph import GraphStep, PrefillGraph
@@ -40,8 +41,6 @@ def prefill_chunk_for(net) -> int:
 
 
 def _is_quantized(net) -> bool:
-    from ..quant.linear import quantized_linears
-
     return bool(quantized_linears(net))
 
 
@@ -112,9 +111,7 @@ class Runner:
         shorter piece runs eagerly."""
         chunk = chunk or self.chunk
         g = self.prefill_graph(chunk, state) if ids.shape[1] == chunk else None
-        logits, new = g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)
-        new.tokens = state.tokens + ids.shape[1]
-        return logits, new
+        return g.run(ids, state) if g is not None else self.net.forward(ids, state, all_logits=False)
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], state: State, chunk: int | None = None) -> tuple[torch.Tensor, State]:
