@@ -379,6 +379,11 @@ def deep_embed_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
             f + "s1": (C, D), f + "s2": (D, F)}
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Logical parameters (layer-0 v0/v1/v2 excluded: unused), whatever the storage format."""
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+
+
 def _same_shape(actual, expected) -> bool:
     # Vectors are [1,1,C] officially; [C] is accepted too (some exporters squeeze them).
     if tuple(actual) == tuple(expected):

@@ -119,7 +119,7 @@ def test_quantize_device_argument_and_cpu_load_keeps_dense_table(tmp_path):
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.checkpoint import load_checkpoint
     from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.quant.transform import quantize_checkpoint
 
     src = tmp_path / "m.pth"
     torch.save(random_checkpoint(1, 64, 32, vocab_size=VOCAB, seed=5), src)
