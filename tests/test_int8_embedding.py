@@ -1,7 +1,7 @@
 """The int8 embedding table (model.Int8Rows): per-row rounding bound, indexing, and a model built with it.
 
 On CUDA, a model loaded from an artifact with an int8 embedding keeps its ln0-folded table as Int8Rows
-(api.keeps_int8_embedding); here, on the CPU, the same table is built through build_model(int8_embedding=True).
+(quant/load.keeps_int8_embedding); here, on the CPU, the same table is built through build_model(int8_embedding=True).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_model_with_int8_embedding_close_to_dense(nets):
 
 
 def test_keeps_int8_embedding_only_on_cuda_for_int8_tables():
-    from edge_rwkv.api import keeps_int8_embedding
+    from edge_rwkv.quant.load import keeps_int8_embedding
 
     int8 = {"emb.weight": {"format": "int8", "bits": 8, "group": None, "version": 1, "shape": [4, 4]}}
     assert keeps_int8_embedding(int8, torch.device("cuda"))
