@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from .extras import install_hint, require
-from .model import Int8Rows
+from .quant.formats import Int8Rows
 
 HEAD_SIZE = 64
 VOCAB = 65536
