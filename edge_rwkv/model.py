@@ -32,6 +32,9 @@ class Linear(Protocol):
 
 
 class DenseLinear:
+    """The dense Linear: W kept as given (the model dtype); x is cast to W's dtype. The quantized one is
+    quant/linear.QuantLinear."""
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
