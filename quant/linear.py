@@ -237,17 +237,19 @@ def quantized_linears(net) -> list[QuantLinear]:
 
 
 def dense_or_quant_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec | Mapping | None,
-                          shape=None, **kw) -> Linear:
-    """Linear for weight ``name`` from the artifact's tensors: ``DenseLinear`` when ``spec`` is None,
-    else ``QuantLinear`` (``spec`` a QuantSpec plus ``shape``, or the per-tensor metadata dict)."""
+                          shape=None, dtype: torch.dtype | None = None, device=None, **kw) -> Linear:
+    """Linear for weight ``name`` from the artifact's tensors, on ``device`` (default: where it is):
+    ``DenseLinear`` in ``dtype`` (default: as stored) when ``spec`` is None, else ``QuantLinear``
+    (``spec`` a QuantSpec plus ``shape``, or the per-tensor metadata dict; ``kw`` go to QuantLinear)."""
     if spec is None:
         if name not in tensors:
             raise CheckpointError(f"{name}: missing from the artifact")
-        return DenseLinear(tensors[name])
+        return DenseLinear(tensors[name].to(device=device, dtype=dtype))
     if isinstance(spec, QuantSpec):
         if shape is None:
             raise CheckpointError(f"{name}: the logical shape [out, K] is needed with a QuantSpec")
         meta = dict(spec.to_dict(), shape=list(shape))
     else:
         meta = dict(spec)
-    return QuantLinear.from_stored(name, meta, tensors, **kw)
+    lin = QuantLinear.from_stored(name, meta, tensors, **kw)
+    return lin if device is None else lin.to(device)

@@ -11,9 +11,9 @@ import torch
 
 from edge_rwkv.artifact import load_quantized
 from edge_rwkv.checkpoint import Checkpoint
-from edge_rwkv.model import DenseLinear
+from edge_rwkv.errors import CheckpointError
 
-from .linear import QuantLinear
+from .linear import dense_or_quant_linear
 
 CPU_DEQUANT_CACHE_BYTES = 1 << 30  # on a CPU, keep dequantized fp32 matrices when they all fit in this
 
@@ -37,10 +37,11 @@ def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, de
     cache = device.type == "cpu" and fp32_bytes <= CPU_DEQUANT_CACHE_BYTES
 
     def make_linear(name: str):
-        if name in specs:
-            qw = load_quantized(name, specs[name], ckpt.tensors, ckpt.path)
-            return QuantLinear(qw, cache_dequantized=cache).to(device)
-        return DenseLinear(tensors[name].to(device=device, dtype=dtype))
+        try:
+            return dense_or_quant_linear(tensors, name, specs.get(name), dtype=dtype, device=device,
+                                         cache_dequantized=cache)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
 
     return tensors, make_linear
 
