@@ -5,7 +5,7 @@ fp32 activations, on held-out text.
     python3 benchmarks/decode_quality.py [MODEL] [--tokens 4096] [--json OUT.json]
 
 Without MODEL: the embedded default model (int4 g128 GPTQ layers + head). Text: the held-out
-standard-library docstrings the default model never saw in training (edge_rwkv.training.build_corpus).
+standard-library docstrings the default model never saw in training (edge_rwkv.corpus.build_corpus).
 Needs a CUDA GPU (the GEMV kernels). Prints one table.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import edge_rwkv
     from edge_rwkv.default_model import default_model_path
     from edge_rwkv.tokenizer import default_tokenizer
-    from edge_rwkv.training import build_corpus
+    from edge_rwkv.corpus import build_corpus
 
     path = a.model or str(default_model_path())
     m = edge_rwkv.load(path, device="cuda")

@@ -22,7 +22,8 @@ from edge_rwkv.artifact import write_artifact
 from edge_rwkv.checkpoint import load_checkpoint
 from edge_rwkv.quality import compare
 from edge_rwkv.quant.policy import QuantPolicy
-from edge_rwkv.quantize import default_calibration_tokens, quantize_checkpoint
+from edge_rwkv.corpus import calibration_tokens
+from edge_rwkv.quant.transform import quantize_checkpoint
 
 VARIANTS = [  # name, policy
     ("int8 (rtn)", QuantPolicy(bits=8)),
@@ -56,7 +57,7 @@ def main(argv=None):
     tokens = heldout_tokens(args, ref.tokenizer)[: args.max_tokens]
     ckpt = load_checkpoint(args.model)
     fp16_bytes = sum(t.numel() for t in ckpt.tensors.values()) * 2
-    calib = default_calibration_tokens(ref.tokenizer, args.calib_tokens)
+    calib = calibration_tokens(ref.tokenizer, args.calib_tokens)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, policy in VARIANTS:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from .checkpoint import Checkpoint, load_checkpoint, read_time_states
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
 from .model import RWKV7, build_model
+from .quant.load import keeps_int8_embedding, quantized_build_inputs
 from .runtime.engine import BatchEngine
 from .runtime.generation import Generation
 from .runtime.memory import MemoryBudgetError, device_weight_bytes, parse_size, plan_memory, scratch_bytes
@@ -260,48 +260,6 @@ def read_device(dev: torch.device) -> torch.device:
     if dev.type == "cuda" and torch.cuda.get_device_properties(dev).is_integrated:
         return dev
     return torch.device("cpu")
-
-
-CPU_DEQUANT_CACHE_BYTES = 1 << 30  # on a CPU, keep dequantized fp32 matrices when they all fit in this
-
-
-def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, device: torch.device):
-    """(tensors with lookup tables dequantized, make_linear) for a quantized artifact.
-
-    Matrices stay quantized behind QuantLinear (GEMV kernels on CUDA, dequantize+matmul on CPU); the
-    embedding is a lookup table, so an int8 embedding is dequantized once here (fp32, on the CPU) for
-    build_model to fold ln0 into (fp32, on the tensors' device); on CUDA the folded table is stored int8
-    again (keeps_int8_embedding).
-    On a CPU, a model whose matrices dequantize to at most CPU_DEQUANT_CACHE_BYTES keeps them
-    dequantized (decoding re-unpacked every int4 matrix per token: the default model ran 12 tok/s
-    instead of hundreds); bigger models dequantize per call and keep the small footprint.
-    """
-    from .artifact import load_quantized
-    from .model import DenseLinear
-    from .quant.linear import QuantLinear
-
-    tensors = dict(ckpt.tensors)
-    for name in ("emb.weight",):
-        if name in specs:
-            tensors[name] = load_quantized(name, specs[name], ckpt.tensors, ckpt.path).dequantize(torch.float32)
-
-    fp32_bytes = sum(4 * math.prod(spec["shape"]) for n, spec in specs.items() if n != "emb.weight")
-    cache = device.type == "cpu" and fp32_bytes <= CPU_DEQUANT_CACHE_BYTES
-
-    def make_linear(name: str):
-        if name in specs:
-            qw = load_quantized(name, specs[name], ckpt.tensors, ckpt.path)
-            return QuantLinear(qw, cache_dequantized=cache).to(device)
-        return DenseLinear(tensors[name].to(device=device, dtype=dtype))
-
-    return tensors, make_linear
-
-
-def keeps_int8_embedding(specs: dict, device: torch.device) -> bool:
-    """Whether the embedding stays int8 in memory: the artifact stores it as int8 and the model runs on
-    CUDA (memory-bound deployments). A CPU keeps the dense fp32 table it always had."""
-    spec = specs.get("emb.weight")
-    return device.type == "cuda" and isinstance(spec, dict) and spec.get("format") == "int8"
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,

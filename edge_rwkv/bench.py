@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from .extras import install_hint, require
-from .model import Int8Rows
+from .quant.formats import Int8Rows
 
 HEAD_SIZE = 64
 VOCAB = 65536
@@ -250,7 +250,7 @@ def bench_weights(n_layer: int, n_embd: int, seed: int, device: torch.device,
 def quantizer():
     """(quantize function, None) when quantization is importable, else (None, reason)."""
     try:
-        from .quantize import quantize_checkpoint
+        from .quant.transform import quantize_checkpoint
     except Exception as e:  # noqa: BLE001 — report, don't fail the whole table
         return None, f"quantization not importable ({type(e).__name__}: {e})"
     return quantize_checkpoint, None
@@ -287,7 +287,7 @@ def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype)
     from .api import load
     from .artifact import write_artifact
     from .checkpoint import load_checkpoint
-    from .quantize import quantize_checkpoint
+    from .quant.transform import quantize_checkpoint
 
     tensors, meta = quantize_checkpoint(load_checkpoint(path), bench_policy(bits), device=dev)
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import EdgeRWKVError, InputError
 from .extras import missing_dependency
+from .progress import human_bytes
 
 # Commands living beside their subsystem: each module has `register(subparsers)` and adds its own command(s);
 # `edge-rwkv --help` lists them in this order, after the core commands below. A module whose subsystem is not
@@ -65,16 +66,9 @@ def load_model(a):
 
 # --------------------------------------------------------------------------- info
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def cmd_info(a) -> int:
     from .checkpoint import hf_shard_files, is_hf_folder, load_checkpoint, sniff_format
+    from .keys import parameter_count
     from .default_model import resolve_model
 
     a.model = resolve_model(a.model)
@@ -140,15 +134,6 @@ def cmd_info(a) -> int:
                 for k, f in qt.items():
                     print(f"  {k:40s} {f}")
     return 0
-
-
-def parameter_count(cfg) -> int:
-    """Logical parameters (layer-0 v0/v1/v2 excluded: unused), whatever the storage format."""
-    import math
-
-    from .keys import expected_shapes
-
-    return sum(math.prod(shape) for shape in expected_shapes(cfg).values())
 
 
 # --------------------------------------------------------------------------- convert / init

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 from .config import ModelConfig
 from .errors import InputError
+from .quant.policy import QuantPolicy
 
 GB = 1e9
 GiB = 1 << 30
@@ -95,7 +96,8 @@ ALLOCATOR_SLACK = 0.10
 # 75-80 % of the bound (Llama-3.2-3B 27.7 tok/s, 43 with MAXN SUPER; Llama-3.1-8B 14 → 19): the top of
 # the range. Half the bound is the bottom: this runtime has not yet been measured on a Jetson.
 EFFICIENCY = (0.50, 0.80)
-PRECISIONS = ("fp16", "int8", "int4")
+PRECISION_BITS = {"fp16": 16, "int8": 8, "int4": 4}  # the quantization policy's bits of each
+PRECISIONS = tuple(PRECISION_BITS)
 SERVE_SLOTS = 4  # `edge-rwkv serve` defaults, which the plan follows unless told otherwise
 SERVE_HOT_SESSIONS = 64
 
@@ -141,33 +143,17 @@ def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return expected_shapes(cfg)
 
 
-def _quant_bytes(name: str, shape: tuple[int, ...], precision: str, quantize_head: bool) -> int:
-    """Stored bytes of one tensor at a precision, following the quantization policy's choices."""
-    n = math.prod(shape)
-    if precision == "fp16" or len(shape) != 2:
-        return 2 * n
-    bits = 8 if precision == "int8" else 4
-    try:
-        from .quant.policy import quant_format_for
-
-        spec = quant_format_for(name, shape, bits, quantize_head=quantize_head)
-        return 2 * n if spec is None else int(spec.nbytes(tuple(shape)))
-    except ImportError:  # the quant subpackage is absent: the policy's defaults, estimated
-        import re
-
-        big = re.match(r"^blocks\.(\d+)\.(att\.(receptance|key|value|output)|ffn\.(key|value))\.weight$", name)
-        if not (big and not (big.group(1) == "0" and big.group(3) == "output")) and not (
-                quantize_head and name == "head.weight"):
-            return 2 * n
-        out, k = shape
-        return out * k + 2 * out if bits == 8 else out * k // 2 + 2 * out * (k // 128)
+def _stored_bytes(spec, shape: tuple[int, ...]) -> int:
+    """Bytes of one tensor stored under a quantization spec (None: fp16)."""
+    return 2 * math.prod(shape) if spec is None else int(spec.nbytes(tuple(shape)))
 
 
 def tensor_bytes(cfg: ModelConfig, precision: str, quantize_head: bool = False) -> dict[str, int]:
-    """Stored bytes of each weight tensor at a precision."""
+    """Stored bytes of each weight tensor at a precision, following the quantization policy's choices."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return {name: _quant_bytes(name, shape, precision, quantize_head) for name, shape in _shapes(cfg).items()}
+    policy = QuantPolicy(bits=PRECISION_BITS[precision], quantize_head=quantize_head)
+    return {name: _stored_bytes(policy.format_for(name, shape), shape) for name, shape in _shapes(cfg).items()}
 
 
 def weight_bytes(cfg: ModelConfig, precision: str, quantize_head: bool = False) -> tuple[int, int]:

@@ -91,7 +91,7 @@ def seed_bytes(reader: str) -> bytes:
         return buf.getvalue()
     if reader == "artifact":
         from .quant.policy import QuantPolicy
-        from .quantize import quantize_checkpoint
+        from .quant.transform import quantize_checkpoint
 
         ck = Checkpoint("<seed>", {k: v.float() for k, v in sd.items()}, derive_config(sd))
         tensors, meta = quantize_checkpoint(ck, QuantPolicy(bits=4, quantize_embedding=True, quantize_head=True))

@@ -7,6 +7,7 @@ before any tensor is read.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from .config import ModelConfig
@@ -121,3 +122,8 @@ def check_layer_count(names, n_layer: int, path: str) -> None:
             i += 1
         more = f" (+{n_layer - len(layers) - len(missing)} more)" if n_layer - len(layers) > len(missing) else ""
         raise CheckpointError(f"{path}: layer(s) {missing}{more} have no tensors (found up to blocks.{max(layers, default=-1)})")
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Logical parameters (layer-0 v0/v1/v2 excluded: unused), whatever the storage format."""
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .quant.formats import Int8Rows, quantize_rows
 from .state import State
 from .wkv import wkv7_reference
 
@@ -31,6 +32,9 @@ class Linear(Protocol):
 
 
 class DenseLinear:
+    """The dense Linear: W kept as given (the model dtype); x is cast to W's dtype. The quantized one is
+    quant/linear.QuantLinear."""
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
@@ -41,58 +45,6 @@ class DenseLinear:
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
-
-
-class Int8Rows:
-    """A lookup table [V, C] held as int8 rows with one fp32 scale per row; `table[idx]` gives the
-    dequantized rows [*idx.shape, C] in `dtype`.
-
-    For the embedding on a GPU: a quarter of its fp32 (half of its fp16) footprint — 0.27 GB instead of
-    0.54 GB at V=65536, C=4096 — while a token reads one row either way. Indexing is plain torch (no host
-    sync), so it is captured in a CUDA graph like the dense table it replaces.
-    """
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-        if q.dtype != torch.int8 or q.dim() != 2:
-            raise ValueError(f"Int8Rows: values must be int8 [V, C], got {q.dtype} {tuple(q.shape)}")
-        if scale.dtype != torch.float32 or tuple(scale.shape) != (q.shape[0], 1):
-            raise ValueError(f"Int8Rows: scale must be fp32 [{q.shape[0]}, 1], got {scale.dtype} {tuple(scale.shape)}")
-        if scale.device != q.device:
-            raise ValueError(f"Int8Rows: values on {q.device} but scales on {scale.device}")
-        self.q, self.scale, self.dtype = q, scale, dtype
-
-    @classmethod
-    def quantize(cls, table: torch.Tensor, dtype: torch.dtype) -> "Int8Rows":
-        return cls(*quantize_rows(table), dtype)
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return (self.q[idx].float() * self.scale[idx]).to(self.dtype)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes one lookup reads: a row of values and its scale."""
-        return self.q.shape[1] * self.q.element_size() + self.scale.element_size()
-
-
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [V, C], fp32 scale [V, 1]): per-row absmax / 127, round to nearest; |error| ≤ scale / 2."""
-    t = t.float()
-    scale = t.abs().amax(dim=1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale, no 0/0
-    q = torch.round(t / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Train a small RWKV-7 from scratch: how the embedded default model is made (reproducible).
 
-Corpus: docstrings extracted with `ast`, files in sorted order, from the Python standard library of
-the interpreter running this script (PSF License 2.0) and from the installed numpy and torch packages
-(both BSD-3-Clause; both are dependencies, so present wherever this runs). The last 5 % of the stdlib
-files form the held-out set; the tail of the training tokens validates (picks the step kept). Source
+Corpus (edge_rwkv/corpus.py): docstrings extracted with `ast`, files in sorted order, from the Python
+standard library of the interpreter running this script (PSF License 2.0) and from the installed numpy
+and torch packages (both BSD-3-Clause; both are dependencies, so present wherever this runs). The last
+5 % of the stdlib files form the held-out set; the tail of the training tokens validates (picks the step kept). Source
 versions and the corpus digest go into the artifact metadata.
 
     python -m edge_rwkv.training -o default-fp16.safetensors --device cuda --minutes 4
@@ -11,12 +11,9 @@ versions and the corpus digest go into the artifact metadata.
 from __future__ import annotations
 
 import argparse
-import ast
-import hashlib
 import json
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -25,66 +22,11 @@ import torch.nn.functional as F
 
 from .artifact import make_metadata, write_artifact
 from .checkpoint import derive_config
+from .corpus import calibration_tokens, tokenized_corpus
 from .model import build_model
 from .state import State
 from .synthetic import random_checkpoint
 from .tokenizer import default_tokenizer
-
-
-def stdlib_docstrings(root: Path, max_chars: int | None = None) -> list[tuple[str, str]]:
-    """(relative path, docstrings joined by blank lines) for every parsable stdlib module, in path order."""
-    out, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if max_chars is not None and total >= max_chars:
-            break
-        rel = str(path.relative_to(root))
-        if any(part in rel for part in ("site-packages", "test", "idlelib", "lib2to3", "__phello__")):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        docs = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    docs.append(doc.strip())
-        if docs:
-            out.append((rel, "\n\n".join(docs)))
-            total += len(out[-1][1])
-    return out
-
-
-EXTRA_SOURCES = (("numpy", "BSD-3-Clause"), ("torch", "BSD-3-Clause"))
-
-
-def build_corpus(root: Path | None = None, heldout_fraction: float = 0.05, extra=EXTRA_SOURCES):
-    root = root or Path(sysconfig.get_paths()["stdlib"])
-    files = stdlib_docstrings(root)
-    n_held = max(1, int(len(files) * heldout_fraction))
-    train_parts = [t for _, t in files[:-n_held]]
-    held = "\n\n".join(t for _, t in files[-n_held:])
-    sources = [{"name": "python-stdlib", "version": sys.version.split()[0], "license": "PSF-2.0",
-                "files": len(files)}]
-    for name, license_ in extra:
-        module = __import__(name)
-        more = stdlib_docstrings(Path(module.__file__).parent)
-        train_parts += [t for _, t in more]
-        sources.append({"name": name, "version": module.__version__, "license": license_, "files": len(more)})
-    train = "\n\n".join(train_parts)
-    info = {"source": "docstrings of " + ", ".join(s["name"] for s in sources), "sources": sources,
-            "license": "PSF-2.0 (stdlib), BSD-3-Clause (numpy, torch)", "python": sys.version.split()[0],
-            "files": sum(s["files"] for s in sources), "heldout_files": n_held, "heldout_from": "python-stdlib",
-            "sha256": hashlib.sha256((train + "\0" + held).encode()).hexdigest()}
-    return train, held, info
-
-
-def tokenized_corpus():
-    tok = default_tokenizer()
-    train_text, held_text, corpus = build_corpus()
-    return (torch.tensor(tok.encode(train_text), dtype=torch.long),
-            torch.tensor(tok.encode(held_text), dtype=torch.long), corpus)
 
 
 def trainable(sd: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -204,12 +146,12 @@ def package_default(fp16_path: str, output: str, held_ids: torch.Tensor, device:
     from .fileio import sha256_file
     from .quality import compare
     from .quant.policy import QuantPolicy
-    from .quantize import default_calibration_tokens, quantize_checkpoint
+    from .quant.transform import quantize_checkpoint
 
     ckpt = load_checkpoint(fp16_path)
     policy = QuantPolicy(bits=4, group=128, quantize_head=True, quantize_embedding=True,
                          keep_layer0_output=True, method="gptq")
-    calib = default_calibration_tokens(default_tokenizer(), 8192)
+    calib = calibration_tokens(default_tokenizer(), 8192)
     tensors, meta = quantize_checkpoint(ckpt, policy, calib, source_sha256=sha256_file(fp16_path))
     held = held_ids.tolist()
     tmp = Path(output).with_suffix(".unrated.safetensors")

@@ -1,4 +1,4 @@
-"""`edge-rwkv quantize`: checkpoint → int8/int4 artifact."""
+"""`edge-rwkv quantize`: checkpoint → int8/int4 artifact (registered by edge_rwkv.cli.EXTRA_COMMANDS)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +26,17 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
-    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
-    from edge_rwkv.cli import human_bytes, parameter_count
-    from edge_rwkv.errors import EdgeRWKVError, InputError
-    from edge_rwkv.quantize import default_calibration_tokens, quantize_checkpoint
     from edge_rwkv.api import parse_device
     from edge_rwkv.artifact import write_artifact
+    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
+    from edge_rwkv.keys import parameter_count
+    from edge_rwkv.corpus import calibration_tokens
+    from edge_rwkv.errors import EdgeRWKVError, InputError
+    from edge_rwkv.progress import human_bytes
     from edge_rwkv.tokenizer import default_tokenizer
 
     from .policy import QuantPolicy
+    from .transform import quantize_checkpoint
 
     src, dst = Path(a.model), Path(a.output)
     if dst.exists() and dst.resolve() == src.resolve():
@@ -60,7 +62,7 @@ def run(a) -> int:
             if len(calib) < 16:
                 raise InputError(f"{a.calib}: calibration text is too short ({len(calib)} tokens)")
         else:
-            calib = default_calibration_tokens(tok, a.calib_tokens)
+            calib = calibration_tokens(tok, a.calib_tokens)
     tensors, meta = quantize_checkpoint(ckpt, policy, calib, progress=True, source_sha256=source_sha256(src),
                                         device=device)
     write_artifact(dst, tensors, meta)

@@ -1,6 +1,7 @@
-"""Linear modules over stored weights: ``DenseLinear`` (fp16/bf16/fp32) and ``QuantLinear`` (int8/int4).
+"""The quantized implementation of the model's linear protocol (``edge_rwkv.model.Linear``; the dense
+one is ``edge_rwkv.model.DenseLinear``): ``QuantLinear`` over an int8 / int4 ``QuantizedWeight``.
 
-All take x [..., K] and return [..., out] in x's dtype. ``QuantLinear`` paths, chosen by capability:
+It takes x [..., K] and returns [..., out] in x's dtype. Its paths, chosen by capability:
 
 * CPU: dequantize (to fp32) + matmul on every call; nothing large is cached unless
   ``cache_dequantized=True``.
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edge_rwkv.errors import CheckpointError
+from edge_rwkv.model import DenseLinear, Linear
 
 from .formats import QuantizedWeight, QuantSpec
 
@@ -52,27 +54,6 @@ def _kernel_module(fmt: str):
     except Exception as e:  # pragma: no cover - depends on the install
         _warn_once("import" + fmt, f"quantized GEMV kernels unavailable ({e}); using dequantize+matmul")
         return None
-
-
-class DenseLinear(nn.Module):
-    """y = x @ Wᵀ with a plain weight [out, K] (kept in its stored dtype)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        if weight.dim() != 2:
-            raise CheckpointError(f"linear weight must be 2-D, got shape {tuple(weight.shape)}")
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.out_features, self.in_features = weight.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.device.type == "cpu" and x.dtype != torch.float32:
-            return F.linear(x.float(), w.float()).to(x.dtype)
-        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 class QuantLinear(nn.Module):
@@ -256,17 +237,19 @@ def quantized_linears(net) -> list[QuantLinear]:
 
 
 def dense_or_quant_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec | Mapping | None,
-                          shape=None, **kw) -> nn.Module:
-    """Module for weight ``name`` from the artifact's tensors: ``DenseLinear`` when ``spec`` is None,
-    else ``QuantLinear`` (``spec`` a QuantSpec plus ``shape``, or the per-tensor metadata dict)."""
+                          shape=None, dtype: torch.dtype | None = None, device=None, **kw) -> Linear:
+    """Linear for weight ``name`` from the artifact's tensors, on ``device`` (default: where it is):
+    ``DenseLinear`` in ``dtype`` (default: as stored) when ``spec`` is None, else ``QuantLinear``
+    (``spec`` a QuantSpec plus ``shape``, or the per-tensor metadata dict; ``kw`` go to QuantLinear)."""
     if spec is None:
         if name not in tensors:
             raise CheckpointError(f"{name}: missing from the artifact")
-        return DenseLinear(tensors[name])
+        return DenseLinear(tensors[name].to(device=device, dtype=dtype))
     if isinstance(spec, QuantSpec):
         if shape is None:
             raise CheckpointError(f"{name}: the logical shape [out, K] is needed with a QuantSpec")
         meta = dict(spec.to_dict(), shape=list(shape))
     else:
         meta = dict(spec)
-    return QuantLinear.from_stored(name, meta, tensors, **kw)
+    lin = QuantLinear.from_stored(name, meta, tensors, **kw)
+    return lin if device is None else lin.to(device)

@@ -27,41 +27,10 @@ _BIG = re.compile(r"^blocks\.(\d+)\.(att\.(receptance|key|value|output)|ffn\.(ke
 POLICY_VERSION = 1
 
 
-def quant_format_for(name: str, shape, bits: int, group: int = DEFAULT_INT4_GROUP,
-                     quantize_head: bool = False, quantize_embedding: bool = False,
-                     keep_layer0_output: bool = True) -> QuantSpec | None:
-    """The spec to store tensor ``name`` of ``shape`` with, or None to keep it in fp16.
-
-    bits: 16 (nothing quantized), 8 or 4; group: int4 group along K (32/64/128)."""
-    if bits not in (4, 8, 16):
-        raise CheckpointError(f"quantization bits must be 4, 8 or 16, got {bits!r}")
-    if bits == 4 and group not in INT4_GROUPS:
-        raise CheckpointError(f"int4 group must be one of {INT4_GROUPS}, got {group!r}")
-    if bits == 16 or len(tuple(shape)) != 2:
-        return None
-    if name == "emb.weight":
-        return int8_spec() if quantize_embedding else None
-    if name == "head.weight":
-        if not quantize_head:
-            return None
-    else:
-        m = _BIG.match(name)
-        if m is None:
-            return None
-        if keep_layer0_output and m.group(1) == "0" and m.group(3) == "output":
-            return None
-    if bits == 8:
-        return int8_spec()
-    k = int(tuple(shape)[1])
-    if k % group:
-        log.warning("%s: K=%d is not a multiple of int4 group %d; stored as int8", name, k, group)
-        return int8_spec()
-    return int4_spec(group)
-
-
 @dataclass(frozen=True)
 class QuantPolicy:
-    """The policy's settings, as recorded in the artifact metadata (``to_dict``)."""
+    """The policy's settings, as recorded in the artifact metadata (``to_dict``), and its one predicate
+    ``format_for``. bits: 16 (nothing quantized), 8 or 4; group: int4 group along K (32/64/128)."""
 
     bits: int = 8
     group: int = DEFAULT_INT4_GROUP
@@ -72,7 +41,10 @@ class QuantPolicy:
     version: int = POLICY_VERSION
 
     def __post_init__(self) -> None:
-        quant_format_for("head.weight", (1, 128), self.bits, self.group)  # validates bits / group
+        if self.bits not in (4, 8, 16):
+            raise CheckpointError(f"quantization bits must be 4, 8 or 16, got {self.bits!r}")
+        if self.bits == 4 and self.group not in INT4_GROUPS:
+            raise CheckpointError(f"int4 group must be one of {INT4_GROUPS}, got {self.group!r}")
         if self.method not in ("rtn", "awq", "gptq"):
             raise CheckpointError(f"unknown calibration method {self.method!r} (rtn, awq, gptq)")
         if self.version != POLICY_VERSION:
@@ -80,8 +52,27 @@ class QuantPolicy:
                                   f"(supported: {POLICY_VERSION})")
 
     def format_for(self, name: str, shape) -> QuantSpec | None:
-        return quant_format_for(name, shape, self.bits, self.group, self.quantize_head,
-                                self.quantize_embedding, self.keep_layer0_output)
+        """The spec to store tensor ``name`` of ``shape`` with, or None to keep it in fp16."""
+        if self.bits == 16 or len(tuple(shape)) != 2:
+            return None
+        if name == "emb.weight":
+            return int8_spec() if self.quantize_embedding else None
+        if name == "head.weight":
+            if not self.quantize_head:
+                return None
+        else:
+            m = _BIG.match(name)
+            if m is None:
+                return None
+            if self.keep_layer0_output and m.group(1) == "0" and m.group(3) == "output":
+                return None
+        if self.bits == 8:
+            return int8_spec()
+        k = int(tuple(shape)[1])
+        if k % self.group:
+            log.warning("%s: K=%d is not a multiple of int4 group %d; stored as int8", name, k, self.group)
+            return int8_spec()
+        return int4_spec(self.group)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,7 +53,7 @@ def test_chat_replies_are_never_empty():
 def test_cpu_keeps_small_models_dequantized(monkeypatch):
     """On a CPU a small quantized model keeps its matrices dequantized (no per-token int4 unpacking);
     above the size limit it dequantizes per call, with the same logits."""
-    from edge_rwkv import api
+    from edge_rwkv.quant import load as quant_load
     from edge_rwkv.quant.linear import QuantLinear
 
     def quant_linears(m):
@@ -61,7 +61,7 @@ def test_cpu_keeps_small_models_dequantized(monkeypatch):
 
     cached = edge_rwkv.load(default_model_path())
     assert quant_linears(cached) and all(q.cache_dequantized for q in quant_linears(cached))
-    monkeypatch.setattr(api, "CPU_DEQUANT_CACHE_BYTES", 0)
+    monkeypatch.setattr(quant_load, "CPU_DEQUANT_CACHE_BYTES", 0)
     per_call = edge_rwkv.load(default_model_path())
     assert not any(q.cache_dequantized for q in quant_linears(per_call))
     tokens = cached.tokenizer.encode("The socket module")

@@ -133,7 +133,7 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     from edge_rwkv.checkpoint import load_checkpoint
     from edge_rwkv.runtime.fused import FusedStep
     from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.quant.transform import quantize_checkpoint
 
     tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
@@ -205,7 +205,7 @@ def test_prefill_graph_equals_eager(model_file, tmp_path, quantized):
         from edge_rwkv.artifact import write_artifact
         from edge_rwkv.checkpoint import load_checkpoint
         from edge_rwkv.quant.policy import QuantPolicy
-        from edge_rwkv.quantize import quantize_checkpoint
+        from edge_rwkv.quant.transform import quantize_checkpoint
 
         tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
         path = tmp_path / "q.safetensors"

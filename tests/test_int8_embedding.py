@@ -1,7 +1,7 @@
-"""The int8 embedding table (model.Int8Rows): per-row rounding bound, indexing, and a model built with it.
+"""The int8 embedding table (quant.formats.Int8Rows, the int8-rows format): per-row rounding bound, indexing, and a model built with it.
 
 On CUDA, a model loaded from an artifact with an int8 embedding keeps its ln0-folded table as Int8Rows
-(api.keeps_int8_embedding); here, on the CPU, the same table is built through build_model(int8_embedding=True).
+(quant/load.keeps_int8_embedding); here, on the CPU, the same table is built through build_model(int8_embedding=True).
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edge_rwkv.checkpoint import derive_config
-from edge_rwkv.model import RWKV7, Int8Rows, build_model, quantize_rows
+from edge_rwkv.model import RWKV7, build_model
+from edge_rwkv.quant.formats import Int8Rows, dequantize_int8_rows_ref, quantize_int8_rows_ref, quantize_rows
 from edge_rwkv.state import State
 from edge_rwkv.synthetic import random_checkpoint
 
@@ -26,6 +27,16 @@ def test_round_trip_error_within_half_a_step():
     assert (err <= absmax / 254 * (1 + 1e-5) + 1e-7).all(), float((err / absmax).max())
     assert rows.q.abs().max() == 127 and rows.q.dtype == torch.int8
     assert (rows.q.abs().amax(1) == 127).all()  # each row's absmax element maps to ±127
+
+
+def test_torch_rows_equal_the_reference():
+    t = torch.randn(50, 40, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 2, 50)[:, None]
+    t[7] = 0
+    q, s = quantize_rows(t)
+    q_ref, s_ref = quantize_int8_rows_ref(t.numpy())
+    assert torch.equal(q, torch.from_numpy(q_ref)) and torch.equal(s, torch.from_numpy(s_ref))
+    rows = Int8Rows(q, s, torch.float32)
+    assert torch.equal(rows[torch.arange(50)], torch.from_numpy(dequantize_int8_rows_ref(q_ref, s_ref)))
 
 
 def test_zero_row_and_shapes():
@@ -92,7 +103,7 @@ def test_model_with_int8_embedding_close_to_dense(nets):
 
 
 def test_keeps_int8_embedding_only_on_cuda_for_int8_tables():
-    from edge_rwkv.api import keeps_int8_embedding
+    from edge_rwkv.quant.load import keeps_int8_embedding
 
     int8 = {"emb.weight": {"format": "int8", "bits": 8, "group": None, "version": 1, "shape": [4, 4]}}
     assert keeps_int8_embedding(int8, torch.device("cuda"))
@@ -119,7 +130,7 @@ def test_quantize_device_argument_and_cpu_load_keeps_dense_table(tmp_path):
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.checkpoint import load_checkpoint
     from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.quant.transform import quantize_checkpoint
 
     src = tmp_path / "m.pth"
     torch.save(random_checkpoint(1, 64, 32, vocab_size=VOCAB, seed=5), src)

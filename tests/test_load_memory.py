@@ -107,7 +107,7 @@ def test_straight_to_gpu_load_matches_the_host_read(tiny_model, monkeypatch, tmp
     if bits:
         from edge_rwkv.checkpoint import load_checkpoint
         from edge_rwkv.quant.policy import QuantPolicy
-        from edge_rwkv.quantize import quantize_checkpoint
+        from edge_rwkv.quant.transform import quantize_checkpoint
 
         tensors, meta = quantize_checkpoint(load_checkpoint(path), QuantPolicy(bits=bits, group=32))
         path = tmp_path / "q.safetensors"

@@ -6,7 +6,7 @@ import torch
 
 from edge_rwkv.errors import CheckpointError
 from edge_rwkv.quant import formats as F
-from edge_rwkv.quant.policy import QuantPolicy, quant_format_for
+from edge_rwkv.quant.policy import QuantPolicy
 
 
 def _mats(rng):
@@ -173,7 +173,7 @@ def test_corrupt_stored_tensors_rejected():
 
 def test_policy():
     C, Fd, V = 256, 1024, 512
-    f = lambda n, s, **kw: quant_format_for(n, s, 4, 128, **kw)  # noqa: E731
+    f = lambda n, s, **kw: QuantPolicy(bits=4, group=128, **kw).format_for(n, s)  # noqa: E731
     assert f("blocks.3.att.key.weight", (C, C)) == F.int4_spec(128)
     assert f("blocks.3.ffn.value.weight", (C, Fd)) == F.int4_spec(128)
     assert f("blocks.0.att.output.weight", (C, C)) is None
@@ -185,10 +185,10 @@ def test_policy():
                  "blocks.2.att.ln_x.weight", "blocks.2.att.k_k", "ln_out.weight", "blocks.2.att.v2"):
         assert f(keep, (C, 64)) is None
     assert f("blocks.1.att.key.weight", (C, 200)) == F.int8_spec()  # K not a multiple of the group
-    assert quant_format_for("blocks.1.att.key.weight", (C, C), 8) == F.int8_spec()
-    assert quant_format_for("blocks.1.att.key.weight", (C, C), 16) is None
+    assert QuantPolicy(bits=8).format_for("blocks.1.att.key.weight", (C, C)) == F.int8_spec()
+    assert QuantPolicy(bits=16).format_for("blocks.1.att.key.weight", (C, C)) is None
     with pytest.raises(CheckpointError):
-        quant_format_for("blocks.1.att.key.weight", (C, C), 3)
+        QuantPolicy(bits=3).format_for("blocks.1.att.key.weight", (C, C))
     p = QuantPolicy(bits=4, group=64, quantize_head=True, method="gptq")
     assert QuantPolicy.from_dict(p.to_dict()) == p
     assert p.format_for("head.weight", (V, C)) == F.int4_spec(64)

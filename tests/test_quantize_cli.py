@@ -73,3 +73,37 @@ def test_device_option(model, tmp_path):
         r = run("quantize", model, "-o", out, "--bits", "8", "--device", dev)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not out.exists()
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """Absolute names of the modules a file of `package` imports (relative imports resolved)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def test_quant_package_depends_neither_on_the_command_line_nor_on_training():
+    """Each command is registered by its own package (edge_rwkv.cli.EXTRA_COMMANDS); quantization and
+    training share the corpus module instead of importing each other."""
+    from pathlib import Path
+
+    assert {"edge_rwkv.cli", "edge_rwkv.quant.cli"} <= _imported_modules("from ..cli import x\nfrom .cli import y",
+                                                                         "edge_rwkv.quant")
+    quant_dir = Path(edge_rwkv.quant.__file__).parent
+    for path in sorted(quant_dir.glob("*.py")):
+        imported = _imported_modules(path.read_text(encoding="utf-8"), "edge_rwkv.quant")
+        assert not imported & {"edge_rwkv.cli", "edge_rwkv.training"}, (path.name, sorted(imported))
+    corpus = (Path(edge_rwkv.__file__).parent / "corpus.py").read_text(encoding="utf-8")
+    imported = _imported_modules(corpus, "edge_rwkv")
+    assert "edge_rwkv.tokenizer" in imported
+    assert not any(m.startswith(("edge_rwkv.quant", "edge_rwkv.training")) for m in imported), sorted(imported)

@@ -1,18 +1,24 @@
-"""Offline quantization of a checkpoint into an artifact (the first of quantization's two steps).
+"""Offline quantization of a checkpoint into an artifact (the first of quantization's two steps; the
+second, the module swap at load time, is quant/load.py).
 
 Which tensors and how: quant/policy.py; formats: quant/formats.py; algorithms: quant/calibrate.py.
 Activation-aware methods (awq, gptq) see the real inputs of each matrix, recorded by running the
-full-precision model over calibration text with recording linears swapped in.
+full-precision model over calibration text (edge_rwkv/corpus.py by default) with recording linears
+swapped in.
 """
 from __future__ import annotations
 
 import torch
 
-from .artifact import make_metadata
-from .checkpoint import Checkpoint
-from .model import DenseLinear, build_model
-from .progress import progress_iter
-from .state import State
+from edge_rwkv.artifact import make_metadata
+from edge_rwkv.checkpoint import Checkpoint
+from edge_rwkv.model import DenseLinear, build_model
+from edge_rwkv.progress import progress_iter
+from edge_rwkv.state import State
+
+from .calibrate import quantize_weight
+from .formats import QuantSpec
+from .policy import QuantPolicy
 
 CALIB_WINDOW = 256
 
@@ -66,26 +72,24 @@ def record_activations(ckpt: Checkpoint, names: set[str], tokens: list[int], max
     return {n: r.sample() for n, r in recorders.items()}
 
 
-def quantize_checkpoint(ckpt: Checkpoint, policy, calib_tokens: list[int] | None = None,
+def quantized_specs(ckpt: Checkpoint, policy: QuantPolicy) -> dict[str, QuantSpec]:
+    """The spec of every tensor of `ckpt` that `policy` quantizes."""
+    specs = {name: policy.format_for(name, tuple(t.shape)) for name, t in ckpt.tensors.items()}
+    return {name: spec for name, spec in specs.items() if spec is not None}
+
+
+def quantize_checkpoint(ckpt: Checkpoint, policy: QuantPolicy, calib_tokens: list[int] | None = None,
                         dense_dtype: torch.dtype = torch.float16, progress: bool = False,
                         source_sha256: str | None = None,
                         device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """(stored tensors, artifact metadata) of `ckpt` quantized under `policy` (a quant.QuantPolicy).
+    """(stored tensors, artifact metadata) of `ckpt` quantized under `policy`.
 
     Each quantized tensor (and its calibration activations) is moved to `device` to be quantized — a
     GPU does a 7B model in seconds, where a CPU takes minutes — and its stored tensors come back to
     the CPU (the artifact writer needs CPU tensors). Round to nearest stores the same values on any
     device (absmax, IEEE division and round-half-to-even are exact); awq / gptq sum in floating point,
     so their choices may differ in the last bits between devices."""
-    from .quant.calibrate import quantize_weight
-    from .quant.policy import quant_format_for
-
-    specs = {}
-    for name, t in ckpt.tensors.items():
-        spec = quant_format_for(name, tuple(t.shape), policy.bits, policy.group, policy.quantize_head,
-                                policy.quantize_embedding, policy.keep_layer0_output)
-        if spec is not None:
-            specs[name] = spec
+    specs = quantized_specs(ckpt, policy)
     method = policy.method
     acts = {}
     if method != "rtn":
@@ -108,14 +112,3 @@ def quantize_checkpoint(ckpt: Checkpoint, policy, calib_tokens: list[int] | None
     meta = make_metadata(ckpt.config, str(dense_dtype).replace("torch.", ""), source_sha256,
                          {"policy": policy.to_dict(), "tensors": quant_meta})
     return out, meta
-
-
-def default_calibration_tokens(tokenizer, n_tokens: int = 8192) -> list[int]:
-    """Built-in calibration text (offline): Python standard-library docstrings, as used in training."""
-    import sysconfig
-    from pathlib import Path
-
-    from .training import stdlib_docstrings
-
-    files = stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]), max_chars=n_tokens * 6)
-    return tokenizer.encode("\n\n".join(t for _, t in files))[:n_tokens]
