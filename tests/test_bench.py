@@ -150,3 +150,32 @@ def test_bench_rows_say_why_a_precision_is_missing(monkeypatch):
     table = format_table(res)
     assert f"| peak memory int4 | ctx 64 | {QUANT_NA} |" in table
     assert f"| decode tok/s, batched int4 | B=1 | {QUANT_NA} |" in table
+
+
+def test_runtime_never_imports_bench():
+    """The bench depends on the runtime, never the other way round (cli.py only names it in EXTRA_COMMANDS)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packages = {"edge_rwkv": root / "edge_rwkv", "edge_rwkv.quant": root / "quant",
+                "edge_rwkv.export": root / "export", "edge_rwkv.cuda_kernels": root / "cuda_kernels"}
+    offenders = []
+    for base, folder in packages.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder)
+            if base == "edge_rwkv" and rel.parts[0] == "bench":
+                continue
+            package = ".".join([base, *rel.parts[:-1]])
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                    module = ".".join(p for p in (parent, node.module or "") if p)
+                    names = [module, *(f"{module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                if any(n == "edge_rwkv.bench" or n.startswith("edge_rwkv.bench.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
