@@ -21,9 +21,9 @@ as a memory-constrained deployment stores them (layers and head at that width, t
 round to nearest, on the model's device), written as an artifact and loaded from it.
 
 Timing: CUDA events after warm-up, median of many runs (CPU: time.perf_counter, median).
-Memory: torch.cuda.max_memory_reserved after emptying the cache (CUDA, whole process: that model's weights and
-any CUDA-graph pools included); on CPU the peak
-growth of heap bytes in use during the prefill, sampled (glibc mallinfo2; RSS elsewhere) (activations and state, not weights).
+Memory: torch.cuda.max_memory_reserved after emptying the cache (CUDA, whole process: that model's weights
+and any CUDA-graph pools included); on CPU the peak growth of heap bytes in use during the prefill, sampled
+(glibc mallinfo2; RSS elsewhere): activations and state, not weights.
 Bandwidth: bytes of weights (and state) read per decode step / step time, against a device copy
 (CUDA) or a large memcpy (CPU) measured in the same run.
 

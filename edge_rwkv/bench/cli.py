@@ -73,7 +73,8 @@ def options_from_args(a) -> BenchOptions:
     return BenchOptions(
         model=a.model, preset=a.preset, device=a.device,
         precisions=a.precisions or (["fp32", "int8", "int4"] if cpu else ["fp16", "int8", "int4"]),
-        batch_precisions=a.batch_precisions, memory_precisions=a.memory_precisions, batch=a.batch, prefill=a.prefill, memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
+        batch_precisions=a.batch_precisions, memory_precisions=a.memory_precisions, batch=a.batch, prefill=a.prefill,
+        memory_ctx=a.memory_ctx, peer=a.peer, chunk=chunk, quality=a.quality,
         decode_steps=a.steps or (30 if cpu else 100), warmup=5 if cpu else 20, peer_warmup=10 if cpu else 60,
         item_limit_s=a.item_limit, seed=a.seed, log_dir=a.log_dir, e2e_tokens=a.e2e_tokens)
 
