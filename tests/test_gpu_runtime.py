@@ -42,6 +42,26 @@ def test_graph_decode_equals_eager(model_file):
     assert graph_state.tokens == eager_state.tokens
 
 
+def test_quantized_graph_decode_equals_eager(model_file, tmp_path):
+    """int4 at fp16: the captured step (LoRA on a side stream beside the r/k/v GEMV, activations rounded
+    by norm_mix / time_mix_wkv) gives the eager step's tokens and state."""
+    from edge_rwkv.artifact import write_artifact
+    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.quant.policy import QuantPolicy
+    from edge_rwkv.quantize import quantize_checkpoint
+
+    tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
+    write_artifact(tmp_path / "q.safetensors", tensors, meta)
+    m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
+    graph_text, graph_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
+    assert m.describe()["decode"] == "cuda-graph, fused step"
+    m.runner.graph_error = "forced eager for the comparison"
+    m._idle_engines.clear()
+    eager_text, eager_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
+    assert graph_text == eager_text
+    assert torch.equal(graph_state.wkv, eager_state.wkv)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
 def test_fused_step_equals_forward(model_file, dtype, tol):
     """The fused decode step (Numba kernels around the matmuls) against the model's own forward."""
@@ -108,17 +128,24 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
     m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
     ref = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
-    from edge_rwkv.quant.linear import quantized_linears
+    from edge_rwkv.quant.linear import QuantLinear, quantized_linears
 
     B = 3
-    step = FusedStep(m.net, B, m.runner.packed())
-    assert step.tables is not None and not m.runner.packed()[1].seg.rkv
     live = torch.ones(B, dtype=torch.int32, device="cuda")
     # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
-    # activations: rounding x to int8 also follows those small differences (random weights amplify)
+    # activations: rounding x to int8 also follows those small differences (random weights amplify).
+    # A step fixes its paths when it is built (as a captured graph does): one step per setting.
     for int8_x, tol in ((False, 2e-2), (True, 6e-2)):
         for lin in quantized_linears(m.net) + quantized_linears(ref.net):
             lin.int8_activations = int8_x
+        step = FusedStep(m.net, B, m.runner.packed())
+        assert step.tables is not None and not m.runner.packed()[1].seg.rkv
+        # int8 activations: rounded by the kernels that produce them, for every quantized product (layer 0's
+        # output stays fp16 under the default policy)
+        for L, plan in zip(m.net.layers, step.a8):
+            assert (plan.rkv is not None) == int8_x
+            assert (plan.output is not None) == (int8_x and isinstance(L.output, QuantLinear))
+            assert (plan.ffn_key is not None) == int8_x
         st = m.new_state(B)
         st_ref = st.clone()
         g = torch.Generator(device="cuda").manual_seed(1)
