@@ -4,7 +4,7 @@
                                        [--big-fp16-only] [any `edge-rwkv bench` option]
 
 Runs our runtime and the rwkv pip package on the same random official-layout weights per preset
-(see edge_rwkv/bench.py). Prints each preset's table as soon as it is done (so a run cut short keeps
+(see edge_rwkv/bench/). Prints each preset's table as soon as it is done (so a run cut short keeps
 what it measured), then all tables again; writes bench_engine.json, bench_engine.png and the peer's
 logs under $OUT (or --out). A preset is skipped when less than its estimated time is left.
 
@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from edge_rwkv.bench import (add_bench_args, base_precision, format_table, options_from_args, run_bench,
-                             write_outputs)
+from edge_rwkv.bench.cli import add_bench_args, options_from_args
+from edge_rwkv.bench.options import base_precision
+from edge_rwkv.bench.run import run_bench
+from edge_rwkv.bench.table import format_table, write_outputs
 
 # rough seconds one preset takes on an H200 (weights, both runtimes, the peer's nvcc build once)
 ESTIMATE_S = {"tiny": 30, "0.1b": 90, "1.5b": 120, "7.2b": 240}

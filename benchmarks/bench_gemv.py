@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from edge_rwkv.bench.timing import copy_bandwidth, graph_time
 from edge_rwkv.cuda_kernels import gemv_a8, gemv_int4, gemv_int8
 from edge_rwkv.cuda_kernels.dequant import dequantize_fp16
 from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torch, quantize_int4_torch,
@@ -34,44 +34,7 @@ from edge_rwkv.quant.formats import (dequantize_int4_torch, dequantize_int8_torc
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # (N=out, K=in)
 ROWS = (1, 4, 16)
 L2_DEFEAT_BYTES = 512 << 20
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    src = torch.randn(n // 4, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); dst.copy_(src); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    del src, dst
-    return 2 * n / statistics.median(ts)
-
-
-def graph_time(fns, reps: int = 7) -> float:
-    """fns: list of no-arg callables (one per weight copy). Median seconds per call."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns[:2]:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    calls = max(64, 2 * len(fns))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3 / calls)
-    return statistics.median(ts)
+CUDA = torch.device("cuda")
 
 
 def rel(a, b) -> float:
@@ -151,7 +114,7 @@ def dequant_rows(N, K, q8, s8, q4, s4, bw) -> list[dict]:
 
 
 def bench(args, log):
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(CUDA) * 1e9  # bytes/s
     log(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     rows = []
     for (N, K) in SHAPES:
@@ -239,7 +202,7 @@ SWEEP_TILINGS = [gemv_a8.Tiling(4, 4), gemv_a8.Tiling(4, 8), gemv_a8.Tiling(8, 4
 def sweep(log) -> tuple[float, list[dict]]:
     from edge_rwkv.cuda_kernels import _gemv_util as U
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(CUDA) * 1e9  # bytes/s
     log(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     rows = []
     for (N, K) in SHAPES:
@@ -302,7 +265,7 @@ def sweep_seg(log) -> tuple[float, list[dict]]:
     of K = 4096 with 96 / 128 / 128 / 480 rows) and the ups (four of 4096 rows, K = their rank)."""
     from edge_rwkv.cuda_kernels import _gemv_util as U, gemv_seg
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(CUDA) * 1e9  # bytes/s
     ranks, C = (96, 128, 128, 480), 4096
     rows = []
     stages = {"downs": [(r, C) for r in ranks], "ups": [(C, r) for r in ranks],

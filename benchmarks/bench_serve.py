@@ -23,8 +23,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from edge_rwkv.bench import PRESETS, Ours, BenchOptions, bench_weights
+from edge_rwkv.bench.options import BenchOptions
+from edge_rwkv.bench.ours import Ours
+from edge_rwkv.bench.weights import bench_weights
 from edge_rwkv.serve.testing import ServerProcess
+from edge_rwkv.synthetic import PRESETS
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], n: int, stamps: list | None = None) -> int:

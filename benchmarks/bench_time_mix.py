@@ -13,8 +13,8 @@ import argparse
 import json
 
 import torch
-from bench_wkv import copy_bandwidth, graph_timed  # benchmarks/ is on the path when run as a script
 
+from edge_rwkv.bench.timing import copy_bandwidth, graph_time
 from edge_rwkv.cuda_kernels import decode_step
 
 N = 64
@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     a = ap.parse_args()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for B, H in CASES:
@@ -58,7 +58,7 @@ def main() -> None:
             else:
                 err = max(float((got[0] - ref[0]).abs().max() / ref[0].abs().max()),
                           float((got[1] - ref[1]).abs().max() / ref[1].abs().max()))
-            us = graph_timed(lambda: run(x, tpr), steps=20, reps=15)  # the state keeps advancing: same work
+            us = graph_time([lambda: run(x, tpr)], calls=20, reps=15) * 1e6  # the state keeps advancing: same work
             gbs = 2 * B * H * N * N * 4 / us / 1e3
             rows.append(dict(B=B, H=H, tpr=tpr, us=us, gbs=gbs, pct=100 * gbs / bw, err_vs_16=err,
                              default=tpr == decode_step.time_mix_threads_per_row(N)))

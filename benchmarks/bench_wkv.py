@@ -19,7 +19,7 @@ import traceback
 
 import torch
 
-from edge_rwkv.bench import Timer
+from edge_rwkv.bench.timing import Timer, copy_bandwidth, graph_time
 
 N = 64
 DS = math.exp(-0.5)
@@ -31,25 +31,8 @@ def timed(fn, reps=30, warm=3, inner=1):
 
 
 def graph_timed(fn, steps=100, reps=20):
-    """Per-call time of `steps` calls captured in one CUDA graph (launch gaps removed)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(steps):
-            fn()
-    return timed(g.replay, reps=reps, warm=2) / steps
-
-
-def copy_bandwidth():
-    x = torch.empty(1 << 28, device="cuda", dtype=torch.float32).uniform_()
-    y = torch.empty_like(x)
-    t = timed(lambda: y.copy_(x), reps=20)
-    return 2 * x.numel() * 4 / (t * 1e-6) / 1e9
+    """Per-call µs of `steps` calls captured in one CUDA graph (launch gaps removed)."""
+    return graph_time([fn], calls=steps, reps=reps) * 1e6
 
 
 def inputs(T, H, dtype, seed=0):
@@ -85,7 +68,7 @@ def main():
     from edge_rwkv.cuda_kernels import WKV7Function, wkv7_decode
     from edge_rwkv.cuda_kernels.wkv_prefill import prefill_forward
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s  dtype {args.dtype}", flush=True)
     peers = {}
     try:

@@ -24,7 +24,7 @@ from edge_rwkv.artifact import write_artifact
 from edge_rwkv.bench import PRESETS, bench_weights
 from edge_rwkv.checkpoint import load_checkpoint
 from edge_rwkv.quant.policy import QuantPolicy
-from edge_rwkv.quantize import quantize_checkpoint
+from edge_rwkv.quant.transform import quantize_checkpoint
 from edge_rwkv.runtime.memory import gib
 
 GiB = 1 << 30

@@ -15,8 +15,10 @@ import tempfile
 import torch
 
 from edge_rwkv.api import load
-from edge_rwkv.bench import PRESETS, Timer, bench_weights, quantized_model
+from edge_rwkv.bench.timing import Timer
+from edge_rwkv.bench.weights import bench_weights, quantized_model
 from edge_rwkv.runtime.fused import FusedStep
+from edge_rwkv.synthetic import PRESETS
 
 
 def profile(preset: str, batch: int, bits: int = 16, steps: int = 5) -> None:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from edge_rwkv.api import load
-from edge_rwkv.bench import PRESETS, bench_weights, quantized_model
+from edge_rwkv.bench.weights import bench_weights, quantized_model
+from edge_rwkv.synthetic import PRESETS
 
 
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from .config import ModelConfig
 from .errors import InputError
 from .quant.policy import QuantPolicy
+from .synthetic import HEAD_SIZE, VOCAB, lora_ranks
+from .synthetic import PRESETS as RANDOM_PRESETS
 
 GB = 1e9
 GiB = 1 << 30
@@ -118,12 +120,8 @@ def preset_config(name: str) -> ModelConfig | None:
     for k in (key, f"rwkv7-{key}"):
         if k in PRESETS:
             return PRESETS[k]
-    from .bench import HEAD_SIZE, PRESETS as BENCH_PRESETS, VOCAB
-
-    if key in BENCH_PRESETS:  # e.g. "tiny": the shape bench draws random weights for
-        from .synthetic import lora_ranks
-
-        n_layer, n_embd = BENCH_PRESETS[key]
+    if key in RANDOM_PRESETS:  # e.g. "tiny": the shape bench draws random weights for
+        n_layer, n_embd = RANDOM_PRESETS[key]
         r = lora_ranks(n_embd)
         return ModelConfig(n_layer, n_embd, HEAD_SIZE, VOCAB, 4 * n_embd, r["decay"], r["aaa"], r["mv"], r["gate"])
     return None

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import torch
 
+HEAD_SIZE = 64  # as released
+VOCAB = 65536  # the World tokenizer's
+# Random-weight sizes by name, (n_layer, n_embd): `edge-rwkv bench --preset`, the benchmarks, `edge-rwkv plan`
+PRESETS = {"tiny": (2, 128), "0.1b": (12, 768), "1.5b": (24, 2048), "7.2b": (32, 4096)}
+
 
 def lora_ranks(n_embd: int) -> dict[str, int]:
     """Default LoRA ranks as the official trainer picks them for a given width."""
@@ -19,8 +24,8 @@ def lora_ranks(n_embd: int) -> dict[str, int]:
 def random_checkpoint(
     n_layer: int = 2,
     n_embd: int = 128,
-    head_size: int = 64,
-    vocab_size: int = 65536,
+    head_size: int = HEAD_SIZE,
+    vocab_size: int = VOCAB,
     dim_ffn: int | None = None,
     ranks: dict[str, int] | None = None,
     seed: int = 0,

@@ -87,7 +87,7 @@ def test_bench_engine_presets():
     import importlib.util
     from pathlib import Path
 
-    from edge_rwkv.bench import add_bench_args
+    from edge_rwkv.bench.cli import add_bench_args
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
     spec = importlib.util.spec_from_file_location("bench_engine", path)
@@ -133,18 +133,49 @@ def test_bench_bad_options(tmp_path, args, message):
 
 def test_bench_rows_say_why_a_precision_is_missing(monkeypatch):
     """A quantized precision that cannot be made leaves rows with the reason, and the table still prints."""
-    from edge_rwkv import bench
+    from edge_rwkv.bench import options, run, weights
+    from edge_rwkv.bench.table import format_table
+    from edge_rwkv.bench.weights import QUANT_NA
 
-    monkeypatch.setattr(bench, "quantizer", lambda: (None, "not here (test)"))
-    o = bench.BenchOptions(preset="tiny", device="cpu", precisions=["fp32", "int4"], batch_precisions=["int4"],
-                           memory_precisions=["fp32", "int4"], batch=[1], prefill=[32], memory_ctx=[32, 64],
-                           peer=False, decode_steps=2, warmup=1)
-    res = bench.run_bench(o, log=lambda s: None)
+    monkeypatch.setattr(weights, "quantizer", lambda: (None, "not here (test)"))
+    o = options.BenchOptions(preset="tiny", device="cpu", precisions=["fp32", "int4"], batch_precisions=["int4"],
+                             memory_precisions=["fp32", "int4"], batch=[1], prefill=[32], memory_ctx=[32, 64],
+                             peer=False, decode_steps=2, warmup=1)
+    res = run.run_bench(o, log=lambda s: None)
     decode = {r["precision"]: r for r in res["decode"]}
-    assert decode["fp32"]["ours_tok_s"] > 0 and decode["int4"]["note"] == bench.QUANT_NA
-    assert res["batched"] == [{"precision": "int4", "batch": 1, "note": bench.QUANT_NA}]
+    assert decode["fp32"]["ours_tok_s"] > 0 and decode["int4"]["note"] == QUANT_NA
+    assert res["batched"] == [{"precision": "int4", "batch": 1, "note": QUANT_NA}]
     int4 = [r for r in res["prefill"] if r["precision"] == "int4"]
-    assert [r["tokens"] for r in int4] == [32, 64] and all(r["ours_note"] == bench.QUANT_NA for r in int4)
-    table = bench.format_table(res)
-    assert f"| peak memory int4 | ctx 64 | {bench.QUANT_NA} |" in table
-    assert f"| decode tok/s, batched int4 | B=1 | {bench.QUANT_NA} |" in table
+    assert [r["tokens"] for r in int4] == [32, 64] and all(r["ours_note"] == QUANT_NA for r in int4)
+    table = format_table(res)
+    assert f"| peak memory int4 | ctx 64 | {QUANT_NA} |" in table
+    assert f"| decode tok/s, batched int4 | B=1 | {QUANT_NA} |" in table
+
+
+def test_runtime_never_imports_bench():
+    """The bench depends on the runtime, never the other way round (cli.py only names it in EXTRA_COMMANDS)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packages = {"edge_rwkv": root / "edge_rwkv", "edge_rwkv.quant": root / "quant",
+                "edge_rwkv.export": root / "export", "edge_rwkv.cuda_kernels": root / "cuda_kernels"}
+    offenders = []
+    for base, folder in packages.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder)
+            if base == "edge_rwkv" and rel.parts[0] == "bench":
+                continue
+            package = ".".join([base, *rel.parts[:-1]])
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                    module = ".".join(p for p in (parent, node.module or "") if p)
+                    names = [module, *(f"{module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                if any(n == "edge_rwkv.bench" or n.startswith("edge_rwkv.bench.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

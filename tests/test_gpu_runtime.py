@@ -48,7 +48,7 @@ def test_quantized_graph_decode_equals_eager(model_file, tmp_path):
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.checkpoint import load_checkpoint
     from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.quant.transform import quantize_checkpoint
     from edge_rwkv.runtime.fused import FusedStep
     from edge_rwkv.runtime.graph import GraphStep
 

@@ -113,11 +113,11 @@ def test_keeps_int8_embedding_only_on_cuda_for_int8_tables():
 
 
 def test_bench_counts_int8_table(nets):
-    from edge_rwkv.bench import _obj_bytes, embedding_row_bytes, weight_bytes_per_step, weights_resident_bytes
+    from edge_rwkv.bench.memory import embedding_row_bytes, object_bytes, weight_bytes_per_step, weights_resident_bytes
 
     cfg, dense, q = nets
     C = cfg.n_embd
-    assert _obj_bytes(q.emb, set()) == q.emb.nbytes == VOCAB * C + VOCAB * 4
+    assert object_bytes(q.emb, set()) == q.emb.nbytes == VOCAB * C + VOCAB * 4
     assert embedding_row_bytes(q.emb) == C + 4 and embedding_row_bytes(dense.emb) == 4 * C
     assert weight_bytes_per_step(dense) - weight_bytes_per_step(q) == 4 * C - (C + 4)
     assert weights_resident_bytes(dense) - weights_resident_bytes(q) == 4 * VOCAB * C - (VOCAB * C + 4 * VOCAB)
