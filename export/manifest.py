@@ -1,6 +1,7 @@
 """`manifest.json` of an export folder: what each graph is, how to feed and chain it, what ships with it.
 
     {"format": "edge-rwkv-export", "format_version": 2,
+     "target": "onnxruntime" | "tensorrt" (the runtime the graphs are laid out for; absent = onnxruntime),
      "graphs": {"decode":  {"file", "batch", "tokens_per_call": 1, "nodes", "inlined_nodes", "inputs", "outputs"},
                 "prefill": {... "tokens_per_call": chunk ...}},
      "io": naming convention of the state tensors,
@@ -139,9 +140,9 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
                              "nodes": len(m.graph.node), "inlined_nodes": inlined_node_count(m),
                              "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
     quant_tensors = {name: {"format": q.format, "group": q.group, "input_scale": q.input_scale is not None,
-                            "onnx": _quant_layout(name, q)}
+                            "onnx": _quant_layout(name, q, specs[0].target)}
                      for name, q in sorted(src.quant.items())}
-    dtype = specs[0].dtype
+    dtype, target = specs[0].dtype, specs[0].target
     emb = src.quant.get("emb.weight")
     tokenizer = None
     if vocab_file:
@@ -153,6 +154,7 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
     files = [f"{s.name}.onnx" for s in specs] + [WEIGHTS_FILE] + ([vocab_file] if vocab_file else [])
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
+        "target": target,
         "graphs": graphs,
         "io": IO_CONVENTION,
         "initial_state": INITIAL_STATE,
@@ -165,7 +167,10 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
                       "matmul": dtype, "activations_between_blocks": "float32", "state": "float32",
                       "norms": "float32", "decay": "float32 exp(-e^-0.5 * sigmoid(w))",
                       "embedding": (f"{dtype}, ln0 folded in" if emb is None else
-                                    "int8 rows with a float32 scale per row (as stored), ln0 applied in float32")},
+                                    "int8 rows with a float32 scale per row (as stored), ln0 applied in float32"
+                                    if target == "onnxruntime" else
+                                    f"int8 table with a {dtype} scale per row (as stored), dequantized to {dtype}, "
+                                    "ln0 applied in float32")},
         "quant": {"formats": src.quant_formats, "tensors": quant_tensors},
         "wkv": {"domain": WKV_DOMAIN, "name": WKV_NAME,
                 "kind": "ONNX model-local function (plain ONNX ops: one step at T=1, a Scan over time at T>1)",
@@ -185,8 +190,10 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
     }
 
 
-def _quant_layout(name: str, q) -> str:
+def _quant_layout(name: str, q, target: str) -> str:
     if name == "emb.weight":
+        if target == "tensorrt":
+            return "DequantizeLinear(int8 [V, C], scale [V], axis=0) → Gather"
         return "Gather of int8 rows [V, C] and float32 scales [V, 1], Cast, Mul"
     if q.format == "int8":
         return "DequantizeLinear(Wᵀ int8 [K, out], scale [out], axis=1) → MatMul"
@@ -224,7 +231,8 @@ def describe(path: str | Path) -> str:
     m = load_manifest(path)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     c = m["model"]["config"]
-    lines = [f"export          {folder}  (edge-rwkv export v{m['format_version']}, ONNX opset {m['opset']})",
+    lines = [f"export          {folder}  (edge-rwkv export v{m['format_version']}, ONNX opset {m['opset']}, "
+             f"laid out for {m.get('target', 'onnxruntime')})",
              f"model           RWKV-7 {c['n_layer']} layers, width {c['n_embd']}, head size {c['head_size']}, "
              f"vocab {c['vocab_size']}; source {m['model']['source_file']} sha256 {m['model']['source_sha256'][:16]}…"]
     for name, g in m["graphs"].items():

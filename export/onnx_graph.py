@@ -12,7 +12,8 @@ One graph per (batch B, tokens per call T): T=1 is the decode step, T>1 a prefil
 Precision follows edge_rwkv.model: matrices (linears, LoRA factors, embedding) in the weight dtype
 (fp16 or fp32); residual stream, norms, gates, decay and state in fp32, with explicit Casts at every
 boundary. `v_first` (layer 0's value) stays inside the graph. ln0 is folded into a dense embedding
-table; an int8 embedding stays int8 (rows gathered, then scaled and normalized in fp32).
+table; an int8 embedding stays int8 (for onnxruntime rows gathered, then scaled; for TensorRT the
+table dequantized, then gathered), normalized in fp32.
 
 The WKV recurrence is a model-local function `rwkv7.wkv7` (see `wkv_function`): its body is plain
 ONNX (one step at T=1, a `Scan` over time at T>1, so the graph does not grow with the chunk), so
@@ -202,14 +203,17 @@ class _Builder:
 
 
 class GraphSpec:
-    """What one exported graph is: batch, tokens per call, weight dtype."""
+    """What one exported graph is: batch, tokens per call, weight dtype, and the runtime it is laid out for
+    ("onnxruntime" or "tensorrt": see `embedding`)."""
 
-    def __init__(self, batch: int, tokens: int, dtype: str):
+    def __init__(self, batch: int, tokens: int, dtype: str, target: str = "onnxruntime"):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"unsupported export dtype {dtype!r}; use float16 or float32")
         if batch < 1 or tokens < 1:
             raise ValueError("batch and tokens per call must be positive")
-        self.batch, self.tokens, self.dtype = int(batch), int(tokens), dtype
+        if target not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"unknown export target {target!r}; use onnxruntime or tensorrt")
+        self.batch, self.tokens, self.dtype, self.target = int(batch), int(tokens), dtype, target
 
     @property
     def name(self) -> str:
@@ -272,7 +276,7 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
             outputs.append(helper.make_tensor_value_info(f"{part}_out.{i}", f32, shape))
             g.types[f"{part}.{i}"] = f32
 
-    x = embedding(g, src, M, C)
+    x = embedding(g, src, M, C, spec.target)
 
     v_first = None
     one = g.const_f32(1.0, "one")
@@ -362,12 +366,17 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
     return model
 
 
-def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
+def embedding(g: _Builder, src: ExportSource, M: int, C: int, target: str = "onnxruntime") -> str:
     """Rows of the token ids as fp32 [M, C], ln0 applied.
 
     A dense embedding is stored with ln0 folded in, in the weight dtype (as the runtime does). An int8
-    embedding stays int8 with its stored per-row scales: the rows are gathered, widened and scaled
-    (Gather of a few rows, not a dequantization of the whole table per call), then ln0 in fp32.
+    embedding stays int8 with its stored per-row scales, in the layout its target runs well:
+    - onnxruntime: the int8 rows and their fp32 scales are gathered, then widened and scaled (a Gather of
+      a few rows per call, never a dequantization of the whole table);
+    - tensorrt: `DequantizeLinear(int8 table [V, C], scale [V], axis 0) → Gather`, because TensorRT's ONNX
+      parser takes INT8 only as a DequantizeLinear input. The scales are in the weight dtype (the stored
+      fp16 scales; exact when widened for an fp32 export), so the dequantized rows are in the weight dtype
+      like a dense embedding's, then ln0 runs in fp32.
     """
     wdt, f32 = g.wdt, TensorProto.FLOAT
     q = src.quant.get("emb.weight")
@@ -384,12 +393,18 @@ def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
         return g.cast(g.reshape(x, [M, C], "emb.rows"), f32, "x0")
     if q.format != "int8" or q.input_scale is not None:
         raise ValueError(f"emb.weight: only a plain int8 embedding can be exported, got {q.format}")
-    rows = g.node("Gather", [g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8)), "tokens"], "emb.gather",
-                  out_type=TensorProto.INT8, axis=0)
-    scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
-                    "emb.gather_scale", out_type=f32, axis=0)
-    x = g.node("Mul", [g.cast(rows, f32, "emb.rows_f32"), scales], "emb.dequant")
-    x = g.reshape(x, [M, C], "emb.rows")
+    table = g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8))
+    if target == "tensorrt":
+        scale = g.init("emb.weight.scale_rows", lambda: q.scale.astype(_NP[wdt]).reshape(-1))
+        deq = g.node("DequantizeLinear", [table, scale], "emb.dq", out_type=wdt, axis=0)
+        rows = g.node("Gather", [deq, "tokens"], "emb.gather", out_type=wdt, axis=0)
+        x = g.cast(g.reshape(rows, [M, C], "emb.rows"), f32, "emb.rows_f32")
+    else:
+        rows = g.node("Gather", [table, "tokens"], "emb.gather", out_type=TensorProto.INT8, axis=0)
+        scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
+                        "emb.gather_scale", out_type=f32, axis=0)
+        x = g.node("Mul", [g.cast(rows, f32, "emb.rows_f32"), scales], "emb.dequant")
+        x = g.reshape(x, [M, C], "emb.rows")
     ln0 = lambda nm: g.init(f"blocks.0.ln0.{nm}", lambda: src.tensors[f"blocks.0.ln0.{nm}"].float().reshape(-1).numpy())  # noqa: E731
     return g.node("LayerNormalization", [x, ln0("weight"), ln0("bias")], "emb.ln0", axis=-1, epsilon=LN_EPS)
 

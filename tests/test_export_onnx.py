@@ -92,14 +92,15 @@ def exports(tmp_path_factory, official):
     def get(key):
         if key in cache:
             return cache[key]
-        kind, dtype, batch = key
+        kind, dtype, batch, *target = key  # target: "onnxruntime" unless a fourth element says "tensorrt"
         if kind == "dense":
             model = official
         else:
             fmt, _, rest = kind.partition("-")
             model = _quantized_artifact(models / f"{kind}.safetensors", fmt, input_scale="awq" in rest, head_and_emb="head" in rest)
-        out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}")
-        export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False), log=lambda m: None)
+        out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}-{'-'.join(target)}")
+        export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False,
+                                              target=target[0] if target else "onnxruntime"), log=lambda m: None)
         cache[key] = (model, out)
         return cache[key]
 
@@ -192,6 +193,49 @@ def test_int8_weights_and_embedding_stay_int8(exports):
     assert load_manifest(out)["precision"]["embedding"].startswith("int8")
 
 
+@pytest.mark.parametrize("kind", ["int8-head", "int4-head"])
+def test_tensorrt_target_int8_embedding_lints_clean(exports, kind):
+    """TensorRT's parser takes INT8 only through a DequantizeLinear: the tensorrt target writes the int8
+    embedding as DequantizeLinear(table, per-row scales, axis 0) → Gather, and its graphs lint clean, while
+    the onnxruntime target (Gather of int8 rows, then scale) is what the lint refuses."""
+    model, out = exports((kind, "float16", 1, "tensorrt"))
+    _, ort_out = exports((kind, "float16", 1))
+    src = read_source(model)
+    m = load_manifest(out)
+    assert m["target"] == "tensorrt" and load_manifest(ort_out)["target"] == "onnxruntime"
+    assert m["quant"]["tensors"]["emb.weight"]["onnx"].startswith("DequantizeLinear")
+    for name in ("decode", "prefill"):
+        model_trt = onnx.load(str(out / f"{name}.onnx"))
+        for target in TARGETS:
+            assert [i for i in lint_model(model_trt, target) if i.level != "note"] == []
+            assert m["lint"][name][target] == []
+            ort_errors = [i for i in lint_model(onnx.load(str(ort_out / f"{name}.onnx"), load_external_data=False), target)
+                          if i.level == "error"]
+            assert ort_errors and all(i.node.startswith("emb.") for i in ort_errors), ort_errors
+        table = _init(model_trt, "emb.weight.qweight")
+        assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [VOCAB, EMBD]
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(table), src.quant["emb.weight"].qweight)
+        scale = onnx.numpy_helper.to_array(_init(model_trt, "emb.weight.scale_rows"))
+        np.testing.assert_array_equal(scale, src.quant["emb.weight"].scale.reshape(-1))  # as stored (fp16)
+        dq = next(n for n in model_trt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == table.name)
+        assert _attrs(dq) == {"axis": 0} and len(dq.input) == 2
+        gather = next(n for n in model_trt.graph.node if dq.output[0] in n.input)
+        assert gather.op_type == "Gather" and gather.input == [dq.output[0], "tokens"] and _attrs(gather) == {"axis": 0}
+    # onnxruntime runs the TensorRT layout too, with the same numbers
+    rep = verify_export(model, out, tokens=CHUNK + 3, seed=4)
+    assert rep["max_rel"] <= TOL_FP16 and rep["max_rel_chunked"] <= TOL_FP16, rep
+    assert "laid out for tensorrt" in describe(out)
+
+
+def test_engines_only_from_a_tensorrt_target(exports):
+    from edge_rwkv.export.tensorrt import build_engines
+
+    _, out = exports(("dense", "float16", 1))
+    with pytest.raises(InputError, match="laid out for onnxruntime.*--format tensorrt"):
+        build_engines(out)
+    assert not list(out.glob("*.engine"))
+
+
 def _optimized_ops(path, session_config, tmp_path):
     import onnxruntime as ort
 
@@ -263,6 +307,28 @@ def test_onnxruntime_matches_torch_reference(exports, key, tol):
     assert rep["batch"] == key[2]
     assert rep["max_rel"] <= tol and rep["max_rel_chunked"] <= tol, rep
     assert rep["state_max_abs"] <= (1e-4 if tol == TOL_FP32 else 5e-2), rep
+    assert rep["argmax_agree"] == rep["argmax_total"] == (2 * CHUNK + 3) * key[2], rep
+
+
+def test_argmax_rule_counts_only_near_ties_picking_the_runner_up():
+    from edge_rwkv.export.verify import ARGMAX_TIE_STD, argmax_agreement
+
+    ref = torch.linspace(-1, 1, 50)  # std ≈ 0.59; the best logit is the last one
+    std = float(ref.std())
+    assert argmax_agreement(ref, ref) == "match"
+    tied = ref.clone()
+    tied[10] = ref[-1] - 0.5 * ARGMAX_TIE_STD * std  # runner-up within the tolerance
+    flipped = tied.clone()
+    flipped[10], flipped[-1] = tied[-1], tied[10]  # ours picks the runner-up
+    assert argmax_agreement(tied, flipped) == "near_tie"
+    apart = ref.clone()
+    apart[10] = ref[-1] - 2 * ARGMAX_TIE_STD * std  # runner-up outside the tolerance
+    swapped = apart.clone()
+    swapped[10], swapped[-1] = apart[-1], apart[10]
+    assert argmax_agreement(apart, swapped) == "miss"
+    third = tied.clone()
+    third[20] = tied[-1] + 1.0  # within-tolerance tie, but ours picks neither of the two best
+    assert argmax_agreement(tied, third) == "miss"
 
 
 def test_quantized_reference_is_the_runtime_on_dequantized_weights(exports):
@@ -573,7 +639,7 @@ def test_tensorrt_missing_message_and_trtexec_line(exports):
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a GPU are present here")
-    _, out = exports(("dense", "float16", 1))
+    _, out = exports(("dense", "float16", 1, "tensorrt"))
     with pytest.raises(TensorRTUnavailable) as e:
         build_engines(out)
     msg = str(e.value)
