@@ -112,7 +112,10 @@ def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, optio
     out = Path(out_dir)
     src = src or read_source(model_path, progress=opt.progress)
     prepare_output_dir(out, opt.force)
-    specs = [GraphSpec(opt.batch, 1, opt.dtype, opt.target), GraphSpec(opt.batch, opt.chunk, opt.dtype, opt.target)]
+    # For onnxruntime the prefill graph takes any number of tokens, so one session can run a whole sequence
+    # (chunks, then single tokens) with one copy of the weights; TensorRT wants fixed shapes.
+    specs = [GraphSpec(opt.batch, 1, opt.dtype, opt.target),
+             GraphSpec(opt.batch, opt.chunk, opt.dtype, opt.target, any_tokens=opt.target == "onnxruntime")]
     graphs, lint = {}, {}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         weights = WeightsFile(tmp, WEIGHTS_FILE)
