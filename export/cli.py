@@ -10,13 +10,16 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export ONNX decode/prefill graphs (and TensorRT engines)",
                        description="Write decode.onnx (1 token/call), prefill.onnx (--chunk tokens/call), their shared "
                                    "weights.bin, the tokenizer's vocabulary and manifest.json to DIR (see "
-                                   "INTEGRATION.md beside this module); --format tensorrt also builds strongly-typed engines "
+                                   "INTEGRATION.md beside this module); --format tensorrt lays the graphs out for "
+                                   "TensorRT's ONNX parser and also builds strongly-typed engines "
                                    "where TensorRT and a GPU are present, else prints the trtexec lines to run "
                                    "on the target.")
     p.add_argument("model", nargs="?", default=None,
                    help="model file: official .pth, safetensors, or an edge-rwkv artifact, quantized or not "
                         "(default: the embedded default model)")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                   help="onnx: graphs laid out for onnxruntime (default); tensorrt: laid out for TensorRT "
+                        "(recorded as the manifest's target), then engines built where TensorRT is present")
     p.add_argument("-o", "--output", required=True, help="output folder (must be empty unless --force)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
     p.add_argument("--batch", type=int, default=1, help="fixed batch size of both graphs (default 1)")
@@ -38,7 +41,8 @@ def cmd_export(a) -> int:
     from .manifest import describe
 
     a.model = resolve_model(a.model)
-    opts = ExportOptions(chunk=a.chunk, batch=a.batch, dtype=a.dtype, force=a.force, progress=True).checked()
+    opts = ExportOptions(chunk=a.chunk, batch=a.batch, dtype=a.dtype, force=a.force, progress=True,
+                         target="tensorrt" if a.format == "tensorrt" else "onnxruntime").checked()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     export_onnx(a.model, a.output, opts, log=log)
     print(describe(a.output))
@@ -47,7 +51,8 @@ def cmd_export(a) -> int:
 
         rep = verify_export(a.model, a.output, tokens=a.verify)
         print(f"verify          onnxruntime vs torch runtime over {rep['tokens']} tokens: "
-              f"max |Δlogits| / std = {rep['max_rel']:.2e} (decode steps), {rep['max_rel_chunked']:.2e} (chunked)")
+              f"max |Δlogits| / std = {rep['max_rel']:.2e} (decode steps), {rep['max_rel_chunked']:.2e} (chunked); "
+              f"argmax {rep['argmax_agree']}/{rep['argmax_total']} ({rep['argmax_near_ties']} near-ties)")
     if a.format == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_engines, trtexec_commands
 

@@ -28,6 +28,10 @@ MAX_BATCH = 1024
 DTYPE_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16",
                  "float32": "float32", "fp32": "float32", "float": "float32"}
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+# Who runs the graphs: the layouts differ only where the two runtimes want different forms of the same
+# stored numbers (an int8 embedding: gathered, then scaled, in onnxruntime; dequantized, then gathered,
+# in TensorRT, whose parser takes INT8 only as a DequantizeLinear input).
+EXPORT_TARGETS = ("onnxruntime", "tensorrt")
 OUR_FILES = ("decode.onnx", "prefill.onnx", WEIGHTS_FILE, VOCAB_FILE, MANIFEST_NAME, "decode.engine", "prefill.engine")
 
 
@@ -38,6 +42,7 @@ class ExportOptions:
     dtype: str = "float16"
     force: bool = False
     progress: bool = True
+    target: str = "onnxruntime"
 
     def checked(self) -> "ExportOptions":
         for what, v, hi in (("--chunk", self.chunk, MAX_CHUNK), ("--batch", self.batch, MAX_BATCH)):
@@ -51,7 +56,9 @@ class ExportOptions:
         dt = DTYPE_ALIASES.get(str(self.dtype).lower())
         if dt is None:
             raise InputError(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        return ExportOptions(self.chunk, self.batch, dt, self.force, self.progress)
+        if self.target not in EXPORT_TARGETS:
+            raise InputError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, got {self.target!r}")
+        return ExportOptions(self.chunk, self.batch, dt, self.force, self.progress, self.target)
 
 
 def prepare_output_dir(out: Path, force: bool) -> None:
@@ -104,7 +111,10 @@ def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, optio
     out = Path(out_dir)
     src = src or read_source(model_path, progress=opt.progress)
     prepare_output_dir(out, opt.force)
-    specs = [GraphSpec(opt.batch, 1, opt.dtype), GraphSpec(opt.batch, opt.chunk, opt.dtype)]
+    # For onnxruntime the prefill graph takes any number of tokens, so one session can run a whole sequence
+    # (chunks, then single tokens) with one copy of the weights; TensorRT wants fixed shapes.
+    specs = [GraphSpec(opt.batch, 1, opt.dtype, opt.target),
+             GraphSpec(opt.batch, opt.chunk, opt.dtype, opt.target, any_tokens=opt.target == "onnxruntime")]
     graphs, lint = {}, {}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         weights = WeightsFile(tmp, WEIGHTS_FILE)
@@ -130,4 +140,6 @@ def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, optio
         for target, problems in per_target.items():
             for p in problems:
                 log(f"lint [{name}, TensorRT {target}] {p}")
+    if opt.target != "tensorrt" and any(p for per_target in lint.values() for p in per_target.values()):
+        log("lint: these graphs are laid out for onnxruntime; `--format tensorrt` writes TensorRT's layout")
     return manifest

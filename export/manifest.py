@@ -1,8 +1,10 @@
 """`manifest.json` of an export folder: what each graph is, how to feed and chain it, what ships with it.
 
     {"format": "edge-rwkv-export", "format_version": 2,
-     "graphs": {"decode":  {"file", "batch", "tokens_per_call": 1, "nodes", "inlined_nodes", "inputs", "outputs"},
-                "prefill": {... "tokens_per_call": chunk ...}},
+     "target": "onnxruntime" | "tensorrt" (the runtime the graphs are laid out for; absent = onnxruntime),
+     "graphs": {"decode":  {"file", "batch", "tokens_per_call": 1, "any_tokens": false, "nodes", "inlined_nodes",
+                            "inputs", "outputs"},
+                "prefill": {... "tokens_per_call": chunk, "any_tokens": true for the onnxruntime target ...}},
      "io": naming convention of the state tensors,
      "initial_state": every state input zero starts a sequence,
      "chaining": how prefill and decode calls follow each other,
@@ -16,7 +18,7 @@
      "files": {name: {"bytes", "sha256"}} for every file but the manifest,
      "lint": {...}, "tools": {...}, "engines": {name: file} once TensorRT engines are built}
 
-Each input/output entry is {"name", "dtype", "shape"}. State inputs are `att_x.{i}`, `wkv.{i}`,
+Each input/output entry is {"name", "dtype", "shape"}; a free dimension is named ("T": any tokens per call). State inputs are `att_x.{i}`, `wkv.{i}`,
 `ffn_x.{i}`; the matching outputs are `att_x_out.{i}`, `wkv_out.{i}`, `ffn_x_out.{i}`.
 """
 from __future__ import annotations
@@ -55,6 +57,9 @@ CHAINING = {
             "then the remaining L mod P tokens one decode call each; the logits of the last call are the "
             "next-token distribution; then decode one token per call. Each call's *_out tensors are the next "
             "call's inputs, whichever graph made them",
+    "one_session": "a graph with any_tokens true takes [B, T] tokens for any T >= 1: one session of it can run the "
+                   "prefill chunks, the remainder and every decode step (bind a [B, P] and a [B, 1] token buffer), "
+                   "holding one copy of the weights instead of two sessions' two",
     "logits": "float32 [B, V] of the last token of each call (a prefill call gives only its last token's logits)",
     "token_ids": "int64 in [0, vocab_size); the graphs do not check ids (a Gather of an out-of-range id is "
                  "undefined or an error depending on the runtime): check them before each call",
@@ -68,7 +73,7 @@ def _io(values) -> list[dict]:
     for vi in values:
         tt = vi.type.tensor_type
         out.append({"name": vi.name, "dtype": _DT.get(tt.elem_type, str(tt.elem_type)),
-                    "shape": [d.dim_value for d in tt.shape.dim]})
+                    "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]})
     return out
 
 
@@ -137,12 +142,13 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
     for spec in specs:
         m = models[spec.name]
         graphs[spec.name] = {"file": f"{spec.name}.onnx", "batch": spec.batch, "tokens_per_call": spec.tokens,
+                             "any_tokens": spec.any_tokens,
                              "nodes": len(m.graph.node), "inlined_nodes": inlined_node_count(m),
                              "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
     quant_tensors = {name: {"format": q.format, "group": q.group, "input_scale": q.input_scale is not None,
-                            "onnx": _quant_layout(name, q)}
+                            "onnx": _quant_layout(name, q, specs[0].target)}
                      for name, q in sorted(src.quant.items())}
-    dtype = specs[0].dtype
+    dtype, target = specs[0].dtype, specs[0].target
     emb = src.quant.get("emb.weight")
     tokenizer = None
     if vocab_file:
@@ -154,6 +160,7 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
     files = [f"{s.name}.onnx" for s in specs] + [WEIGHTS_FILE] + ([vocab_file] if vocab_file else [])
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
+        "target": target,
         "graphs": graphs,
         "io": IO_CONVENTION,
         "initial_state": INITIAL_STATE,
@@ -166,7 +173,10 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
                       "matmul": dtype, "activations_between_blocks": "float32", "state": "float32",
                       "norms": "float32", "decay": "float32 exp(-e^-0.5 * sigmoid(w))",
                       "embedding": (f"{dtype}, ln0 folded in" if emb is None else
-                                    "int8 rows with a float32 scale per row (as stored), ln0 applied in float32")},
+                                    "int8 rows with a float32 scale per row (as stored), ln0 applied in float32"
+                                    if target == "onnxruntime" else
+                                    f"int8 table with a {dtype} scale per row (as stored), dequantized to {dtype}, "
+                                    "ln0 applied in float32")},
         "quant": {"formats": src.quant_formats, "tensors": quant_tensors},
         "wkv": {"domain": WKV_DOMAIN, "name": WKV_NAME,
                 "kind": "ONNX model-local function (plain ONNX ops: one step at T=1, a Scan over time at T>1)",
@@ -186,8 +196,10 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
     }
 
 
-def _quant_layout(name: str, q) -> str:
+def _quant_layout(name: str, q, target: str) -> str:
     if name == "emb.weight":
+        if target == "tensorrt":
+            return "DequantizeLinear(int8 [V, C], scale [V], axis=0) → Gather"
         return "Gather of int8 rows [V, C] and float32 scales [V, 1], Cast, Mul"
     if q.format == "int8":
         return "DequantizeLinear(Wᵀ int8 [K, out], scale [out], axis=1) → MatMul"
@@ -225,7 +237,8 @@ def describe(path: str | Path) -> str:
     m = load_manifest(path)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     c = m["model"]["config"]
-    lines = [f"export          {folder}  (edge-rwkv export v{m['format_version']}, ONNX opset {m['opset']})",
+    lines = [f"export          {folder}  (edge-rwkv export v{m['format_version']}, ONNX opset {m['opset']}, "
+             f"laid out for {m.get('target', 'onnxruntime')})",
              f"model           RWKV-7 {c['n_layer']} layers, width {c['n_embd']}, head size {c['head_size']}, "
              f"vocab {c['vocab_size']}; source {m['model']['source_file']} sha256 {m['model']['source_sha256'][:16]}…"]
     for name, g in m["graphs"].items():
@@ -249,7 +262,9 @@ def describe(path: str | Path) -> str:
         lines.append("onnxruntime     " + ", ".join(f"{k}={v}" for k, v in m["onnxruntime"]["session_config"].items()))
     for target, errs in sorted({t: sum(len(v.get(t, [])) for v in m['lint'].values())
                                 for g in m["lint"].values() for t in g}.items()):
-        lines.append(f"TensorRT lint   {target}: {'clean' if not errs else f'{errs} problem(s)'}")
+        lines.append(f"TensorRT lint   {target}: {'clean' if not errs else f'{errs} problem(s)'}"
+                     + (" (laid out for onnxruntime; `--format tensorrt` exports for TensorRT)"
+                        if errs and m.get("target", "onnxruntime") != "tensorrt" else ""))
     for name, e in (m.get("engines") or {}).items():
         lines.append(f"engine          {name}: {e}")
     t = m["tools"]

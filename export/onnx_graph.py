@@ -1,6 +1,7 @@
 """RWKV-7 as fixed-shape ONNX graphs, written node by node with `onnx.helper` (no tracing).
 
-One graph per (batch B, tokens per call T): T=1 is the decode step, T>1 a prefill chunk.
+One graph per (batch B, tokens per call T): T=1 is the decode step, T>1 a prefill chunk; a graph built
+with `any_tokens` leaves T free (onnxruntime: one session then runs chunks and single tokens alike).
 
     inputs   tokens       int64 [B, T]
              att_x.{i}    fp32  [B, C]        per layer i: token-shift input of the time mix
@@ -12,7 +13,8 @@ One graph per (batch B, tokens per call T): T=1 is the decode step, T>1 a prefil
 Precision follows edge_rwkv.model: matrices (linears, LoRA factors, embedding) in the weight dtype
 (fp16 or fp32); residual stream, norms, gates, decay and state in fp32, with explicit Casts at every
 boundary. `v_first` (layer 0's value) stays inside the graph. ln0 is folded into a dense embedding
-table; an int8 embedding stays int8 (rows gathered, then scaled and normalized in fp32).
+table; an int8 embedding stays int8 (for onnxruntime rows gathered, then scaled; for TensorRT the
+table dequantized, then gathered), normalized in fp32.
 
 The WKV recurrence is a model-local function `rwkv7.wkv7` (see `wkv_function`): its body is plain
 ONNX (one step at T=1, a `Scan` over time at T>1, so the graph does not grow with the chunk), so
@@ -95,8 +97,9 @@ def wkv_function(T: int) -> onnx.FunctionProto:
 
     r, w, k, v, a, b: fp32 [B, T, H, N]; state fp32 [B, H, N, N]; y fp32 [B, T, H, N].
     Per head:  S ← S·diag(d) + (S·a) bᵀ + v kᵀ,  y = S r,  d = exp(-e^-0.5 · sigmoid(w)).
-    T = 1 is one step of plain ops; T > 1 a `Scan` over the time axis whose body is that step, so the
-    node count does not grow with T (onnxruntime's session creation and TensorRT's parse stay small).
+    T = 1 is one step of plain ops; T > 1 (or T = None, any length) a `Scan` over the time axis whose body
+    is that step, so the node count does not grow with T (onnxruntime's session creation and TensorRT's
+    parse stay small).
     """
     nodes = []
 
@@ -202,14 +205,19 @@ class _Builder:
 
 
 class GraphSpec:
-    """What one exported graph is: batch, tokens per call, weight dtype."""
+    """What one exported graph is: batch, tokens per call, weight dtype, the runtime it is laid out for
+    ("onnxruntime" or "tensorrt": see `embedding`), and whether its token dimension is free (`any_tokens`:
+    the graph takes [B, T] for any T ≥ 1, `tokens` being the size its runners feed per call)."""
 
-    def __init__(self, batch: int, tokens: int, dtype: str):
+    def __init__(self, batch: int, tokens: int, dtype: str, target: str = "onnxruntime", any_tokens: bool = False):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"unsupported export dtype {dtype!r}; use float16 or float32")
         if batch < 1 or tokens < 1:
             raise ValueError("batch and tokens per call must be positive")
-        self.batch, self.tokens, self.dtype = int(batch), int(tokens), dtype
+        if target not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"unknown export target {target!r}; use onnxruntime or tensorrt")
+        self.batch, self.tokens, self.dtype, self.target = int(batch), int(tokens), dtype, target
+        self.any_tokens = bool(any_tokens)
 
     @property
     def name(self) -> str:
@@ -220,8 +228,10 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
     """The ONNX model for `spec` from `src`'s weights (quantized ones taken as stored). With `weights`
     (a WeightsFile), large initializers are written there as they are made and the model only points at them."""
     cfg = src.config
-    B, T, C, H, N, V = spec.batch, spec.tokens, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
-    M = B * T
+    B, C, H, N, V = spec.batch, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
+    # T = None: any number of tokens per call (the `T` dimension is free; reshapes infer it with -1).
+    T = None if spec.any_tokens else spec.tokens
+    M, Tr = (-1, -1) if T is None else (B * T, T)
     f32, wdt = TensorProto.FLOAT, WEIGHT_DTYPES[spec.dtype]
     g = _Builder(wdt, weights)
     tdt = _TORCH[wdt]
@@ -250,20 +260,26 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
     def ln(x: str, wname: str, bname: str, hint: str, eps=LN_EPS) -> str:
         return g.node("LayerNormalization", [x, vec(wname), vec(bname)], hint, axis=-1, epsilon=eps)
 
+    def last_token_range(T_) -> tuple[str, str]:
+        """Slice starts/ends of the last token along the time axis."""
+        return (g.const_i64([-1]), g.const_i64([np.iinfo(np.int64).max])) if T_ is None else \
+            (g.const_i64([T_ - 1]), g.const_i64([T_]))
+
     def token_shift(x: str, prev: str, state_out: str, hint: str) -> str:
         """Previous token's row for each row of x [M, C]; writes the last row of each sequence to state_out."""
         if T == 1:
             g.node("Identity", [x], hint + ".last", out=state_out)
             return prev
-        x3 = g.reshape(x, [B, T, C], hint + ".btc")
-        body = g.node("Slice", [x3, g.const_i64([0]), g.const_i64([T - 1]), g.const_i64([1])], hint + ".body")
+        x3 = g.reshape(x, [B, Tr, C], hint + ".btc")
+        body = g.node("Slice", [x3, g.const_i64([0]), g.const_i64([-1 if T is None else T - 1]), g.const_i64([1])],
+                      hint + ".body")
         shifted = g.node("Concat", [g.reshape(prev, [B, 1, C], hint + ".prev"), body], hint + ".cat", axis=1)
-        last = g.node("Slice", [x3, g.const_i64([T - 1]), g.const_i64([T]), g.const_i64([1])], hint + ".last3")
+        last = g.node("Slice", [x3, *last_token_range(T), g.const_i64([1])], hint + ".last3")
         g.reshape(last, [B, C], hint + ".last", out=state_out)
         return g.reshape(shifted, [M, C], hint + ".shifted")
 
     # ---- graph inputs
-    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, [B, T])]
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, [B, "T" if T is None else T])]
     outputs = [helper.make_tensor_value_info("logits", f32, [B, V])]
     g.types["tokens"] = TensorProto.INT64
     for i in range(cfg.n_layer):
@@ -272,7 +288,7 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
             outputs.append(helper.make_tensor_value_info(f"{part}_out.{i}", f32, shape))
             g.types[f"{part}.{i}"] = f32
 
-    x = embedding(g, src, M, C)
+    x = embedding(g, src, M, C, spec.target)
 
     v_first = None
     one = g.const_f32(1.0, "one")
@@ -312,7 +328,7 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
                                           f"{L}.att.vgate.logit")], f"{L}.att.vgate")
             v = g.node("Add", [v, g.node("Mul", [g.node("Sub", [v_first, v], f"{L}.att.vdiff"), vg], f"{L}.att.vmix")],
                        f"{L}.att.v.mixed")
-        heads4 = lambda t, nm: g.reshape(t, [B, T, H, N], f"{L}.wkv.{nm}")  # noqa: E731
+        heads4 = lambda t, nm: g.reshape(t, [B, Tr, H, N], f"{L}.wkv.{nm}")  # noqa: E731
         wkv_in = [heads4(r, "r"), heads4(w, "w"), heads4(k, "k"), heads4(v, "v"),
                   heads4(g.node("Neg", [kk], f"{L}.att.a_in"), "a"),
                   heads4(g.node("Mul", [kk, aa], f"{L}.att.b_in"), "b"), f"wkv.{i}"]
@@ -344,16 +360,16 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
         x = g.node("Add", [x, g.cast(linear(k2, p + "ffn.value.weight", f"{L}.ffn.v"), f32, f"{L}.ffn.v.f32")], f"{L}.x.ffn")
 
     # ---- head on the last token of each sequence
-    if T > 1:
-        last = g.node("Slice", [g.reshape(x, [B, T, C], "head.btc"), g.const_i64([T - 1]), g.const_i64([T]),
-                                g.const_i64([1])], "head.last3")
+    if T != 1:
+        last = g.node("Slice", [g.reshape(x, [B, Tr, C], "head.btc"), *last_token_range(T), g.const_i64([1])],
+                      "head.last3")
         x = g.reshape(last, [B, C], "head.last")
     h = ln(x, "ln_out.weight", "ln_out.bias", "ln_out")
     logits = g.cast(linear(h, "head.weight", "head"), f32, "head.f32")
     assert g.nodes[-1].output[0] == logits  # the Cast (fp16) or the Gemm (fp32) that produced it
     g.nodes[-1].output[0] = "logits"
 
-    graph = helper.make_graph(g.nodes, f"rwkv7_{spec.name}_b{B}_t{T}", inputs, outputs, list(g.inits.values()))
+    graph = helper.make_graph(g.nodes, f"rwkv7_{spec.name}_b{B}_t{T or 'any'}", inputs, outputs, list(g.inits.values()))
     model = helper.make_model(
         graph, functions=[wkv_function(T)],
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(WKV_DOMAIN, WKV_DOMAIN_VERSION)],
@@ -362,12 +378,17 @@ def build_graph(src: ExportSource, spec: GraphSpec, progress=None, weights=None)
     return model
 
 
-def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
+def embedding(g: _Builder, src: ExportSource, M: int, C: int, target: str = "onnxruntime") -> str:
     """Rows of the token ids as fp32 [M, C], ln0 applied.
 
     A dense embedding is stored with ln0 folded in, in the weight dtype (as the runtime does). An int8
-    embedding stays int8 with its stored per-row scales: the rows are gathered, widened and scaled
-    (Gather of a few rows, not a dequantization of the whole table per call), then ln0 in fp32.
+    embedding stays int8 with its stored per-row scales, in the layout its target runs well:
+    - onnxruntime: the int8 rows and their fp32 scales are gathered, then widened and scaled (a Gather of
+      a few rows per call, never a dequantization of the whole table);
+    - tensorrt: `DequantizeLinear(int8 table [V, C], scale [V], axis 0) → Gather`, because TensorRT's ONNX
+      parser takes INT8 only as a DequantizeLinear input. The scales are in the weight dtype (the stored
+      fp16 scales; exact when widened for an fp32 export), so the dequantized rows are in the weight dtype
+      like a dense embedding's, then ln0 runs in fp32.
     """
     wdt, f32 = g.wdt, TensorProto.FLOAT
     q = src.quant.get("emb.weight")
@@ -384,12 +405,18 @@ def embedding(g: _Builder, src: ExportSource, M: int, C: int) -> str:
         return g.cast(g.reshape(x, [M, C], "emb.rows"), f32, "x0")
     if q.format != "int8" or q.input_scale is not None:
         raise ValueError(f"emb.weight: only a plain int8 embedding can be exported, got {q.format}")
-    rows = g.node("Gather", [g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8)), "tokens"], "emb.gather",
-                  out_type=TensorProto.INT8, axis=0)
-    scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
-                    "emb.gather_scale", out_type=f32, axis=0)
-    x = g.node("Mul", [g.cast(rows, f32, "emb.rows_f32"), scales], "emb.dequant")
-    x = g.reshape(x, [M, C], "emb.rows")
+    table = g.init("emb.weight.qweight", lambda: np.asarray(q.qweight, np.int8))
+    if target == "tensorrt":
+        scale = g.init("emb.weight.scale_rows", lambda: q.scale.astype(_NP[wdt]).reshape(-1))
+        deq = g.node("DequantizeLinear", [table, scale], "emb.dq", out_type=wdt, axis=0)
+        rows = g.node("Gather", [deq, "tokens"], "emb.gather", out_type=wdt, axis=0)
+        x = g.cast(g.reshape(rows, [M, C], "emb.rows"), f32, "emb.rows_f32")
+    else:
+        rows = g.node("Gather", [table, "tokens"], "emb.gather", out_type=TensorProto.INT8, axis=0)
+        scales = g.node("Gather", [g.init("emb.weight.scale", lambda: q.scale.astype(np.float32).reshape(-1, 1)), "tokens"],
+                        "emb.gather_scale", out_type=f32, axis=0)
+        x = g.node("Mul", [g.cast(rows, f32, "emb.rows_f32"), scales], "emb.dequant")
+        x = g.reshape(x, [M, C], "emb.rows")
     ln0 = lambda nm: g.init(f"blocks.0.ln0.{nm}", lambda: src.tensors[f"blocks.0.ln0.{nm}"].float().reshape(-1).numpy())  # noqa: E731
     return g.node("LayerNormalization", [x, ln0("weight"), ln0("bias")], "emb.ln0", axis=-1, epsilon=LN_EPS)
 

@@ -6,6 +6,7 @@ token ids are checked before every call.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +32,45 @@ def session_options(session_config: dict | None = None, threads: int | None = No
 
 
 class OrtGraph:
-    """One exported graph (fixed batch B and tokens per call T) in an onnxruntime session."""
+    """One exported graph in an onnxruntime session: fixed batch B, `tokens` per call (T), or any T ≥ 1 when
+    the graph was exported with a free token dimension (`any_tokens`, manifest.graphs[name].any_tokens)."""
 
     def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None,
                  session_config: dict | None = None):
         import onnxruntime as ort
 
         self.path = str(path)
-        if session_config is None:  # the export's own recommendation, from the manifest beside the graph
-            session_config = load_manifest(Path(path).parent)["onnxruntime"]["session_config"]
+        manifest = load_manifest(Path(path).parent)
+        entry = next((g for g in manifest["graphs"].values() if g["file"] == Path(path).name), None)
+        if entry is None:
+            raise InputError(f"{path}: not a graph listed in the manifest beside it")
+        if session_config is None:  # the export's own recommendation
+            session_config = manifest["onnxruntime"]["session_config"]
         self.session = ort.InferenceSession(self.path, sess_options=session_options(session_config, threads),
                                             providers=list(providers))
-        tok = next(i for i in self.session.get_inputs() if i.name == "tokens")
-        self.batch, self.tokens = int(tok.shape[0]), int(tok.shape[1])
+        self.batch, self.tokens = int(entry["batch"]), int(entry["tokens_per_call"])
+        self.any_tokens = bool(entry.get("any_tokens", False))
         self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[1])
         self.n_layer = sum(1 for i in self.session.get_inputs() if i.name.startswith("wkv."))
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def with_tokens(self, tokens: int) -> "OrtGraph":
+        """The same session fed `tokens` per call (a graph with any_tokens only): no second copy of the weights."""
+        if not self.any_tokens:
+            raise InputError(f"{Path(self.path).name} has a fixed token dimension ({self.tokens} per call)")
+        view = copy.copy(self)
+        view.tokens = int(tokens)
+        return view
 
     def step(self, tokens, state: State) -> tuple[torch.Tensor, State]:
         """tokens [B, T] → (last-token logits [B, V] fp32, next State). `state` is not modified."""
         ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
-        if ids.shape != (self.batch, self.tokens):
-            raise InputError(f"{Path(self.path).name} takes tokens of shape [{self.batch}, {self.tokens}], got {list(ids.shape)}")
+        if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1 or \
+                (not self.any_tokens and ids.shape[1] != self.tokens):
+            want = "T ≥ 1" if self.any_tokens else str(self.tokens)
+            raise InputError(f"{Path(self.path).name} takes tokens of shape [{self.batch}, {want}], got {list(ids.shape)}")
         check_token_ids(ids, self.vocab_size, Path(self.path).name)
         if state.batch != self.batch or state.n_layer != self.n_layer:
             raise InputError(f"state has batch {state.batch} / {state.n_layer} layers; the graph wants {self.batch} / {self.n_layer}")
@@ -66,14 +82,27 @@ class OrtGraph:
 
 
 class OrtModel:
-    """decode.onnx + prefill.onnx of an export folder: whole sequences in chunks, the rest step by step."""
+    """decode.onnx + prefill.onnx of an export folder: whole sequences in chunks, the rest step by step.
 
-    def __init__(self, folder: str | Path, **kw):
+    one_copy=True runs everything through one session of the prefill graph (it must take any number of
+    tokens: the onnxruntime target's does), so the process holds one compute copy of the weights instead
+    of two; a single token then goes through the prefill graph's Scan (see export/INTEGRATION.md, Memory,
+    for what that costs)."""
+
+    def __init__(self, folder: str | Path, one_copy: bool = False, **kw):
         folder = Path(folder)
         manifest = load_manifest(folder)
         kw.setdefault("session_config", manifest["onnxruntime"]["session_config"])
-        self.decode = OrtGraph(folder / manifest["graphs"]["decode"]["file"], **kw)
-        self.prefill = OrtGraph(folder / manifest["graphs"]["prefill"]["file"], **kw) if "prefill" in manifest["graphs"] else None
+        graphs = manifest["graphs"]
+        if one_copy:
+            if not graphs.get("prefill", {}).get("any_tokens"):
+                raise InputError(f"{folder}: one_copy needs a prefill graph that takes any number of tokens "
+                                 "(an export for onnxruntime); this export's graphs have fixed shapes")
+            self.prefill = OrtGraph(folder / graphs["prefill"]["file"], **kw)
+            self.decode = self.prefill.with_tokens(1)
+        else:
+            self.decode = OrtGraph(folder / graphs["decode"]["file"], **kw)
+            self.prefill = OrtGraph(folder / graphs["prefill"]["file"], **kw) if "prefill" in graphs else None
 
     def forward(self, tokens, state: State) -> tuple[torch.Tensor, State]:
         return run_sequence(self.decode, self.prefill, tokens, state)

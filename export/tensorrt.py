@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from edge_rwkv.errors import EdgeRWKVError
+from edge_rwkv.errors import EdgeRWKVError, InputError
 from edge_rwkv.extras import install_hint
 
 from .manifest import load_manifest, write_manifest
@@ -57,6 +57,9 @@ def build_engines(folder: str | Path, graphs=None, workspace: int = WORKSPACE_BY
     folder = Path(folder)
     manifest = load_manifest(folder)
     graphs = list(graphs or manifest["graphs"])
+    if manifest.get("target", "onnxruntime") != "tensorrt":
+        raise InputError(f"{folder}: these graphs are laid out for {manifest.get('target', 'onnxruntime')}; "
+                         "export with --format tensorrt (target tensorrt) to build TensorRT engines")
     ok, why = tensorrt_available()
     if not ok:
         raise TensorRTUnavailable(

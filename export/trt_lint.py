@@ -10,7 +10,8 @@ ops this project can emit plus common neighbours). Targets: TensorRT 10.3 (JetPa
 * `DequantizeLinear`: x and scale are initializers, no non-zero zero point; blocked form only on
   2-D weights, scale of the same rank, one blocked axis that divides evenly; INT4 weights blocked,
   with an even last dimension; the result feeds a Gemm/MatMul as its weight B (weight-only
-  quantization), blocked along B's reduction axis K, per-channel scales along its output axis N;
+  quantization), blocked along B's reduction axis K, per-channel scales along its output axis N; or
+  it is the data of a Gather (a quantized lookup table) with one scale per gathered row;
 * shape/axes operands (Reshape, Slice, Squeeze, Unsqueeze, Reduce*, Split, Expand, Tile) are
   build-time constants; no Loop/Scan with a trip count known only at run time (a Scan's length is its
   scan inputs' leading dimension: they must have static shapes); Scan/Loop/If bodies are checked
@@ -249,6 +250,9 @@ def _lint_dq(n, t, types, shapes, inits, consumers, err) -> None:
     if t == "INT4" and xs and xs[-1] % 2:
         err(f"INT4 weight's last dimension ({xs[-1]}) must be even")
     for c in consumers.get(n.output[0], []):
+        if c.op_type == "Gather" and c.input[0] == n.output[0]:
+            _lint_dq_gather(c, axis, block, ss, err)
+            continue
         if c.op_type not in ("Gemm", "MatMul", "Transpose"):
             err(f"dequantized weights feed {c.op_type} ('{c.name}'); weight-only quantization expects Gemm/MatMul",
                 "warning")
@@ -265,6 +269,16 @@ def _lint_dq(n, t, types, shapes, inits, consumers, err) -> None:
         if not block and len(ss) == 1 and ss[0] != 1 and axis != n_axis:
             err(f"per-channel scales along axis {axis}, not the output channels (axis {n_axis} for "
                 f"{c.op_type}{' transB' if trans_b else ''})")
+
+
+def _lint_dq_gather(c, axis: int, block: int, ss, err) -> None:
+    """A quantized lookup table, `DequantizeLinear(table) → Gather`: rows gathered along the axis the scales
+    run on (one scale per row), so each gathered row is dequantized by its own scale."""
+    g_axis = next((a.i for a in c.attribute if a.name == "axis"), 0)
+    if block or len(ss) != 1:
+        err(f"a dequantized table feeding Gather ('{c.name}') needs one scale per row (per-axis, 1-D scale)")
+    elif axis != g_axis:
+        err(f"scales along axis {axis} but Gather ('{c.name}') takes rows along axis {g_axis}")
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,9 @@ def test_export_onnx_and_verify(tmp_path, model):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["graphs"]["prefill"]["tokens_per_call"] == 4 and m["precision"]["matmul"] == "float32"
+    assert m["target"] == "onnxruntime" and m["graphs"]["prefill"]["any_tokens"]
     assert (out / "decode.onnx").is_file() and (out / "prefill.onnx").is_file()
-    assert "decode.onnx" in r.stdout and "TensorRT lint   10.3: clean" in r.stdout
+    assert "decode.onnx" in r.stdout and "laid out for onnxruntime" in r.stdout
     line = next(s for s in r.stdout.splitlines() if s.startswith("verify"))
     rel = float(line.split("= ")[1].split(" ")[0])
     assert rel <= 1e-4, line
@@ -51,6 +52,8 @@ def test_export_tensorrt_without_tensorrt(tmp_path, model):
     assert "not installed" in r.stderr or "no CUDA GPU" in r.stderr
     cmds = [s for s in r.stdout.splitlines() if s.startswith("trtexec ")]
     assert len(cmds) == 2 and all("--stronglyTyped" in c and "--saveEngine=" in c for c in cmds)
+    assert "laid out for tensorrt" in r.stdout and "TensorRT lint   10.3: clean" in r.stdout
+    assert json.loads((out / "manifest.json").read_text())["target"] == "tensorrt"
     assert (out / "decode.onnx").is_file() and not list(out.glob("*.engine"))
 
 

@@ -92,14 +92,15 @@ def exports(tmp_path_factory, official):
     def get(key):
         if key in cache:
             return cache[key]
-        kind, dtype, batch = key
+        kind, dtype, batch, *target = key  # target: "onnxruntime" unless a fourth element says "tensorrt"
         if kind == "dense":
             model = official
         else:
             fmt, _, rest = kind.partition("-")
             model = _quantized_artifact(models / f"{kind}.safetensors", fmt, input_scale="awq" in rest, head_and_emb="head" in rest)
-        out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}")
-        export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False), log=lambda m: None)
+        out = tmp_path_factory.mktemp(f"export-{kind}-{dtype}-b{batch}-{'-'.join(target)}")
+        export_onnx(model, out, ExportOptions(chunk=CHUNK, batch=batch, dtype=dtype, force=True, progress=False,
+                                              target=target[0] if target else "onnxruntime"), log=lambda m: None)
         cache[key] = (model, out)
         return cache[key]
 
@@ -108,9 +109,12 @@ def exports(tmp_path_factory, official):
 
 # --------------------------------------------------------------------------- validity
 
-@pytest.mark.parametrize("key", [("dense", "float32", 1), ("dense", "float16", 1), ("int8", "float16", 1),
+@pytest.mark.parametrize("key", [("dense", "float32", 1, "tensorrt"), ("dense", "float16", 1, "tensorrt"),
+                                 ("int8", "float16", 1, "tensorrt"), ("int4", "float16", 1, "tensorrt"),
                                  ("int4", "float16", 1)])
 def test_graphs_check_infer_and_lint_clean(exports, key):
+    """Valid ONNX; lint clean for the TensorRT target; the onnxruntime target differs only in the prefill
+    graph's free token dimension (TensorRT wants fixed shapes)."""
     _, out = exports(key)
     m = load_manifest(out)
     for name in ("decode", "prefill"):
@@ -120,9 +124,17 @@ def test_graphs_check_infer_and_lint_clean(exports, key):
         assert {f.domain + "." + f.name for f in model.functions} == {"rwkv7.wkv7"}
         assert any(n.domain == "rwkv7" and n.op_type == "wkv7" for n in model.graph.node)
         assert next(o.version for o in model.opset_import if o.domain == "") == 21
+        any_tokens = key[-1] != "tensorrt" and name == "prefill"
+        assert m["graphs"][name]["any_tokens"] == any_tokens
+        tokens = model.graph.input[0].type.tensor_type.shape.dim[1]
+        assert (tokens.dim_param == "T") if any_tokens else (tokens.dim_value == m["graphs"][name]["tokens_per_call"])
         for target in TARGETS:
             errors = [i for i in lint_model(model, target) if i.level != "note"]
-            assert not errors, errors
+            if any_tokens:  # the free T: the tokens input, and each layer's Scan over it
+                assert "graph input 'tokens' has a dynamic shape; export fixed shapes" in [e.message for e in errors]
+                assert all("dynamic shape" in e.message or "no static shape" in e.message for e in errors), errors
+            else:
+                assert not errors, errors
         names = [i.name for i in model.graph.input]
         assert names[0] == "tokens" and names[1:4] == ["att_x.0", "wkv.0", "ffn_x.0"]
         outs = [o.name for o in model.graph.output]
@@ -190,6 +202,49 @@ def test_int8_weights_and_embedding_stay_int8(exports):
     gather = next(n for n in onnx_model.graph.node if n.input[:1] == ["emb.weight.qweight"])
     assert gather.op_type == "Gather"  # rows are gathered, the table is never dequantized as a whole
     assert load_manifest(out)["precision"]["embedding"].startswith("int8")
+
+
+@pytest.mark.parametrize("kind", ["int8-head", "int4-head"])
+def test_tensorrt_target_int8_embedding_lints_clean(exports, kind):
+    """TensorRT's parser takes INT8 only through a DequantizeLinear: the tensorrt target writes the int8
+    embedding as DequantizeLinear(table, per-row scales, axis 0) → Gather, and its graphs lint clean, while
+    the onnxruntime target (Gather of int8 rows, then scale) is what the lint refuses."""
+    model, out = exports((kind, "float16", 1, "tensorrt"))
+    _, ort_out = exports((kind, "float16", 1))
+    src = read_source(model)
+    m = load_manifest(out)
+    assert m["target"] == "tensorrt" and load_manifest(ort_out)["target"] == "onnxruntime"
+    assert m["quant"]["tensors"]["emb.weight"]["onnx"].startswith("DequantizeLinear")
+    for name in ("decode", "prefill"):
+        model_trt = onnx.load(str(out / f"{name}.onnx"))
+        for target in TARGETS:
+            assert [i for i in lint_model(model_trt, target) if i.level != "note"] == []
+            assert m["lint"][name][target] == []
+        ort_errors = [i for i in lint_model(onnx.load(str(ort_out / "decode.onnx"), load_external_data=False), "10.3")
+                      if i.level == "error"]
+        assert ort_errors and all(i.node.startswith("emb.") for i in ort_errors), ort_errors
+        table = _init(model_trt, "emb.weight.qweight")
+        assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [VOCAB, EMBD]
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(table), src.quant["emb.weight"].qweight)
+        scale = onnx.numpy_helper.to_array(_init(model_trt, "emb.weight.scale_rows"))
+        np.testing.assert_array_equal(scale, src.quant["emb.weight"].scale.reshape(-1))  # as stored (fp16)
+        dq = next(n for n in model_trt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == table.name)
+        assert _attrs(dq) == {"axis": 0} and len(dq.input) == 2
+        gather = next(n for n in model_trt.graph.node if dq.output[0] in n.input)
+        assert gather.op_type == "Gather" and gather.input == [dq.output[0], "tokens"] and _attrs(gather) == {"axis": 0}
+    # onnxruntime runs the TensorRT layout too, with the same numbers
+    rep = verify_export(model, out, tokens=CHUNK + 3, seed=4)
+    assert rep["max_rel"] <= TOL_FP16 and rep["max_rel_chunked"] <= TOL_FP16, rep
+    assert "laid out for tensorrt" in describe(out)
+
+
+def test_engines_only_from_a_tensorrt_target(exports):
+    from edge_rwkv.export.tensorrt import build_engines
+
+    _, out = exports(("dense", "float16", 1))
+    with pytest.raises(InputError, match="laid out for onnxruntime.*--format tensorrt"):
+        build_engines(out)
+    assert not list(out.glob("*.engine"))
 
 
 def _optimized_ops(path, session_config, tmp_path):
@@ -263,6 +318,28 @@ def test_onnxruntime_matches_torch_reference(exports, key, tol):
     assert rep["batch"] == key[2]
     assert rep["max_rel"] <= tol and rep["max_rel_chunked"] <= tol, rep
     assert rep["state_max_abs"] <= (1e-4 if tol == TOL_FP32 else 5e-2), rep
+    assert rep["argmax_agree"] == rep["argmax_total"] == (2 * CHUNK + 3) * key[2], rep
+
+
+def test_argmax_rule_counts_only_near_ties_picking_the_runner_up():
+    from edge_rwkv.export.verify import ARGMAX_TIE_STD, argmax_agreement
+
+    ref = torch.linspace(-1, 1, 50)  # std ≈ 0.59; the best logit is the last one
+    std = float(ref.std())
+    assert argmax_agreement(ref, ref) == "match"
+    tied = ref.clone()
+    tied[10] = ref[-1] - 0.5 * ARGMAX_TIE_STD * std  # runner-up within the tolerance
+    flipped = tied.clone()
+    flipped[10], flipped[-1] = tied[-1], tied[10]  # ours picks the runner-up
+    assert argmax_agreement(tied, flipped) == "near_tie"
+    apart = ref.clone()
+    apart[10] = ref[-1] - 2 * ARGMAX_TIE_STD * std  # runner-up outside the tolerance
+    swapped = apart.clone()
+    swapped[10], swapped[-1] = apart[-1], apart[10]
+    assert argmax_agreement(apart, swapped) == "miss"
+    third = tied.clone()
+    third[20] = tied[-1] + 1.0  # within-tolerance tie, but ours picks neither of the two best
+    assert argmax_agreement(tied, third) == "miss"
 
 
 def test_quantized_reference_is_the_runtime_on_dequantized_weights(exports):
@@ -296,6 +373,31 @@ def test_prefill_chunk_equals_decode_steps(exports):
     assert compare(lg_steps[:, -1], lg_chunk) <= 1e-5
     for p in ("att_x", "wkv", "ffn_x"):
         torch.testing.assert_close(getattr(st_chunk, p), getattr(st_steps, p), atol=1e-5, rtol=1e-5)
+
+
+def test_one_session_runs_a_whole_sequence(exports):
+    """The onnxruntime target's prefill graph takes any number of tokens: OrtModel(one_copy=True) runs chunks,
+    the remainder and single tokens in that one session, with the two-session runner's logits and state."""
+    model, out = exports(("int4", "float16", 1))
+    m = edge_rwkv.load(model, dtype="float32")
+    ids = torch.randint(0, VOCAB, (1, 2 * CHUNK + 3), generator=torch.Generator().manual_seed(8))
+    two, one = OrtModel(out), OrtModel(out, one_copy=True)
+    assert one.decode.session is one.prefill.session and one.decode.tokens == 1 and one.prefill.tokens == CHUNK
+    ref, ref_state = two.forward(ids, m.new_state())
+    got, state = one.forward(ids, m.new_state())
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+    for p in ("att_x", "wkv", "ffn_x"):
+        torch.testing.assert_close(getattr(state, p), getattr(ref_state, p), atol=1e-5, rtol=0)
+    assert state.tokens == ref_state.tokens == ids.shape[1]
+    # any T in one call: 3 tokens at once == 3 decode steps
+    lg3, st3 = one.prefill.step(ids[:, :3], m.new_state())
+    lg1, st1 = _steps(two.decode, ids[:, :3], m.new_state())
+    np.testing.assert_allclose(lg3.numpy(), lg1[:, -1].numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match=r"takes tokens of shape \[1, 1\]"):
+        two.decode.step(ids[:, :2], m.new_state())
+    _, trt_out = exports(("int4", "float16", 1, "tensorrt"))
+    with pytest.raises(InputError, match="one_copy needs a prefill graph that takes any number of tokens"):
+        OrtModel(trt_out, one_copy=True)
 
 
 def test_one_weights_file_shared_by_both_graphs(exports):
@@ -573,7 +675,7 @@ def test_tensorrt_missing_message_and_trtexec_line(exports):
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a GPU are present here")
-    _, out = exports(("dense", "float16", 1))
+    _, out = exports(("dense", "float16", 1, "tensorrt"))
     with pytest.raises(TensorRTUnavailable) as e:
         build_engines(out)
     msg = str(e.value)
