@@ -55,7 +55,7 @@ cuda = None  # numba.cuda, bound on first kernel build (a module global so the s
 SUPPORTED_N = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK = 64  # fastest of 16/32/64 on an H200 for T ≥ 1024 except T=1024,H=12 (benchmarks/NOTES.md)
 NSLOT = 9  # prep output slots, see _SLOTS
-# slot order keeps the pairs that feed one product adjacent: [Arel;Rrel] @ [Brel;Krel]ᵀ, [Bbar;Kbar]
+# slot order keeps the pairs that feed one product adjacent: [Arel;Rrel] @ [Brel;Krel]ᵀ
 _SLOTS = ("Arel", "Rrel", "Brel", "Krel", "Aabs", "Rabs", "Bbar", "Kbar", "V")
 
 
@@ -264,6 +264,7 @@ def scan_kernel(N: int, acc, reverse: bool):
         c0 = nc - 1 if reverse else 0
         for q in range(MPT):
             mreg[q] = M[bi, h, c0, ti + q * R, j]
+        cnext = acc(C[bi, h, c0, i, j])
         for step in range(nc):
             c = nc - 1 - step if reverse else step
             cuda.syncthreads()  # previous compute done with Msh
@@ -273,11 +274,12 @@ def scan_kernel(N: int, acc, reverse: bool):
                 else:
                     Msh[ti + q * R, j] = mreg[q]
             out[bi, h, c, i, j] = s
-            addv = acc(C[bi, h, c, i, j])
-            if step + 1 < nc:
+            addv = cnext
+            if step + 1 < nc:  # the next chunk's M and C load while this one computes
                 cn = c - 1 if reverse else c + 1
                 for q in range(MPT):
                     mreg[q] = M[bi, h, cn, ti + q * R, j]
+                cnext = acc(C[bi, h, cn, i, j])
             cuda.syncthreads()
             acc_v = addv
             for kk in range(N):
@@ -413,19 +415,16 @@ def chunk_algebra(P: torch.Tensor, gL: torch.Tensor):
     Pv = P.reshape(G, NSLOT, L, N)
     AR = Pv[:, 0:2].reshape(G, 2 * L, N)
     BK = Pv[:, 2:4].reshape(G, 2 * L, N)
-    Aabs, Rabs, Bbar = Pv[:, 4], Pv[:, 5], Pv[:, 6]
-    BKbar = Pv[:, 6:8].reshape(G, 2 * L, N)
-    V = Pv[:, 8]
+    Aabs, Rabs, Bbar, Kbar, V = Pv[:, 4], Pv[:, 5], Pv[:, 6], Pv[:, 7], Pv[:, 8]
     A = _CausalInverse.apply(torch.bmm(AR, BK.transpose(1, 2)), L)
-    X, Aak = A[:, :L, :L], A[:, :L, L:]
-    Arb, Arbk = A[:, L:, :L], A[:, L:, :]
+    X, Aak, Arb, Ark = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
     W = torch.bmm(X, Aabs)
     U = torch.bmm(X, torch.bmm(Aak, V))
-    UV = torch.cat([U, V], dim=1)  # [G, 2L, N]
     Q = torch.baddbmm(Rabs, Arb, W)
-    Y0 = torch.bmm(Arbk, UV)  # A_rb U + A_rk V
-    M = torch.baddbmm(torch.diag_embed(gL.reshape(G, N)), W.transpose(1, 2), Bbar)  # Γ_L + Wᵀ B̄
-    C = torch.bmm(UV.transpose(1, 2), BKbar)  # Uᵀ B̄ + Vᵀ K̄
+    Y0 = torch.baddbmm(torch.bmm(Ark, V), Arb, U)  # A_rb U + A_rk V
+    M = torch.bmm(W.transpose(1, 2), Bbar)
+    M.diagonal(dim1=1, dim2=2).add_(gL.reshape(G, N))  # Γ_L + Wᵀ B̄
+    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kbar), U.transpose(1, 2), Bbar)  # Uᵀ B̄ + Vᵀ K̄
     return Q, Y0, M, C
 
 
