@@ -52,7 +52,6 @@ from ._runtime import (
     current_stream,
     kernel_array,
     kernel_device_ok,
-    kernel_input,
     numba_cuda,
 )
 
@@ -77,9 +76,57 @@ def _np(acc):
 
 
 @functools.lru_cache(maxsize=None)
-def prep_kernel(N: int, L: int, acc):
-    """Per (chunk, head, batch) block, thread j: the anchored copies of a, r, b, k, V and D_m, D_e."""
+def _loaders(acc):
+    """(plain, bf16) device functions that read one input element as `acc`.
+
+    bf16 tensors reach the kernels as their raw int16 bits (numba has no bf16 array type), decoded
+    here, so bf16 inputs are read once instead of first being widened to fp32 copies.
+    """
     _bind()
+    from numba import int32  # noqa: PLC0415  (numba is optional: imported with the first kernel build)
+
+    npacc = _np(acc)
+    INF, NAN = npacc(np.inf), npacc(np.nan)
+    # value = significand · 2^(e-134) with significand = 128 + mantissa (e ≥ 1) or the mantissa (e = 0)
+    SCALE = np.array([2.0 ** (max(e, 1) - 134) for e in range(256)], dtype=npacc)
+
+    @cuda.jit(device=True, inline=True)
+    def plain(x):
+        return acc(x)
+
+    @cuda.jit(device=True, inline=True)
+    def from_bf16(u):
+        scale = cuda.const.array_like(SCALE)
+        bits = int32(u) & 0xFFFF
+        e = (bits >> 7) & 0xFF
+        mant = bits & 0x7F
+        if e == 255:
+            mag = INF if mant == 0 else NAN
+        else:
+            mag = acc(mant + (128 if e > 0 else 0)) * scale[e]
+        return -mag if bits & 0x8000 else mag
+
+    return plain, from_bf16
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """An input as the prep kernels take it: contiguous; bf16 as its int16 bits (see `_loaders`)."""
+    x = x.contiguous()
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+
+
+def _bf16_flags(*xs) -> tuple:
+    return tuple(x.dtype == torch.bfloat16 for x in xs)
+
+
+@functools.lru_cache(maxsize=None)
+def prep_kernel(N: int, L: int, acc, bf16: tuple):
+    """Per (chunk, head, batch) block, thread j: the anchored copies of a, r, b, k, V and D_m, D_e.
+
+    `bf16` flags which of r, w, k, v, a, b arrive as bf16 bits.
+    """
+    _bind()
+    ld_r, ld_w, ld_k, ld_v, ld_a, ld_b = (_loaders(acc)[f] for f in bf16)
     npacc = _np(acc)
     DS, ONE, ZERO = npacc(DECAY_SCALE), npacc(1.0), npacc(0.0)
     MID = (L - 1) // 2
@@ -97,7 +144,7 @@ def prep_kernel(N: int, L: int, acc):
         for t in range(L):
             tt = c * L + t
             if tt < T:
-                run += -DS / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+                run += -DS / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             lcs[t] = run
         m = lcs[MID]
         prev = ZERO
@@ -105,11 +152,11 @@ def prep_kernel(N: int, L: int, acc):
             tt = c * L + t
             lc = lcs[t]
             if tt < T:
-                rv = acc(r[bi, tt, h, j])
-                kv = acc(k[bi, tt, h, j])
-                vv = acc(v[bi, tt, h, j])
-                av = acc(a[bi, tt, h, j])
-                bv = acc(b[bi, tt, h, j])
+                rv = ld_r(r[bi, tt, h, j])
+                kv = ld_k(k[bi, tt, h, j])
+                vv = ld_v(v[bi, tt, h, j])
+                av = ld_a(a[bi, tt, h, j])
+                bv = ld_b(b[bi, tt, h, j])
             else:
                 rv = kv = vv = av = bv = ZERO
             eK = math.exp(m - lc)
@@ -126,12 +173,14 @@ def prep_kernel(N: int, L: int, acc):
 
 
 @functools.lru_cache(maxsize=None)
-def prep_bwd_kernel(N: int, L: int, acc):
+def prep_bwd_kernel(N: int, L: int, acc, bf16: tuple):
     """Adjoint of `prep_kernel` with the anchor m held constant (it cancels from every result).
 
-    Grads of r, w (logit), k, a, b from those of the slots and of D_e (D_m depends on m alone).
+    Grads of r, w (logit), k, a, b from those of the slots and of D_e (D_m depends on m alone);
+    `bf16` flags which of r, w, k, a, b arrive as bf16 bits.
     """
     _bind()
+    ld_r, ld_w, ld_k, ld_a, ld_b = (_loaders(acc)[f] for f in bf16)
     npacc = _np(acc)
     DS, ONE, ZERO = npacc(DECAY_SCALE), npacc(1.0), npacc(0.0)
     MID = (L - 1) // 2
@@ -148,7 +197,7 @@ def prep_bwd_kernel(N: int, L: int, acc):
         for t in range(L):
             tt = c * L + t
             if tt < T:
-                run += -DS / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+                run += -DS / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             lcs[t] = run
         m = lcs[MID]
         # reverse pass: G_t = d/d lc_t ; d/d ld_t = Σ_{t'≥t} G_t'. D_e = e^{lc_end - m} feeds G_{L-1}.
@@ -161,10 +210,10 @@ def prep_bwd_kernel(N: int, L: int, acc):
                 continue  # padded steps have zero inputs and zero decay
             lc = lcs[t]
             prev = lcs[t - 1] if t > 0 else ZERO
-            rv = acc(r[bi, tt, h, j])
-            kv = acc(k[bi, tt, h, j])
-            av = acc(a[bi, tt, h, j])
-            bv = acc(b[bi, tt, h, j])
+            rv = ld_r(r[bi, tt, h, j])
+            kv = ld_k(k[bi, tt, h, j])
+            av = ld_a(a[bi, tt, h, j])
+            bv = ld_b(b[bi, tt, h, j])
             eK = math.exp(m - lc)
             ga = dP[bi, h, c, 0, t, j] * math.exp(prev - m)
             gr = dP[bi, h, c, 1, t, j] * math.exp(lc - m)
@@ -172,7 +221,7 @@ def prep_bwd_kernel(N: int, L: int, acc):
             gk = dP[bi, h, c, 3, t, j] * eK
             rsum += rv * gr - kv * gk - bv * gb + carry
             carry = av * ga
-            sg = ONE / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+            sg = ONE / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             dw[bi, tt, h, j] = -rsum * DS * sg * (ONE - sg)
             dr[bi, tt, h, j] = gr
             dk[bi, tt, h, j] = gk
@@ -322,8 +371,8 @@ def prep(r, w, k, v, a, b, L: int, acc_torch: torch.dtype):
     nc = -(-T // L)
     P = torch.empty(B, H, nc, NSLOT, L, N, device=r.device, dtype=acc_torch)
     E = torch.empty(B, H, nc, 2, N, device=r.device, dtype=acc_torch)
-    xs = [kernel_input(x.contiguous()) for x in (r, w, k, v, a, b)]
-    _launch(prep_kernel(N, L, acc_dtype(acc_torch)), (nc, H, B), N, *xs, P, E)
+    xs = (r, w, k, v, a, b)
+    _launch(prep_kernel(N, L, acc_dtype(acc_torch), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs), P, E)
     return P, E
 
 
@@ -348,8 +397,9 @@ class _Prep(torch.autograd.Function):
         dP = dP.contiguous()
         dE = dE.contiguous()
         grads = [torch.zeros(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]
-        xs = [kernel_input(x.contiguous()) for x in (r, w, k, a, b)]
-        _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t)), (nc, H, B), N, *xs, dP, dE, *grads)
+        xs = (r, w, k, a, b)
+        _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs),
+                dP, dE, *grads)
         dr, dw, dk, da, db = grads
         dv = dP[:, :, :, 4].reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
         cast = lambda g, like: g.to(like.dtype)  # noqa: E731

@@ -57,6 +57,30 @@ def _checks():
     y, s = wkv7_prefill(*xs, chunk_len=4)
     record("prefill_f32_N4", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
 
+    # bf16 inputs are read as raw bits and decoded in the kernel: exact for every finite class
+    from edge_rwkv.cuda_kernels.wkv_prefill import prep
+
+    xs = make_inputs(1, 6, 1, 8, torch.bfloat16, seed=8)
+    special = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 3.0e38, -1.5, 2.0 ** -126, 65504.0], dtype=torch.bfloat16)
+    xs[3] = xs[3].clone()
+    xs[3][0, 0, 0] = special
+    P, _ = prep(*xs[:6], 4, torch.float32)
+    got = P[0, 0, :, 4].reshape(-1, 8)[:6]
+    want = xs[3][0, :, 0].float()
+    res["bf16_decode"] = [bool(torch.equal(got, want)) and bool(torch.equal(got[0].signbit(), want[0].signbit())),
+                          "prep's V slot == v.float() incl. ±0, subnormals, large"]
+    xs = make_inputs(2, 11, 2, 8, torch.bfloat16, seed=9)
+    yr, sr = ref64(*xs)
+    y, s = wkv7_prefill(*xs, chunk_len=4)
+    record("prefill_bf16", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
+    xs = [x.requires_grad_(True) for x in make_inputs(1, 9, 2, 4, torch.bfloat16, seed=10)]
+    y, s = WKV7Function.apply(*xs, 4)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    g1 = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)
+    yr, sr = ref64(*xs)
+    g2 = torch.autograd.grad((yr * gy.double()).sum() + (sr * gs.double()).sum(), xs)
+    record("backward_bf16", max(rel_err(p, q) for p, q in zip(g1, g2)), 1e-3)  # both sides rounded to bf16
+
     # strong decays over many chunks stay finite and exact
     xs = make_inputs(1, 40, 1, 4, torch.float64, seed=5, decay_bias=12.0)
     yr, sr = ref64(*xs)
@@ -144,7 +168,8 @@ def sim_results():
 NAMES = (
     ["decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
     + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
-    + ["prefill_f32_N4", "prefill_strong_decay", "prefill_equals_decode"]
+    + ["prefill_f32_N4", "bf16_decode", "prefill_bf16", "backward_bf16", "prefill_strong_decay",
+       "prefill_equals_decode"]
     + [f"prefill_N16_T{T}_L{L}" for T, L in ((37, 8), (37, 16), (19, 32))]
     + ["causal_inverse_L4", "causal_inverse_L8", "causal_inverse_gradcheck"]
     + [f"backward_T{T}_L{L}" for T, L in ((5, 4), (17, 4), (37, 16), (19, 8))]
