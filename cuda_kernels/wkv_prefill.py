@@ -273,8 +273,12 @@ def causal_inverse_kernel(L: int, acc):
     return kern
 
 
-def _scan_rows(N: int) -> int:
-    return min(16, N)
+def _scan_layout(N: int):
+    """(R, TI, TX, TY): R state rows per block, each thread a TI × (N/TX) tile, TX × TY threads."""
+    R = min(16, N)
+    TI = 2
+    TX = min(32, N)
+    return R, TI, TX, R // TI
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,12 +290,16 @@ def scan_kernel(N: int, acc, reverse: bool):
               S_{c+1} = S_c M_c + C_c;  last = S_nc
     reverse : g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
               (the adjoint: C holds dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
-    One thread per (row, column) of the block's R×N tile; M_c staged in shared memory (padded); the
-    next chunk's M and C are loaded while the current one computes.
+    Each thread owns a TI×TJ register tile of the block's R×N rows (columns tx + q·TX, so a warp's
+    shared-memory reads are one broadcast and one contiguous row), which halves the shared-memory
+    traffic per multiply-add against one output a thread. M_c is staged in shared memory (padded);
+    the next chunk's M and C are loaded into registers while the current one computes.
     """
     _bind()
-    R = _scan_rows(N)
-    MPT = N // R  # M elements each of the R*N threads loads per chunk (per row of threads)
+    R, TI, TX, TY = _scan_layout(N)
+    TJ = N // TX
+    NT = TX * TY
+    MPT = N * N // NT  # M elements each thread loads per chunk
     NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
     ONE, ZERO = _np(acc)(1.0), _np(acc)(0.0)
 
@@ -301,49 +309,69 @@ def scan_kernel(N: int, acc, reverse: bool):
         g = cuda.blockIdx.x
         h = cuda.blockIdx.y
         bi = cuda.blockIdx.z
-        ti = cuda.threadIdx.y  # row within block
-        j = cuda.threadIdx.x
-        i = g * R + ti
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
         nc = Mp.shape[2]
         Ssh = cuda.shared.array((R, N), acc)
         Msh = cuda.shared.array((N, NP1), acc)
         mreg = cuda.local.array(MPT, acc)
-        s = acc(first[bi, h, i, j])
-        Ssh[ti, j] = s
+        s = cuda.local.array((TI, TJ), acc)
+        cn_ = cuda.local.array((TI, TJ), acc)
+        for p in range(TI):
+            for q in range(TJ):
+                s[p, q] = acc(first[bi, h, g * R + ty * TI + p, tx + q * TX])
+                Ssh[ty * TI + p, tx + q * TX] = s[p, q]
         c0 = nc - 1 if reverse else 0
-        for q in range(MPT):
-            rr = ti + q * R
-            mreg[q] = E[bi, h, c0, 0, rr] * (Mp[bi, h, c0, rr, j] + (ONE if rr == j else ZERO)) * E[bi, h, c0, 1, j]
-        cnext = acc(C[bi, h, c0, i, j]) if reverse else acc(C[bi, h, c0, i, j]) * E[bi, h, c0, 1, j]
+        for f in range(MPT):
+            rr = (f * NT + tid) // N
+            cc = (f * NT + tid) % N
+            mreg[f] = E[bi, h, c0, 0, rr] * (Mp[bi, h, c0, rr, cc] + (ONE if rr == cc else ZERO)) * E[bi, h, c0, 1, cc]
+        for p in range(TI):
+            for q in range(TJ):
+                cv = acc(C[bi, h, c0, g * R + ty * TI + p, tx + q * TX])
+                cn_[p, q] = cv if reverse else cv * E[bi, h, c0, 1, tx + q * TX]
         for step in range(nc):
             c = nc - 1 - step if reverse else step
-            cuda.syncthreads()  # previous compute done with Msh
-            for q in range(MPT):
+            cuda.syncthreads()  # previous compute done with Msh and Ssh
+            for f in range(MPT):
+                rr = (f * NT + tid) // N
+                cc = (f * NT + tid) % N
                 if reverse:
-                    Msh[j, ti + q * R] = mreg[q]  # transposed
+                    Msh[cc, rr] = mreg[f]  # transposed
                 else:
-                    Msh[ti + q * R, j] = mreg[q]
-            if reverse:
-                out[bi, h, c, i, j] = s
-            else:
-                out[bi, h, c, i, j] = s * E[bi, h, c, 0, j]
-            addv = cnext
-            if step + 1 < nc:
+                    Msh[rr, cc] = mreg[f]
+            for p in range(TI):
+                for q in range(TJ):
+                    i = g * R + ty * TI + p
+                    j = tx + q * TX
+                    Ssh[ty * TI + p, j] = s[p, q]
+                    if reverse:
+                        out[bi, h, c, i, j] = s[p, q]
+                    else:
+                        out[bi, h, c, i, j] = s[p, q] * E[bi, h, c, 0, j]
+                    s[p, q] = cn_[p, q]  # accumulate onto C_c
+            if step + 1 < nc:  # the next chunk's M and C load while this one computes
                 cn = c - 1 if reverse else c + 1
-                for q in range(MPT):
-                    rr = ti + q * R
-                    mreg[q] = E[bi, h, cn, 0, rr] * (Mp[bi, h, cn, rr, j] + (ONE if rr == j else ZERO)) * E[bi, h, cn, 1, j]
-                cnext = acc(C[bi, h, cn, i, j]) if reverse else acc(C[bi, h, cn, i, j]) * E[bi, h, cn, 1, j]
+                for f in range(MPT):
+                    rr = (f * NT + tid) // N
+                    cc = (f * NT + tid) % N
+                    mreg[f] = E[bi, h, cn, 0, rr] * (Mp[bi, h, cn, rr, cc] + (ONE if rr == cc else ZERO)) * E[bi, h, cn, 1, cc]
+                for p in range(TI):
+                    for q in range(TJ):
+                        cv = acc(C[bi, h, cn, g * R + ty * TI + p, tx + q * TX])
+                        cn_[p, q] = cv if reverse else cv * E[bi, h, cn, 1, tx + q * TX]
             cuda.syncthreads()
-            acc_v = addv
             for kk in range(N):
-                acc_v += Ssh[ti, kk] * Msh[kk, j]
-            cuda.syncthreads()
-            s = acc_v
-            Ssh[ti, j] = s
-        last[bi, h, i, j] = s
+                for p in range(TI):
+                    sv = Ssh[ty * TI + p, kk]
+                    for q in range(TJ):
+                        s[p, q] += sv * Msh[kk, tx + q * TX]
+        for p in range(TI):
+            for q in range(TJ):
+                last[bi, h, g * R + ty * TI + p, tx + q * TX] = s[p, q]
 
-    return kern, R
+    return kern
 
 
 def _launch(kern, grid, block, *tensors):
@@ -484,10 +512,11 @@ def chunk_algebra(P: torch.Tensor):
 def scan(Mp: torch.Tensor, C: torch.Tensor, E: torch.Tensor, first: torch.Tensor, reverse: bool = False):
     """Numba chunk scan; Mp, C [B,H,nc,N,N], E [B,H,nc,2,N], first [B,H,N,N] → (out [B,H,nc,N,N], last)."""
     B, H, nc, N, _ = Mp.shape
-    kern, R = scan_kernel(N, acc_dtype(first.dtype), reverse)
+    kern = scan_kernel(N, acc_dtype(first.dtype), reverse)
+    R, _, TX, TY = _scan_layout(N)
     out = torch.empty_like(Mp)
     last = torch.empty_like(first)
-    _launch(kern, (N // R, H, B), (N, R), Mp.contiguous(), C.contiguous(), E.contiguous(), first.contiguous(),
+    _launch(kern, (N // R, H, B), (TX, TY), Mp.contiguous(), C.contiguous(), E.contiguous(), first.contiguous(),
             out, last)
     return out, last
 
