@@ -3,6 +3,7 @@
     python3 benchmarks/bench_wkv.py [--variant new|old|both] [--chunk 16,32,64] [--dtype fp16,bf16]
                                     [--T 1024,4096,8192] [--H 32,64] [--cases fwd,fwdbwd[,decode]]
                                     [--skip-peers] [--json PATH] [--plot PATH]
+    python3 benchmarks/bench_wkv.py --profile --T 8192 --H 64 --chunk 64 --dtype fp16   (GPU time per kernel)
 
 Implementations on the same inputs (B=1, N=64): ours "new" (edge_rwkv.cuda_kernels, the runtime path),
 ours "old" (benchmarks/wkv_prefill_v1.py, the first version, kept for this comparison only), fla 0.6.0's
@@ -129,6 +130,9 @@ def main():
     ap.add_argument("--skip-peers", action="store_true", help="time our kernels only")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--plot", default=None, help="write a PNG of time vs T here (needs matplotlib)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the timing table: GPU time per kernel of ours (new) at the first T, H, "
+                         "chunk and dtype given, forward and forward+backward (torch.profiler)")
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunk.split(",")]
     dtypes = [d for d in args.dtype.split(",")]
@@ -139,6 +143,8 @@ def main():
     if bad:
         ap.error(f"unknown dtype/case {bad}")
 
+    if args.profile:
+        return profile_stages(Ts[0], Hs[0], chunks[0], dtypes[0], args.json)
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s  torch {torch.__version__}", flush=True)
     peers = load_peers(args.skip_peers)
@@ -241,6 +247,49 @@ def decode_rows(attempt, dname, dtype, Hs, peers):
             fa = [xs[0], wf, *xs[2:]]
             attempt("decode", 1, H, dname, "fla fused_recurrent /st", None,
                     lambda: graph_timed(lambda: fr(*fa, scale=1.0, initial_state=sf, output_final_state=True)))
+
+
+def profile_stages(T, H, L, dname, json_path):
+    """GPU time per kernel (µs per call) of ours (new), forward and forward+backward, as one table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from edge_rwkv.cuda_kernels import WKV7Function
+    from edge_rwkv.cuda_kernels.wkv_prefill import prefill_forward
+
+    xs, s0 = inputs(T, H, DTYPES[dname], seed=1)
+    gy = torch.randn(1, T, H, N, device="cuda")
+    ins = [x.detach().requires_grad_(True) for x in xs] + [s0.detach().requires_grad_(True)]
+
+    def fwdbwd():
+        y, s = WKV7Function.apply(*ins, L)
+        torch.autograd.backward([y, s], [gy, torch.ones_like(s)])
+
+    rows, reps = [], 5
+    for case, fn in (("fwd", lambda: prefill_forward(*xs, s0, L)), ("fwdbwd", fwdbwd)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                t, n = per.get(e.name, (0.0, 0))
+                per[e.name] = (t + e.device_time, n + 1)
+        total = sum(t for t, _ in per.values()) / reps
+        wall = timed(fn, reps=10)
+        print(f"# {case} T={T} H={H} chunk={L} {dname}: wall {wall:.1f} us, GPU kernels {total:.1f} us")
+        for name, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            rows.append(dict(case=case, kernel=name[:90], calls=n // reps, us=t / reps, pct=100 * t / reps / total))
+    print("\n| case | kernel | calls | GPU µs per call of the op | % |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['kernel']} | {r['calls']} | {r['us']:.1f} | {r['pct']:.1f} |")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), T=T, H=H, chunk=L, dtype=dname, rows=rows), fh, indent=1)
 
 
 def print_table(rows):
