@@ -473,18 +473,23 @@ class _CausalInverse(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def product_precision(input_dtype: torch.dtype):
+def product_precision(x: torch.Tensor):
     """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs, IEEE fp32 otherwise.
 
-    See the module docstring for the measured error. Restores the caller's setting on exit.
+    Set through torch's float32 matmul precision ("high" / "highest"), which keeps its legacy and
+    new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and cuBLAS
+    calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
+    module docstring for the measured error.
     """
-    mm = torch.backends.cuda.matmul
-    previous = mm.fp32_precision
-    mm.fp32_precision = "tf32" if input_dtype in (torch.float16, torch.bfloat16) else "ieee"
+    if x.device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if x.dtype in (torch.float16, torch.bfloat16) else "highest")
     try:
         yield
     finally:
-        mm.fp32_precision = previous
+        torch.set_float32_matmul_precision(previous)
 
 
 def chunk_algebra(P: torch.Tensor):
@@ -541,7 +546,7 @@ def prefill_forward(r, w, k, v, a, b, state, chunk_len: int | None = None):
     B, T, H, N = r.shape
     L = chunk_len_for(T, chunk_len)
     acc_t = state.dtype
-    with product_precision(r.dtype):
+    with product_precision(r):
         P, E = prep(r, w, k, v, a, b, L, acc_t)
         Q, Y0, M, C = chunk_algebra(P)
         nc = P.shape[2]
@@ -565,7 +570,7 @@ def wkv7_prefill(r, w, k, v, a, b, state, chunk_len: int | None = None):
 
 def prefill_backward(saved, states, L, dy, dlast):
     """Grads of (r, w, k, v, a, b, state) given grads of y and of the final state."""
-    with product_precision(saved[0].dtype):
+    with product_precision(saved[0]):
         return _prefill_backward(saved, states, L, dy, dlast)
 
 

@@ -72,10 +72,10 @@ def test_prefill_chunk_lengths(T, L, dtype):
 
     xs = make_inputs(1, T, 64, 64, dtype, device="cuda", seed=T + L)
     yr, sr = ref64(*xs)
-    precision = torch.backends.cuda.matmul.fp32_precision
+    precision = torch.get_float32_matmul_precision()
     y, s, _ = prefill_forward(*xs, L)
     torch.cuda.synchronize()
-    assert torch.backends.cuda.matmul.fp32_precision == precision  # the TF32 switch is scoped
+    assert torch.get_float32_matmul_precision() == precision  # the TF32 switch is scoped
     assert rel_err(y, yr) <= TOL[dtype], rel_err(y, yr)
     assert rel_err(s, sr) <= TOL[dtype], rel_err(s, sr)
 
