@@ -1,4 +1,4 @@
-"""WKV-7 chunked prefill (parallel in time) with Numba-CUDA elementwise/scan kernels and cuBLAS products.
+"""WKV-7 chunked prefill (parallel in time): Numba-CUDA kernels around tensor-core cuBLAS products.
 
 Per head, with S_0 the state entering a chunk of L steps and γ_t = Π_{u≤t} d_u (decay within the chunk):
 
@@ -6,24 +6,40 @@ Per head, with S_0 the state entering a chunk of L steps and γ_t = Π_{u≤t} d
     S_t  = S_0 Γ_t + Σ_{s≤t} [x_s (b_s⊙γ_t/γ_s)ᵀ + v_s (k_s⊙γ_t/γ_s)ᵀ]
     y_t  = S_t r_t
 
-Stacking rows over t (X, V, ... are L×N):
-    X   = Â S_0ᵀ + A_ab X + A_ak V            A_ab[t,s] = Σ_j a_tj b_sj γ_{t-1,j}/γ_sj  (s<t), A_ak alike with k
-    (I - A_ab)[W | U] = [Â | A_ak V]           Â rows a_t⊙γ_{t-1}  (unit lower-triangular solve)
-    Y   = (R̂ + A_rb W) S_0ᵀ + (A_rb U + A_rk V)  = Q S_0ᵀ + Y0          A_rb, A_rk: s≤t, R̂ rows r_t⊙γ_t
-    S_L = S_0 (Γ_L + Wᵀ B̄) + (Uᵀ B̄ + Vᵀ K̄)      = S_0 M + C           B̄ rows b_s⊙γ_L/γ_s
+Every γ ratio is split around an anchor, the chunk's middle cumulative log-decay m (per channel): with
+lc_t the within-chunk cumulative log-decay, the prep forms the L×N "relative" rows
 
-Only γ ratios enter the L×L products; they are formed as (x⊙e^{lc-m})·(y⊙e^{m-lc}) with lc the
-within-chunk cumulative log-decay and m the chunk's middle value (the anchor), so the factors stay
-within e^{±L/2·0.61} whatever the decays. Since d ≥ exp(-e^{-1/2}) the absolute factors (≤ 1) never
-overflow either.
+    Â_t = a_t⊙e^{lc_{t-1}-m},  R̂_t = r_t⊙e^{lc_t-m},  B̂_t = b_t⊙e^{m-lc_t},  K̂_t = k_t⊙e^{m-lc_t}
 
-Work split: `prep` (Numba, elementwise + per-channel cumsum) → dense products and the triangular
-solve (torch/cuBLAS, batched over all chunks) → `scan` (Numba, the sequential S_{c+1} = S_c M_c + C_c
-with the state rows split over blocks and tiled in shared memory) → Y = Q S_cᵀ + Y0 (cuBLAS).
-The backward mirrors it: a reverse scan in Numba, cuBLAS products, and the prep's adjoint in Numba.
+(each factor within e^{±0.31·L} whatever the decays) and two per-channel vectors D_m = e^{m} and
+D_e = e^{lc_{L-1}-m}. Then, stacking rows over t:
+
+    A = [Â;R̂]·[B̂;K̂]ᵀ = [[A_ab, A_ak], [A_rb, A_rk]]   (causal: strict lower for Â rows, lower for R̂)
+    X = (I - A_ab)⁻¹,  W' = X Â,  U = X A_ak V                  (x_t = rows of (W' D_m) S_0ᵀ + U)
+    Y   = Q' (S_0 D_m)ᵀ + Y0,      Q' = R̂ + A_rb W',  Y0 = A_rb U + A_rk V
+    S_L = S_0 M + C,               M = D_m (W'ᵀ B̂ + I) D_e,  C = (Uᵀ B̂ + Vᵀ K̂) D_e
+
+The anchor cancels from every result, so the backward treats m as a constant. The diagonal scalings
+never get their own pass: the scan forms M and C from M' = W'ᵀ B̂, C' = Uᵀ B̂ + Vᵀ K̂ and D_m, D_e as
+it loads them, and hands out the chunk states already scaled, S̃_c = S_c D_m, which is what the
+output product (and the backward) need.
+
+Work split: `prep` (Numba: decay, cumulative log-decay, the four scaled copies, V in the product
+dtype) → A (one cuBLAS product) → `causal_inverse` (Numba, a block a chunk: the causal masks and X by
+forward substitution in shared memory, written over A_ab) → W', U, Q', Y0, M', C' (cuBLAS) → `scan`
+(Numba, the sequential S_{c+1} = S_c M_c + C_c, state rows split over blocks, tiled in shared
+memory) → Y = Q' S̃_cᵀ + Y0 (cuBLAS). The backward mirrors it: the reverse scan in Numba, cuBLAS
+products through torch autograd (the inverse's adjoint is Xᵀ G Xᵀ), the prep's adjoint in Numba.
+
+Precision: the prep, the inverse and the scan accumulate in fp32 (fp64 for fp64 state). The chunk
+products run on tensor cores in TF32 (fp32 range, so the anchored factors fit, 10-bit mantissa, fp32
+accumulate) when the inputs are fp16/bf16: emulated TF32 rounding puts y and the state ~4e-4 from the
+fp64 recurrence (T=2100, H=4, chunks 16–64) and the gradients ≤1.1e-3, inside the tests' 2e-3 / 3e-3.
+fp32 inputs keep IEEE fp32 products (~4e-7). bf16 products were measured at 3e-3 and are not used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -36,16 +52,17 @@ from ._runtime import (
     current_stream,
     kernel_array,
     kernel_device_ok,
-    kernel_input,
     numba_cuda,
 )
 
 cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
 SUPPORTED_N = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK = 64  # fastest of 16/32/64 on an H200 for T ≥ 1024 except T=1024,H=12 (benchmarks/NOTES.md)
-NSLOT = 9  # prep output slots, see _SLOTS
-# slot order keeps the pairs that feed one product adjacent: [Arel;Rrel] @ [Brel;Krel]ᵀ, [Bbar;Kbar]
-_SLOTS = ("Arel", "Rrel", "Brel", "Krel", "Aabs", "Rabs", "Bbar", "Kbar", "V")
+# prep output slots [B, H, nc, NSLOT, L, N]; the pairs that feed one product stay adjacent: [Â;R̂]·[B̂;K̂]ᵀ
+_SLOTS = ("A", "R", "B", "K", "V")
+NSLOT = len(_SLOTS)
+# per-chunk, per-channel scalings [B, H, nc, 2, N]: D_m = e^{m}, D_e = e^{lc_end - m}
+_SCALES = ("Dm", "De")
 
 
 def _bind():
@@ -59,16 +76,64 @@ def _np(acc):
 
 
 @functools.lru_cache(maxsize=None)
-def prep_kernel(N: int, L: int, acc):
-    """Per (chunk, head, batch) block, thread j: decay factors and scaled copies of r, k, a, b, v."""
+def _loaders(acc):
+    """(plain, bf16) device functions that read one input element as `acc`.
+
+    bf16 tensors reach the kernels as their raw int16 bits (numba has no bf16 array type), decoded
+    here, so bf16 inputs are read once instead of first being widened to fp32 copies.
+    """
     _bind()
+    from numba import int32  # noqa: PLC0415  (numba is optional: imported with the first kernel build)
+
+    npacc = _np(acc)
+    INF, NAN = npacc(np.inf), npacc(np.nan)
+    # value = significand · 2^(e-134) with significand = 128 + mantissa (e ≥ 1) or the mantissa (e = 0)
+    SCALE = np.array([2.0 ** (max(e, 1) - 134) for e in range(256)], dtype=npacc)
+
+    @cuda.jit(device=True, inline=True)
+    def plain(x):
+        return acc(x)
+
+    @cuda.jit(device=True, inline=True)
+    def from_bf16(u):
+        scale = cuda.const.array_like(SCALE)
+        bits = int32(u) & 0xFFFF
+        e = (bits >> 7) & 0xFF
+        mant = bits & 0x7F
+        if e == 255:
+            mag = INF if mant == 0 else NAN
+        else:
+            mag = acc(mant + (128 if e > 0 else 0)) * scale[e]
+        return -mag if bits & 0x8000 else mag
+
+    return plain, from_bf16
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """An input as the prep kernels take it: contiguous; bf16 as its int16 bits (see `_loaders`)."""
+    x = x.contiguous()
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+
+
+def _bf16_flags(*xs) -> tuple:
+    return tuple(x.dtype == torch.bfloat16 for x in xs)
+
+
+@functools.lru_cache(maxsize=None)
+def prep_kernel(N: int, L: int, acc, bf16: tuple):
+    """Per (chunk, head, batch) block, thread j: the anchored copies of a, r, b, k, V and D_m, D_e.
+
+    `bf16` flags which of r, w, k, v, a, b arrive as bf16 bits.
+    """
+    _bind()
+    ld_r, ld_w, ld_k, ld_v, ld_a, ld_b = (_loaders(acc)[f] for f in bf16)
     npacc = _np(acc)
     DS, ONE, ZERO = npacc(DECAY_SCALE), npacc(1.0), npacc(0.0)
     MID = (L - 1) // 2
 
     @cuda.jit(fastmath=False)
-    def kern(r, w, k, v, a, b, P, gL):
-        # inputs [B, T, H, N]; P [B, H, nc, NSLOT, L, N]; gL [B, H, nc, N]
+    def kern(r, w, k, v, a, b, P, E):
+        # inputs [B, T, H, N]; P [B, H, nc, NSLOT, L, N]; E [B, H, nc, 2, N]
         c = cuda.blockIdx.x
         h = cuda.blockIdx.y
         bi = cuda.blockIdx.z
@@ -79,49 +144,49 @@ def prep_kernel(N: int, L: int, acc):
         for t in range(L):
             tt = c * L + t
             if tt < T:
-                run += -DS / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+                run += -DS / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             lcs[t] = run
         m = lcs[MID]
-        lend = lcs[L - 1]
         prev = ZERO
         for t in range(L):
             tt = c * L + t
             lc = lcs[t]
             if tt < T:
-                rv = acc(r[bi, tt, h, j])
-                kv = acc(k[bi, tt, h, j])
-                vv = acc(v[bi, tt, h, j])
-                av = acc(a[bi, tt, h, j])
-                bv = acc(b[bi, tt, h, j])
+                rv = ld_r(r[bi, tt, h, j])
+                kv = ld_k(k[bi, tt, h, j])
+                vv = ld_v(v[bi, tt, h, j])
+                av = ld_a(a[bi, tt, h, j])
+                bv = ld_b(b[bi, tt, h, j])
             else:
                 rv = kv = vv = av = bv = ZERO
             eK = math.exp(m - lc)
-            eKb = math.exp(lend - lc)
             P[bi, h, c, 0, t, j] = av * math.exp(prev - m)
             P[bi, h, c, 1, t, j] = rv * math.exp(lc - m)
             P[bi, h, c, 2, t, j] = bv * eK
             P[bi, h, c, 3, t, j] = kv * eK
-            P[bi, h, c, 4, t, j] = av * math.exp(prev)
-            P[bi, h, c, 5, t, j] = rv * math.exp(lc)
-            P[bi, h, c, 6, t, j] = bv * eKb
-            P[bi, h, c, 7, t, j] = kv * eKb
-            P[bi, h, c, 8, t, j] = vv
+            P[bi, h, c, 4, t, j] = vv
             prev = lc
-        gL[bi, h, c, j] = math.exp(lend)
+        E[bi, h, c, 0, j] = math.exp(m)
+        E[bi, h, c, 1, j] = math.exp(lcs[L - 1] - m)
 
     return kern
 
 
 @functools.lru_cache(maxsize=None)
-def prep_bwd_kernel(N: int, L: int, acc):
-    """Adjoint of `prep_kernel`: grads of r, w (logit), k, a, b from grads of the slots and gL."""
+def prep_bwd_kernel(N: int, L: int, acc, bf16: tuple):
+    """Adjoint of `prep_kernel` with the anchor m held constant (it cancels from every result).
+
+    Grads of r, w (logit), k, a, b from those of the slots and of D_e (D_m depends on m alone);
+    `bf16` flags which of r, w, k, a, b arrive as bf16 bits.
+    """
     _bind()
+    ld_r, ld_w, ld_k, ld_a, ld_b = (_loaders(acc)[f] for f in bf16)
     npacc = _np(acc)
     DS, ONE, ZERO = npacc(DECAY_SCALE), npacc(1.0), npacc(0.0)
     MID = (L - 1) // 2
 
     @cuda.jit(fastmath=False)
-    def kern(r, w, k, a, b, dP, dgL, dr, dw, dk, da, db):
+    def kern(r, w, k, a, b, dP, dE, dr, dw, dk, da, db):
         c = cuda.blockIdx.x
         h = cuda.blockIdx.y
         bi = cuda.blockIdx.z
@@ -132,20 +197,12 @@ def prep_bwd_kernel(N: int, L: int, acc):
         for t in range(L):
             tt = c * L + t
             if tt < T:
-                run += -DS / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+                run += -DS / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             lcs[t] = run
         m = lcs[MID]
-        lend = lcs[L - 1]
-        # d(loss)/d(lend): through Bbar, Kbar and gL
-        gend = dgL[bi, h, c, j] * math.exp(lend)
-        for t in range(L):
-            tt = c * L + t
-            if tt < T:
-                eKb = math.exp(lend - lcs[t])
-                gend += (acc(k[bi, tt, h, j]) * dP[bi, h, c, 7, t, j] + acc(b[bi, tt, h, j]) * dP[bi, h, c, 6, t, j]) * eKb
-        # reverse pass: G_t = d/d lc_t ; d/d ld_t = Σ_{t'≥t} G_t'
+        # reverse pass: G_t = d/d lc_t ; d/d ld_t = Σ_{t'≥t} G_t'. D_e = e^{lc_end - m} feeds G_{L-1}.
+        rsum = dE[bi, h, c, 1, j] * math.exp(lcs[L - 1] - m)
         carry = ZERO  # contribution to G_t from slot A at t+1 (which uses lc_t)
-        rsum = gend
         for tb in range(L):
             t = L - 1 - tb
             tt = c * L + t
@@ -153,19 +210,18 @@ def prep_bwd_kernel(N: int, L: int, acc):
                 continue  # padded steps have zero inputs and zero decay
             lc = lcs[t]
             prev = lcs[t - 1] if t > 0 else ZERO
-            rv = acc(r[bi, tt, h, j])
-            kv = acc(k[bi, tt, h, j])
-            av = acc(a[bi, tt, h, j])
-            bv = acc(b[bi, tt, h, j])
+            rv = ld_r(r[bi, tt, h, j])
+            kv = ld_k(k[bi, tt, h, j])
+            av = ld_a(a[bi, tt, h, j])
+            bv = ld_b(b[bi, tt, h, j])
             eK = math.exp(m - lc)
-            eKb = math.exp(lend - lc)
-            gr = dP[bi, h, c, 1, t, j] * math.exp(lc - m) + dP[bi, h, c, 5, t, j] * math.exp(lc)
-            ga = dP[bi, h, c, 0, t, j] * math.exp(prev - m) + dP[bi, h, c, 4, t, j] * math.exp(prev)
-            gk = dP[bi, h, c, 3, t, j] * eK + dP[bi, h, c, 7, t, j] * eKb
-            gb = dP[bi, h, c, 2, t, j] * eK + dP[bi, h, c, 6, t, j] * eKb
+            ga = dP[bi, h, c, 0, t, j] * math.exp(prev - m)
+            gr = dP[bi, h, c, 1, t, j] * math.exp(lc - m)
+            gb = dP[bi, h, c, 2, t, j] * eK
+            gk = dP[bi, h, c, 3, t, j] * eK
             rsum += rv * gr - kv * gk - bv * gb + carry
             carry = av * ga
-            sg = ONE / (ONE + math.exp(-acc(w[bi, tt, h, j])))
+            sg = ONE / (ONE + math.exp(-ld_w(w[bi, tt, h, j])))
             dw[bi, tt, h, j] = -rsum * DS * sg * (ONE - sg)
             dr[bi, tt, h, j] = gr
             dk[bi, tt, h, j] = gk
@@ -175,66 +231,147 @@ def prep_bwd_kernel(N: int, L: int, acc):
     return kern
 
 
-def _scan_rows(N: int) -> int:
-    return min(16, N)
+@functools.lru_cache(maxsize=None)
+def causal_inverse_kernel(L: int, acc):
+    """In place on A [G, 2L, 2L] = [Â;R̂]·[B̂;K̂]ᵀ of each chunk (one block a chunk, thread j a column).
+
+    Zeroes what the causal structure excludes (A_ak strictly lower; A_rb, A_rk lower with the
+    diagonal) and overwrites the A_ab block with X = (I - tril(A_ab, -1))⁻¹, unit lower-triangular,
+    by forward substitution: X[i, j] = Σ_{j≤s<i} A_ab[i, s] X[s, j]. Thread j owns column j of X, so
+    the substitution needs no barrier; A_ab rows are read from shared memory without bank conflicts.
+    """
+    _bind()
+    npacc = _np(acc)
+    ONE, ZERO = npacc(1.0), npacc(0.0)
+
+    @cuda.jit(fastmath=False)
+    def kern(A):
+        g = cuda.blockIdx.x
+        j = cuda.threadIdx.x
+        Ash = cuda.shared.array((L, L), acc)
+        Xsh = cuda.shared.array((L, L), acc)
+        for i in range(L):
+            Ash[i, j] = A[g, i, j]
+        cuda.syncthreads()
+        for i in range(L):
+            if i < j:
+                x = ZERO
+            elif i == j:
+                x = ONE
+            else:
+                x = ZERO
+                for s in range(j, i):
+                    x += Ash[i, s] * Xsh[s, j]
+            Xsh[i, j] = x
+            A[g, i, j] = x
+            if j >= i:
+                A[g, i, L + j] = ZERO
+            if j > i:
+                A[g, L + i, j] = ZERO
+                A[g, L + i, L + j] = ZERO
+
+    return kern
+
+
+def _scan_layout(N: int):
+    """(R, TI, TX, TY): R state rows per block, each thread a TI × (N/TX) tile, TX × TY threads."""
+    R = min(16, N)
+    TI = 2
+    TX = min(32, N)
+    return R, TI, TX, R // TI
 
 
 @functools.lru_cache(maxsize=None)
 def scan_kernel(N: int, acc, reverse: bool):
     """Sequential pass over chunks, rows of the state split over blocks (R rows per block).
 
-    forward : out[c] = S_c (state entering chunk c);  S_{c+1} = S_c M_c + C_c;  last = S_nc
+    The chunk maps are formed on load: M_c = D_m (M'_c + I) D_e and, forward, C_c = C'_c D_e.
+    forward : out[c] = S_c D_m(c) (the state entering chunk c, scaled for the output product);
+              S_{c+1} = S_c M_c + C_c;  last = S_nc
     reverse : g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
               (the adjoint: C holds dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
-    One thread per (row, column) of the block's R×N tile; M_c staged in shared memory (padded).
+    Each thread owns a TI×TJ register tile of the block's R×N rows (columns tx + q·TX, so a warp's
+    shared-memory reads are one broadcast and one contiguous row), which halves the shared-memory
+    traffic per multiply-add against one output a thread. M_c is staged in shared memory (padded);
+    the next chunk's M and C are loaded into registers while the current one computes.
     """
     _bind()
-    R = _scan_rows(N)
-    MPT = N // R  # M elements each of the R*N threads loads per chunk (per row of threads)
+    R, TI, TX, TY = _scan_layout(N)
+    TJ = N // TX
+    NT = TX * TY
+    MPT = N * N // NT  # M elements each thread loads per chunk
     NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
+    ONE, ZERO = _np(acc)(1.0), _np(acc)(0.0)
 
     @cuda.jit(fastmath=False)
-    def kern(M, C, first, out, last):
-        # M, C, out: [B, H, nc, N, N]; first, last: [B, H, N, N]
+    def kern(Mp, C, E, first, out, last):
+        # Mp, C, out: [B, H, nc, N, N]; E: [B, H, nc, 2, N]; first, last: [B, H, N, N]
         g = cuda.blockIdx.x
         h = cuda.blockIdx.y
         bi = cuda.blockIdx.z
-        ti = cuda.threadIdx.y  # row within block
-        j = cuda.threadIdx.x
-        i = g * R + ti
-        nc = M.shape[2]
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        nc = Mp.shape[2]
         Ssh = cuda.shared.array((R, N), acc)
         Msh = cuda.shared.array((N, NP1), acc)
         mreg = cuda.local.array(MPT, acc)
-        s = acc(first[bi, h, i, j])
-        Ssh[ti, j] = s
+        s = cuda.local.array((TI, TJ), acc)
+        cn_ = cuda.local.array((TI, TJ), acc)
+        for p in range(TI):
+            for q in range(TJ):
+                s[p, q] = acc(first[bi, h, g * R + ty * TI + p, tx + q * TX])
+                Ssh[ty * TI + p, tx + q * TX] = s[p, q]
         c0 = nc - 1 if reverse else 0
-        for q in range(MPT):
-            mreg[q] = M[bi, h, c0, ti + q * R, j]
+        for f in range(MPT):
+            rr = (f * NT + tid) // N
+            cc = (f * NT + tid) % N
+            mreg[f] = E[bi, h, c0, 0, rr] * (Mp[bi, h, c0, rr, cc] + (ONE if rr == cc else ZERO)) * E[bi, h, c0, 1, cc]
+        for p in range(TI):
+            for q in range(TJ):
+                cv = acc(C[bi, h, c0, g * R + ty * TI + p, tx + q * TX])
+                cn_[p, q] = cv if reverse else cv * E[bi, h, c0, 1, tx + q * TX]
         for step in range(nc):
             c = nc - 1 - step if reverse else step
-            cuda.syncthreads()  # previous compute done with Msh
-            for q in range(MPT):
+            cuda.syncthreads()  # previous compute done with Msh and Ssh
+            for f in range(MPT):
+                rr = (f * NT + tid) // N
+                cc = (f * NT + tid) % N
                 if reverse:
-                    Msh[j, ti + q * R] = mreg[q]  # transposed
+                    Msh[cc, rr] = mreg[f]  # transposed
                 else:
-                    Msh[ti + q * R, j] = mreg[q]
-            out[bi, h, c, i, j] = s
-            addv = acc(C[bi, h, c, i, j])
-            if step + 1 < nc:
+                    Msh[rr, cc] = mreg[f]
+            for p in range(TI):
+                for q in range(TJ):
+                    i = g * R + ty * TI + p
+                    j = tx + q * TX
+                    Ssh[ty * TI + p, j] = s[p, q]
+                    if reverse:
+                        out[bi, h, c, i, j] = s[p, q]
+                    else:
+                        out[bi, h, c, i, j] = s[p, q] * E[bi, h, c, 0, j]
+                    s[p, q] = cn_[p, q]  # accumulate onto C_c
+            if step + 1 < nc:  # the next chunk's M and C load while this one computes
                 cn = c - 1 if reverse else c + 1
-                for q in range(MPT):
-                    mreg[q] = M[bi, h, cn, ti + q * R, j]
+                for f in range(MPT):
+                    rr = (f * NT + tid) // N
+                    cc = (f * NT + tid) % N
+                    mreg[f] = E[bi, h, cn, 0, rr] * (Mp[bi, h, cn, rr, cc] + (ONE if rr == cc else ZERO)) * E[bi, h, cn, 1, cc]
+                for p in range(TI):
+                    for q in range(TJ):
+                        cv = acc(C[bi, h, cn, g * R + ty * TI + p, tx + q * TX])
+                        cn_[p, q] = cv if reverse else cv * E[bi, h, cn, 1, tx + q * TX]
             cuda.syncthreads()
-            acc_v = addv
             for kk in range(N):
-                acc_v += Ssh[ti, kk] * Msh[kk, j]
-            cuda.syncthreads()
-            s = acc_v
-            Ssh[ti, j] = s
-        last[bi, h, i, j] = s
+                for p in range(TI):
+                    sv = Ssh[ty * TI + p, kk]
+                    for q in range(TJ):
+                        s[p, q] += sv * Msh[kk, tx + q * TX]
+        for p in range(TI):
+            for q in range(TJ):
+                last[bi, h, g * R + ty * TI + p, tx + q * TX] = s[p, q]
 
-    return kern, R
+    return kern
 
 
 def _launch(kern, grid, block, *tensors):
@@ -257,14 +394,14 @@ def prefill_supported(r: torch.Tensor, state: torch.Tensor) -> str | None:
 
 
 def prep(r, w, k, v, a, b, L: int, acc_torch: torch.dtype):
-    """Run the prep kernel. Returns P [B,H,nc,NSLOT,L,N] and gL [B,H,nc,N] in `acc_torch`."""
+    """Run the prep kernel. Returns P [B,H,nc,NSLOT,L,N] and E [B,H,nc,2,N] (D_m, D_e) in `acc_torch`."""
     B, T, H, N = r.shape
     nc = -(-T // L)
     P = torch.empty(B, H, nc, NSLOT, L, N, device=r.device, dtype=acc_torch)
-    gL = torch.empty(B, H, nc, N, device=r.device, dtype=acc_torch)
-    xs = [kernel_input(x.contiguous()) for x in (r, w, k, v, a, b)]
-    _launch(prep_kernel(N, L, acc_dtype(acc_torch)), (nc, H, B), N, *xs, P, gL)
-    return P, gL
+    E = torch.empty(B, H, nc, 2, N, device=r.device, dtype=acc_torch)
+    xs = (r, w, k, v, a, b)
+    _launch(prep_kernel(N, L, acc_dtype(acc_torch), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs), P, E)
+    return P, E
 
 
 class _Prep(torch.autograd.Function):
@@ -272,34 +409,34 @@ class _Prep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, L, acc_torch):
-        P, gL = prep(r, w, k, v, a, b, L, acc_torch)
+        P, E = prep(r, w, k, v, a, b, L, acc_torch)
         ctx.save_for_backward(r, w, k, a, b)
         ctx.L = L
-        ctx.shape_v = v.shape
         ctx.vdtype = v.dtype
-        return P, gL
+        return P, E
 
     @staticmethod
-    def backward(ctx, dP, dgL):
+    def backward(ctx, dP, dE):
         r, w, k, a, b = ctx.saved_tensors
         L = ctx.L
         B, T, H, N = r.shape
         nc = dP.shape[2]
         acc_t = dP.dtype
         dP = dP.contiguous()
-        dgL = dgL.contiguous()
+        dE = dE.contiguous()
         grads = [torch.zeros(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]
-        xs = [kernel_input(x.contiguous()) for x in (r, w, k, a, b)]
-        _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t)), (nc, H, B), N, *xs, dP, dgL, *grads)
+        xs = (r, w, k, a, b)
+        _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs),
+                dP, dE, *grads)
         dr, dw, dk, da, db = grads
-        dv = dP[:, :, :, 8].reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
+        dv = dP[:, :, :, 4].reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
         cast = lambda g, like: g.to(like.dtype)  # noqa: E731
         return (cast(dr, r), cast(dw, w), cast(dk, k), dv.to(ctx.vdtype), cast(da, a), cast(db, b), None, None)
 
 
 @functools.lru_cache(maxsize=None)
 def _masks(L: int, dtype: torch.dtype, device_str: str):
-    """Mask for the 2L×2L product [Arel;Rrel]·[Brel;Krel]ᵀ: strict lower for A rows, lower for R rows.
+    """Mask of the 2L×2L product [Â;R̂]·[B̂;K̂]ᵀ: strict lower for the Â rows, lower for the R̂ rows.
 
     Cached, so built as an ordinary tensor even when first asked for under inference mode: autograd
     may save it later.
@@ -313,8 +450,50 @@ def _masks(L: int, dtype: torch.dtype, device_str: str):
         return torch.cat([top, bot], 0).to(device_str)
 
 
-def chunk_algebra(P: torch.Tensor, gL: torch.Tensor):
-    """Dense per-chunk products (torch / cuBLAS). Returns Q, Y0 [G,L,N] and M, C [G,N,N] (G = B·H·nc).
+class _CausalInverse(torch.autograd.Function):
+    """`causal_inverse_kernel` as an autograd node (in place on the product A)."""
+
+    @staticmethod
+    def forward(ctx, A, L):
+        _launch(causal_inverse_kernel(L, acc_dtype(A.dtype)), A.shape[0], L, A)
+        ctx.mark_dirty(A)
+        ctx.save_for_backward(A)
+        ctx.L = L
+        return A
+
+    @staticmethod
+    def backward(ctx, grad):
+        (A,) = ctx.saved_tensors
+        L = ctx.L
+        Xt = A[:, :L, :L].transpose(1, 2)
+        dA = grad * _masks(L, grad.dtype, str(grad.device))
+        # X = (I - A_ab)⁻¹ ⇒ dX = X dA_ab X, so the adjoint is Xᵀ G Xᵀ on the strictly lower part
+        dA[:, :L, :L] = torch.bmm(torch.bmm(Xt, grad[:, :L, :L]), Xt).tril_(-1)
+        return dA, None
+
+
+@contextlib.contextmanager
+def product_precision(x: torch.Tensor):
+    """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs, IEEE fp32 otherwise.
+
+    Set through torch's float32 matmul precision ("high" / "highest"), which keeps its legacy and
+    new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and cuBLAS
+    calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
+    module docstring for the measured error.
+    """
+    if x.device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if x.dtype in (torch.float16, torch.bfloat16) else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def chunk_algebra(P: torch.Tensor):
+    """Dense per-chunk products. Returns Q', Y0 [G,L,N] and M', C' [G,N,N] (G = B·H·nc).
 
     Differentiable by torch autograd (used again, recomputed, in the backward).
     """
@@ -323,37 +502,32 @@ def chunk_algebra(P: torch.Tensor, gL: torch.Tensor):
     Pv = P.reshape(G, NSLOT, L, N)
     AR = Pv[:, 0:2].reshape(G, 2 * L, N)
     BK = Pv[:, 2:4].reshape(G, 2 * L, N)
-    Aabs, Rabs = Pv[:, 4], Pv[:, 5]
-    BKbar = Pv[:, 6:8].reshape(G, 2 * L, N)
-    V = Pv[:, 8]
-    A = torch.bmm(AR, BK.transpose(1, 2)) * _masks(L, P.dtype, str(P.device))
-    Aab, Aak = A[:, :L, :L], A[:, :L, L:]
-    Arb_k = A[:, L:, :]  # [A_rb | A_rk]
-    rhs = torch.cat([Aabs, torch.bmm(Aak, V)], dim=2)  # [G, L, 2N]
-    WU = torch.linalg.solve_triangular(-Aab, rhs, upper=False, unitriangular=True)
-    W, U = WU[..., :N], WU[..., N:]
-    # [A_rb | A_rk] @ [[W, U], [0, V]] = [A_rb W | A_rb U + A_rk V]
-    QY = torch.bmm(Arb_k, torch.cat([WU, torch.cat([torch.zeros_like(V), V], dim=2)], dim=1))
-    Q = QY[..., :N] + Rabs
-    Y0 = QY[..., N:]
-    # M = Γ_L + Wᵀ B̄ ; C = [U;V]ᵀ [B̄;K̄]
-    M = torch.bmm(W.transpose(1, 2), Pv[:, 6]) + torch.diag_embed(gL.reshape(G, N))
-    C = torch.bmm(torch.cat([U, V], dim=1).transpose(1, 2), BKbar)
+    Ah, Rh, Bh, Kh, V = Pv.unbind(1)
+    A = _CausalInverse.apply(torch.bmm(AR, BK.transpose(1, 2)), L)
+    X, Aak, Arb, Ark = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
+    W = torch.bmm(X, Ah)
+    U = torch.bmm(X, torch.bmm(Aak, V))
+    Q = torch.baddbmm(Rh, Arb, W)
+    Y0 = torch.baddbmm(torch.bmm(Ark, V), Arb, U)  # A_rb U + A_rk V
+    M = torch.bmm(W.transpose(1, 2), Bh)
+    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)  # Uᵀ B̂ + Vᵀ K̂
     return Q, Y0, M, C
 
 
-def scan(M: torch.Tensor, C: torch.Tensor, first: torch.Tensor, reverse: bool = False):
-    """Numba chunk scan; M, C [B,H,nc,N,N], first [B,H,N,N]. Returns (out [B,H,nc,N,N], last [B,H,N,N])."""
-    B, H, nc, N, _ = M.shape
-    kern, R = scan_kernel(N, acc_dtype(first.dtype), reverse)
-    out = torch.empty_like(M)
+def scan(Mp: torch.Tensor, C: torch.Tensor, E: torch.Tensor, first: torch.Tensor, reverse: bool = False):
+    """Numba chunk scan; Mp, C [B,H,nc,N,N], E [B,H,nc,2,N], first [B,H,N,N] → (out [B,H,nc,N,N], last)."""
+    B, H, nc, N, _ = Mp.shape
+    kern = scan_kernel(N, acc_dtype(first.dtype), reverse)
+    R, _, TX, TY = _scan_layout(N)
+    out = torch.empty_like(Mp)
     last = torch.empty_like(first)
-    _launch(kern, (N // R, H, B), (N, R), M.contiguous(), C.contiguous(), first.contiguous(), out, last)
+    _launch(kern, (N // R, H, B), (TX, TY), Mp.contiguous(), C.contiguous(), E.contiguous(), first.contiguous(),
+            out, last)
     return out, last
 
 
 def outputs(Q, Y0, states, B, H, T):
-    """y [B,T,H,N] from Y = Q S_cᵀ + Y0."""
+    """y [B,T,H,N] from Y = Q' S̃_cᵀ + Y0."""
     G, L, N = Q.shape
     Y = torch.baddbmm(Y0, Q, states.reshape(G, N, N).transpose(1, 2))
     nc = G // (B * H)
@@ -368,15 +542,16 @@ def chunk_len_for(T: int, requested: int | None) -> int:
 
 @torch.no_grad()
 def prefill_forward(r, w, k, v, a, b, state, chunk_len: int | None = None):
-    """Forward pass. Returns (y [B,T,H,N], new_state [B,H,N,N], chunk states [B,H,nc,N,N])."""
+    """Forward pass. Returns (y [B,T,H,N], new_state [B,H,N,N], scaled chunk states S̃ [B,H,nc,N,N])."""
     B, T, H, N = r.shape
     L = chunk_len_for(T, chunk_len)
     acc_t = state.dtype
-    P, gL = prep(r, w, k, v, a, b, L, acc_t)
-    Q, Y0, M, C = chunk_algebra(P, gL)
-    nc = P.shape[2]
-    states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), state.to(acc_t))
-    y = outputs(Q, Y0, states, B, H, T)
+    with product_precision(r):
+        P, E = prep(r, w, k, v, a, b, L, acc_t)
+        Q, Y0, M, C = chunk_algebra(P)
+        nc = P.shape[2]
+        states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, state.to(acc_t))
+        y = outputs(Q, Y0, states, B, H, T)
     return y, last, states
 
 
@@ -395,6 +570,11 @@ def wkv7_prefill(r, w, k, v, a, b, state, chunk_len: int | None = None):
 
 def prefill_backward(saved, states, L, dy, dlast):
     """Grads of (r, w, k, v, a, b, state) given grads of y and of the final state."""
+    with product_precision(saved[0]):
+        return _prefill_backward(saved, states, L, dy, dlast)
+
+
+def _prefill_backward(saved, states, L, dy, dlast):
     r, w, k, v, a, b, state = saved
     B, T, H, N = r.shape
     acc_t = states.dtype
@@ -402,19 +582,25 @@ def prefill_backward(saved, states, L, dy, dlast):
     G = B * H * nc
     with torch.enable_grad():
         ins = [x.detach().requires_grad_(True) for x in (r, w, k, v, a, b)]
-        P, gL = _Prep.apply(*ins, L, acc_t)
-        Q, Y0, M, C = chunk_algebra(P, gL)
+        P, E = _Prep.apply(*ins, L, acc_t)
+        Q, Y0, Mp, Cp = chunk_algebra(P)
+        De = E[:, :, :, 1].reshape(G, 1, N)
+        # M = D_m M̃ with M̃ = (M' + I) D_e; D_m (the anchor's) is held constant
+        Mt = (Mp + torch.eye(N, device=r.device, dtype=acc_t)) * De
+        C = Cp * De
+    Dm = E[:, :, :, 0].detach().reshape(G, 1, N)
     dY = torch.zeros(B, H, nc * L, N, device=r.device, dtype=acc_t)
     if dy is not None:
         dY[:, :, :T] = dy.to(acc_t).transpose(1, 2)
     dY = dY.view(G, L, N)
-    S = states.view(G, N, N)
-    dQ = torch.bmm(dY, S)
-    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach())  # dL/dS_c through y
+    St = states.view(G, N, N)  # S̃_c = S_c D_m
+    dQ = torch.bmm(dY, St)
+    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach()) * Dm  # dL/dS_c through y = dYᵀ Q' D_m
     if dlast is None:
         dlast = torch.zeros(B, H, N, N, device=r.device, dtype=acc_t)
-    Mv = M.detach().view(B, H, nc, N, N)
-    dC, dfirst = scan(Mv, dS_direct.view(B, H, nc, N, N), dlast.to(acc_t), reverse=True)
-    dM = torch.bmm(S.transpose(1, 2), dC.view(G, N, N))
-    grads = torch.autograd.grad([Q, Y0, M, C], ins, [dQ, dY, dM, dC.view(G, N, N)])
+    dC, dfirst = scan(Mp.detach().view(B, H, nc, N, N), dS_direct.view(B, H, nc, N, N), E.detach(),
+                      dlast.to(acc_t), reverse=True)
+    dC = dC.view(G, N, N)
+    dMt = torch.bmm(St.transpose(1, 2), dC)  # D_m dM = D_m S_cᵀ dC = S̃ᵀ dC
+    grads = torch.autograd.grad([Q, Y0, Mt, C], ins, [dQ, dY, dMt, dC])
     return (*grads, dfirst.to(state.dtype))

@@ -77,7 +77,7 @@ class OrtGraph:
         feeds = {k: v.cpu().numpy() for k, v in state_feeds(state).items()}
         feeds["tokens"] = ids
         outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        new = state_from_outputs(outs, self.n_layer, state, self.tokens)
+        new = state_from_outputs(outs, self.n_layer, state, ids.shape[1])
         return torch.from_numpy(outs["logits"]), new
 
 

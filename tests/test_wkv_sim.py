@@ -57,6 +57,30 @@ def _checks():
     y, s = wkv7_prefill(*xs, chunk_len=4)
     record("prefill_f32_N4", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
 
+    # bf16 inputs are read as raw bits and decoded in the kernel: exact for every finite class
+    from edge_rwkv.cuda_kernels.wkv_prefill import prep
+
+    xs = make_inputs(1, 6, 1, 8, torch.bfloat16, seed=8)
+    special = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 3.0e38, -1.5, 2.0 ** -126, 65504.0], dtype=torch.bfloat16)
+    xs[3] = xs[3].clone()
+    xs[3][0, 0, 0] = special
+    P, _ = prep(*xs[:6], 4, torch.float32)
+    got = P[0, 0, :, 4].reshape(-1, 8)[:6]
+    want = xs[3][0, :, 0].float()
+    res["bf16_decode"] = [bool(torch.equal(got, want)) and bool(torch.equal(got[0].signbit(), want[0].signbit())),
+                          "prep's V slot == v.float() incl. ±0, subnormals, large"]
+    xs = make_inputs(2, 11, 2, 8, torch.bfloat16, seed=9)
+    yr, sr = ref64(*xs)
+    y, s = wkv7_prefill(*xs, chunk_len=4)
+    record("prefill_bf16", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
+    xs = [x.requires_grad_(True) for x in make_inputs(1, 9, 2, 4, torch.bfloat16, seed=10)]
+    y, s = WKV7Function.apply(*xs, 4)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    g1 = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)
+    yr, sr = ref64(*xs)
+    g2 = torch.autograd.grad((yr * gy.double()).sum() + (sr * gs.double()).sum(), xs)
+    record("backward_bf16", max(rel_err(p, q) for p, q in zip(g1, g2)), 1e-3)  # both sides rounded to bf16
+
     # strong decays over many chunks stay finite and exact
     xs = make_inputs(1, 40, 1, 4, torch.float64, seed=5, decay_bias=12.0)
     yr, sr = ref64(*xs)
@@ -70,8 +94,36 @@ def _checks():
     ys = [wkv7_decode(*[x[:, t] for x in xs[:6]], state) for t in range(7)]
     record("prefill_equals_decode", max(rel_err(torch.stack(ys, 1), y), rel_err(state, s)), 1e-12)
 
-    # backward vs autograd through the float64 reference
-    for T, L in ((5, 4), (17, 4)):
+    # chunked == step-by-step over several chunk lengths, T not a multiple of the chunk
+    for T, L in ((37, 8), (37, 16), (19, 32)):
+        xs = make_inputs(1, T, 2, 16, torch.float64, seed=T + L)
+        yr, sr = ref64(*xs)
+        y, s = wkv7_prefill(*xs, chunk_len=L)
+        record(f"prefill_N16_T{T}_L{L}", max(rel_err(y, yr), rel_err(s, sr)), 1e-12)
+
+    # the in-kernel causal inverse against a dense inverse, and its adjoint by gradcheck
+    from edge_rwkv.cuda_kernels.wkv_prefill import _CausalInverse
+
+    for L in (4, 8):
+        g = torch.Generator().manual_seed(L)
+        A = torch.randn(3, 2 * L, 2 * L, generator=g, dtype=torch.float64) * 0.3
+        out = _CausalInverse.apply(A.clone(), L)
+        eye = torch.eye(L, dtype=torch.float64)
+        want = A.clone()
+        want[:, :L, :L] = torch.linalg.inv(eye - torch.tril(A[:, :L, :L], -1))
+        want[:, :L, L:] = torch.tril(A[:, :L, L:], -1)
+        want[:, L:, :L] = torch.tril(A[:, L:, :L])
+        want[:, L:, L:] = torch.tril(A[:, L:, L:])
+        record(f"causal_inverse_L{L}", rel_err(out, want), 1e-13)
+    A = (torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.3)
+    try:
+        ok = torch.autograd.gradcheck(lambda x: _CausalInverse.apply(x.clone(), 4), (A.requires_grad_(True),))
+        res["causal_inverse_gradcheck"] = [bool(ok), "gradcheck"]
+    except Exception as exc:  # noqa: BLE001
+        res["causal_inverse_gradcheck"] = [False, repr(exc)[:400]]
+
+    # backward vs autograd through the float64 reference (grads of r, w, k, v, a, b and the initial state)
+    for T, L in ((5, 4), (17, 4), (37, 16), (19, 8)):
         xs = [x.requires_grad_(True) for x in make_inputs(2, T, 2, 4, torch.float64, seed=T)]
         y, s = WKV7Function.apply(*xs, L)
         gy, gs = torch.randn_like(y), torch.randn_like(s)
@@ -116,8 +168,12 @@ def sim_results():
 NAMES = (
     ["decode_torch.float64_N8_B1_H2", "decode_torch.float64_N4_B2_H3", "decode_torch.float32_N8_B2_H1"]
     + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
-    + ["prefill_f32_N4", "prefill_strong_decay", "prefill_equals_decode", "backward_T5_L4",
-       "backward_T17_L4", "inference_then_backward", "gradcheck_f64", "wkv7_public"]
+    + ["prefill_f32_N4", "bf16_decode", "prefill_bf16", "backward_bf16", "prefill_strong_decay",
+       "prefill_equals_decode"]
+    + [f"prefill_N16_T{T}_L{L}" for T, L in ((37, 8), (37, 16), (19, 32))]
+    + ["causal_inverse_L4", "causal_inverse_L8", "causal_inverse_gradcheck"]
+    + [f"backward_T{T}_L{L}" for T, L in ((5, 4), (17, 4), (37, 16), (19, 8))]
+    + ["inference_then_backward", "gradcheck_f64", "wkv7_public"]
 )
 
 
