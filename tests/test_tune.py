@@ -114,6 +114,41 @@ def test_state_gradient_matches_reference_and_finite_differences(files):
     assert abs(fd - analytic) <= 2e-2 * abs(analytic), (fd, analytic)
 
 
+def _sim_checks() -> dict:
+    """Run under the Numba CUDA simulator (child process): the tuning loss through the GPU autograd WKV
+    (cuda_kernels.wkv7, layers recomputed) gives the state gradient of the float32 step-by-step reference."""
+    import tempfile
+
+    from edge_rwkv.cuda_kernels import wkv7
+    from edge_rwkv.cuda_kernels._runtime import simulator
+    from edge_rwkv.wkv import wkv7_reference
+
+    assert simulator()
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = load_checkpoint(write_model(Path(d) / "m.safetensors", 1, 32, 16))
+        net, tun = build_tuning_net(ckpt.config, dense_tensors(ckpt), torch.float32, torch.device("cpu"), "state")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        tun.state.copy_(torch.randn(tun.state.shape, generator=g) * 0.5)
+    inputs, targets = torch.randint(0, 65536, (2, 6), generator=g), torch.randint(0, 65536, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    grads = []
+    for wkv in (wkv7, wkv7_reference):
+        net.wkv = wkv
+        tun.state.grad = None
+        loss_sum(net, tun.state, inputs, targets, mask, recompute=True).backward()
+        grads.append(tun.state.grad.clone())
+    err = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+    return {"state_grad_through_kernel": [err <= 1e-4 and bool(grads[1].abs().max() > 0), f"rel err {err:.3g}"]}
+
+
+def test_state_gradient_through_the_gpu_kernel_under_the_simulator():
+    from _simulator import simulator_results
+
+    ok, detail = simulator_results(__file__)["state_grad_through_kernel"]
+    assert ok, detail
+
+
 def test_recompute_gives_the_same_gradient(files):
     ckpt = load_checkpoint(files["small"])
     net, tun = build_tuning_net(ckpt.config, dense_tensors(ckpt), torch.float32, torch.device("cpu"), "state")
@@ -146,12 +181,11 @@ def tune_args(files, out, *extra) -> list[str]:
             "--lr", "0.1", *extra]
 
 
-def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path):
+def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path, capsys):
     one, two = tmp_path / "one.state", tmp_path / "two.state"
     steps = ["--steps", "3", "--val-every", "3"]
-    single = subprocess.run([sys.executable, "-m", "edge_rwkv.tune", *tune_args(files, one, *steps)], env=_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert cli_main(["tune", *tune_args(files, one, *steps)]) == 0
+    single = capsys.readouterr().out
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(_free_port()), "-m", "edge_rwkv.tune",
                            *tune_args(files, two, *steps)], env=_env(), capture_output=True, text=True, timeout=300)
@@ -160,7 +194,7 @@ def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path):
     a, b = edge_rwkv.State.load(one), edge_rwkv.State.load(two)
     assert torch.count_nonzero(a.wkv) > 0
     torch.testing.assert_close(b.wkv, a.wkv, rtol=1e-4, atol=1e-5)
-    assert last_json(single.stdout)["val_loss"] == pytest.approx(last_json(pair.stdout)["val_loss"], rel=1e-5)
+    assert last_json(single)["val_loss"] == pytest.approx(last_json(pair.stdout)["val_loss"], rel=1e-5)
 
 
 def test_a_killed_rank_ends_the_run_with_an_error_and_no_file(files, tmp_path):
@@ -281,3 +315,9 @@ def test_lora_writes_a_merged_artifact(files, tmp_path, capsys):
     zero = torch.zeros(1, 2, 16, 16)
     assert mean_loss(merged.net, zero, val, 4, Ranks(), merged.device) == pytest.approx(res["val_loss"], rel=1e-4)
     assert mean_loss(base.net, zero, val, 4, Ranks(), base.device) == pytest.approx(res["val_loss_start"], rel=1e-4)
+
+
+if __name__ == "__main__":
+    from _simulator import report
+
+    report(_sim_checks())
