@@ -42,11 +42,10 @@ def base_checkpoint(preset: str, device: torch.device) -> tuple[Checkpoint, str]
     return Checkpoint(f"<random {preset} int4>", tensors, cfg, meta), "int4 → bf16 copy"
 
 
-def measure(preset: str, a, ranks: Ranks, device: torch.device) -> dict:
+def tuning_net(preset: str, device: torch.device):
+    """(net, tunable, base description, weights dtype, bytes the frozen weights occupy)."""
     ckpt, base = base_checkpoint(preset, device)
-    dtype = torch.float16 if base == "fp16" else torch.bfloat16
-    if device.type == "cpu":
-        dtype = torch.float32
+    dtype = torch.float32 if device.type == "cpu" else torch.float16 if base == "fp16" else torch.bfloat16
     if device.type == "cuda":
         torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -54,11 +53,16 @@ def measure(preset: str, a, ranks: Ranks, device: torch.device) -> dict:
     del ckpt
     weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
         t.numel() * t.element_size() for t in _tensors(net))
+    return net, tunable, base, dtype, weights
+
+
+def measure(preset: str, built, micro_batch: int, a, ranks: Ranks, device: torch.device) -> dict:
+    """One row: `a.steps` timed steps (after `a.warmup`) of `micro_batch` sequences of a.ctx tokens per rank."""
+    net, tunable, base, dtype, weights = built
     g = torch.Generator().manual_seed(ranks.rank)
-    per_rank = a.micro_batch
     batch = [Sample(torch.randint(0, net.head.out_features, (a.ctx + 1,), generator=g),
-                    torch.ones(a.ctx, dtype=torch.bool)) for _ in range(per_rank * ranks.world)]
-    opts = TuneOptions(steps=a.steps, ctx=a.ctx, batch=len(batch), micro_batch=per_rank, log=False)
+                    torch.ones(a.ctx, dtype=torch.bool)) for _ in range(micro_batch * ranks.world)]
+    opts = TuneOptions(steps=a.steps, ctx=a.ctx, batch=len(batch), micro_batch=micro_batch, log=False)
     opt = torch.optim.Adam(tunable.params(), lr=1e-3)
 
     def step():
@@ -77,7 +81,16 @@ def measure(preset: str, a, ranks: Ranks, device: torch.device) -> dict:
     sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    tok_s = a.steps * per_rank * a.ctx / dt
+    if a.profile and ranks.is_main:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+            step()
+            sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"{preset} micro-batch {micro_batch}: one step, by {key}\n"
+              + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    tok_s = a.steps * micro_batch * a.ctx / dt
     agg = torch.tensor([tok_s, float(peak), dt], dtype=torch.float64, device=device)
     if ranks.world > 1:
         mx = agg.clone()
@@ -85,16 +98,13 @@ def measure(preset: str, a, ranks: Ranks, device: torch.device) -> dict:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         peak, dt = int(mx[1]), float(mx[2])
     row = {"preset": preset, "base": base, "weights_dtype": str(dtype).replace("torch.", ""), "ctx": a.ctx,
-           "micro_batch": per_rank, "ranks": ranks.world, "steps": a.steps, "seconds": dt,
+           "micro_batch": micro_batch, "ranks": ranks.world, "steps": a.steps, "seconds": dt,
            "tok_s_per_rank": float(agg[0]) / ranks.world, "tok_s_total": float(agg[0]),
            "weights_bytes": weights, "peak_bytes": peak, "peak_over_weights": peak / weights if peak else None}
     if preset in TARGET and device.type == "cuda":
         want_tok, want_mem = TARGET[preset]
         row["target"] = {"tok_s_per_gpu": want_tok, "peak_over_weights": want_mem,
                          "met": row["tok_s_per_rank"] >= want_tok and row["peak_over_weights"] <= want_mem}
-    del net, tunable, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -140,6 +150,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", help="write the rows here (rank 0)")
+    ap.add_argument("--profile", action="store_true", help="also print the top kernels of one step per row (rank 0)")
     ap.add_argument("--plot", help="write a bar chart of tok/s per GPU here (PNG, rank 0)")
     a = ap.parse_args()
     ranks = Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
@@ -153,17 +164,20 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for preset in a.presets.split(","):
+        built = tuning_net(preset, device)
         for mb in (int(x) for x in a.micro_batch.split(",")):
-            a_mb = argparse.Namespace(**{**vars(a), "micro_batch": mb})
             try:
-                rows.append(measure(preset, a_mb, ranks, device))
-            except torch.OutOfMemoryError as e:
+                rows.append(measure(preset, built, mb, a, ranks, device))
+            except torch.OutOfMemoryError as e:  # a rank out of memory ends a multi-rank run (no collective)
                 if ranks.is_main:
                     print(f"{preset} micro-batch {mb}: out of memory ({str(e).splitlines()[0][:120]})", flush=True)
                 torch.cuda.empty_cache()
                 continue
             if ranks.is_main:
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+        del built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if ranks.is_main:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\nstate tuning, {dev}, {ranks.world} rank(s), torch {torch.__version__}\n" + table(rows), flush=True)

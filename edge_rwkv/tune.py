@@ -62,7 +62,7 @@ METHODS = ("state", "lora")
 # Adam peak rates: a state entry moves freely (RWKV-PEFT tunes states at 1.0); LoRA factors want small steps
 DEFAULT_LR = {"state": 1.0, "lora": 1e-3}
 LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-HEAD_CHUNK_TOKENS = 512  # target tokens whose fp32 logits exist at once (128 MB at V=65536)
+HEAD_CHUNK_TOKENS = 256  # target tokens whose fp32 logits exist at once (64 MB at V=65536)
 MAX_DATA_BYTES = 1 << 30
 DIST_TIMEOUT_S = 120  # a collective waiting this long for a silent rank ends the run
 
@@ -183,13 +183,15 @@ def windows(ids: list[int], mask: list[bool], ctx: int) -> list[Sample]:
 
 
 def load_samples(path, tokenizer, ctx: int, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """(training windows, held-out windows): the held-out ones are the last documents of the file."""
+    """(training windows, held-out windows): the held-out ones are the last documents of the file (or,
+    for a file of one long document, its last windows)."""
     docs = read_documents(path, tokenizer)
-    per_doc = [windows(ids, mask, ctx) for ids, mask in docs]
-    per_doc = [w for w in per_doc if w]
+    per_doc = [w for w in (windows(ids, mask, ctx) for ids, mask in docs) if w]
+    if len(per_doc) == 1:
+        per_doc = [[w] for w in per_doc[0]]
     if len(per_doc) < 2:
-        raise TuneError(f"{path}: needs at least 2 documents with targets (one is held out for validation), "
-                        f"found {len(per_doc)}")
+        raise TuneError(f"{path}: needs at least 2 documents (or one longer than --ctx {ctx}) with targets, "
+                        f"as the last one is held out for validation")
     n_val = min(len(per_doc) - 1, max(1, round(len(per_doc) * val_fraction)))
     train = [s for d in per_doc[:-n_val] for s in d]
     val = [s for d in per_doc[-n_val:] for s in d]

@@ -251,7 +251,7 @@ def _bad(tmp_path, case) -> Path:
 BAD = {"empty": "empty", "bad_json": ":2: not valid JSON", "wrong_keys": ":2: each line must be an object",
        "message_keys": ":2: message 0 must be an object", "bad_role": ":2: message 0 needs a role",
        "no_reply": ":2: the conversation has no assistant reply", "binary": "binary file",
-       "not_utf8": "not UTF-8", "suffix": ".txt or .jsonl", "one_document": "at least 2 documents",
+       "not_utf8": "not UTF-8", "suffix": ".txt or .jsonl", "one_document": "at least 2 documents (or one longer than --ctx 64)",
        "absent": "no such data file"}
 
 
@@ -280,6 +280,24 @@ def test_text_documents_and_windows(tmp_path):
     assert len(val) == 1 and val[0].ids.tolist() == [0] + tok.encode("third")
     assert all(len(s.mask) <= 16 and len(s.ids) == len(s.mask) + 1 for s in train)
     assert sum(s.targets for s in train) == len(tok.encode(("first document " * 40).strip())) + len(tok.encode("second one"))
+
+
+def test_one_long_document_holds_out_its_tail(tmp_path):
+    tok = default_tokenizer()
+    path = tmp_path / "book.txt"
+    path.write_text("a line of the one long document\n" * 30)
+    train, val = load_samples(path, tok, 32, 0.25)
+    ids = [0] + tok.encode(("a line of the one long document\n" * 30).strip())
+    assert len(train) + len(val) == -(-(len(ids) - 1) // 32) and len(val) == round((len(train) + len(val)) * 0.25)
+    assert val[-1].ids.tolist() == ids[-len(val[-1].ids):]
+
+
+def test_minutes_bound_the_run(files, tmp_path, capsys):
+    out = tmp_path / "t.state"
+    t0 = time.time()
+    assert cli_main(["tune", *tune_args(files, out, "--minutes", "0.002", "--steps", "100000")]) == 0
+    res = last_json(capsys.readouterr().out)
+    assert 1 <= res["steps"] < 100000 and time.time() - t0 < 60 and out.exists()
 
 
 # --------------------------------------------------------------------------- quantized base, LoRA
