@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from .api import model_fingerprint, parse_device, parse_dtype
 from .artifact import load_quantized, make_metadata, quantized_parts, write_artifact
@@ -64,7 +66,7 @@ DEFAULT_LR = {"state": 1.0, "lora": 1e-3}
 LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 HEAD_CHUNK_TOKENS = 256  # target tokens whose fp32 logits exist at once (64 MB at V=65536)
 MAX_DATA_BYTES = 1 << 30
-DIST_TIMEOUT_S = 120  # a collective waiting this long for a silent rank ends the run
+DIST_TIMEOUT_S = 600  # a collective waiting this long for a silent rank ends the run (ranks load big models at their own pace)
 
 
 class TuneError(EdgeRWKVError):
@@ -443,7 +445,7 @@ def tune(net: RWKV7, tunable: Tunable, train: list[Sample], val: list[Sample], o
     best_loss = val_start = mean_loss(net, tunable.state, val, opts.micro_batch, ranks, device)
     best_step, best = 0, tunable.snapshot()
     if opts.log and ranks.is_main:
-        print(f"step     0  validation loss {val_start:.4f}", flush=True)
+        say(f"step     0  validation loss {val_start:.4f}")
     steps = range(opts.steps) if opts.steps is not None else itertools.count()
     bar = progress_iter(steps, "tune", enabled=opts.log and ranks.is_main, total=opts.steps, unit="step")
     step, loss, train_tokens = 0, math.nan, 0
@@ -471,6 +473,12 @@ def tune(net: RWKV7, tunable: Tunable, train: list[Sample], val: list[Sample], o
     return TuneResult(step, best_step, val_start, best_loss, loss, train_tokens, time.time() - start)
 
 
+def say(line: str) -> None:
+    """A log line on stdout that leaves a progress bar on the terminal intact."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def _clock(start: float, step: int, opts: TuneOptions, ranks: Ranks, device) -> tuple[float, bool]:
     """(fraction of the run done, whether to stop): rank 0's clock decides for all ranks, so every rank
     runs the same steps at the same learning rate."""
@@ -489,7 +497,7 @@ def _clock(start: float, step: int, opts: TuneOptions, ranks: Ranks, device) -> 
 def _keep_best(net, tunable, val, opts, ranks, step, loss, best):
     v = mean_loss(net, tunable.state, val, opts.micro_batch, ranks, device=net.device)
     if opts.log and ranks.is_main:
-        print(f"step {step:5d}  train loss {loss:.4f}  validation loss {v:.4f}", flush=True)
+        say(f"step {step:5d}  train loss {loss:.4f}  validation loss {v:.4f}")
     return (v, step, tunable.snapshot()) if v < best[0] else best
 
 
@@ -637,6 +645,7 @@ def main(argv=None) -> int:
     add_tune_args(p)
     a = p.parse_args(argv)
     ranks = launched_ranks()
+    code = 1
     try:
         if ranks.world > 1:
             if a.device.startswith("cuda"):
@@ -644,13 +653,19 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo",
                                     timeout=timedelta(seconds=DIST_TIMEOUT_S))
         run(a, ranks)
+        code = 0
     except EdgeRWKVError as e:
         print(f"edge-rwkv tune: error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # skip the process group's teardown: it would wait on the rank that is gone
+    except Exception:
+        if ranks.world == 1:
+            raise
+        traceback.print_exc()
     if ranks.world > 1:
+        if code:
+            sys.stdout.flush()
+            os._exit(code)  # skip the process group's teardown: it would wait on a rank that is gone
         dist.destroy_process_group()
-    return 0
-
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())
