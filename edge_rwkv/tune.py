@@ -511,9 +511,15 @@ def tuned_state(tunable: Tunable, fingerprint: str) -> State:
     return State(z, wkv.contiguous(), z.clone(), fingerprint)
 
 
+def merged_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The merged artifact's dtype: the base's matrices' own float dtype, fp16 for a quantized base."""
+    t = ckpt.tensors["head.weight"] if not ckpt.quant.get("tensors") else None
+    return t.dtype if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+
+
 def merged_artifact(ckpt_tensors: dict[str, torch.Tensor], cfg, tunable: Tunable, dtype: torch.dtype,
                     result: TuneResult) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a dense artifact with the LoRA deltas folded into their matrices."""
+    """(tensors, metadata) of a dense artifact in `dtype` with the LoRA deltas folded into their matrices."""
     out = {}
     for name, t in ckpt_tensors.items():
         out[name] = (tunable.lora[name].merged() if name in tunable.lora else t.float()).to(dtype).cpu()
@@ -600,7 +606,7 @@ def run(a, ranks: Ranks = Ranks()) -> TuneResult:
         if a.method == "state":
             tuned_state(tunable, fingerprint).save(a.output)
         else:
-            write_artifact(a.output, *merged_artifact(tensors, cfg, tunable, dtype, result))
+            write_artifact(a.output, *merged_artifact(tensors, cfg, tunable, merged_dtype(ckpt), result))
     if quantized and a.method == "state" and ranks.is_main:
         del net, tensors
         result.val_loss_quantized = quantized_val_loss(model_path, device, dtype, tunable.state.detach(), val,

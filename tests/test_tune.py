@@ -76,6 +76,10 @@ def test_state_tuning_learns_a_persona(files, tmp_path, capsys):
     assert cli_main(["generate", str(files["model"]), "User: Who are you?\n\nAssistant:", "--temperature", "0",
                      "--max-tokens", "10", "--init-state", str(out)]) == 0
     assert capsys.readouterr().out.startswith(" " + PERSONA[:18])
+    # and the daemon takes it from its --init-states folder by name
+    from edge_rwkv.serve.config import load_initial_states
+
+    assert torch.equal(load_initial_states(m, str(tmp_path))["pirate"].wkv, init.wkv)
 
 
 # --------------------------------------------------------------------------- the gradient reaches state0
@@ -328,6 +332,7 @@ def test_lora_writes_a_merged_artifact(files, tmp_path, capsys):
     res = last_json(capsys.readouterr().out)
     assert res["val_loss"] < res["val_loss_start"]
     merged, base = edge_rwkv.load(out), edge_rwkv.load(files["small"])
+    assert load_checkpoint(out).tensors["blocks.0.att.key.weight"].dtype == torch.float32  # the base's dtype
     assert merged.fingerprint == base.fingerprint  # a persona state tuned on the base still fits
     _, val = load_samples(files["data"], merged.tokenizer, 64, 0.1)
     zero = torch.zeros(1, 2, 16, 16)
