@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from .api import model_fingerprint, parse_device, parse_dtype
+from .api import load, model_fingerprint, parse_device, parse_dtype, pick_wkv
 from .artifact import load_quantized, make_metadata, quantized_parts, write_artifact
 from .chat import ROLE_NAMES, clean_message
 from .checkpoint import Checkpoint, load_checkpoint
+from .default_model import resolve_model
 from .errors import EdgeRWKVError
 from .model import RWKV7, DenseLinear, build_model
 from .progress import progress_iter
@@ -273,8 +274,6 @@ class Tunable:
 def build_tuning_net(cfg, tensors: dict[str, torch.Tensor], dtype, device, method: str, lora_rank: int = 8,
                      lora_alpha: float = 16.0, seed: int = 0) -> tuple[RWKV7, Tunable]:
     """The frozen network (dtype matrices on device, no gradients) and what is trained on it."""
-    from .api import pick_wkv
-
     wkv, _ = pick_wkv(device)
     lora: dict[str, LoraLinear] = {}
     g = torch.Generator().manual_seed(seed)
@@ -578,18 +577,16 @@ def weights_dtype(ckpt: Checkpoint, device: torch.device) -> torch.dtype:
 
 def run(a, ranks: Ranks = Ranks()) -> TuneResult:
     """The whole command: read, tune, write (rank 0), score on the quantized model if the base is one."""
-    from .default_model import resolve_model
-
     check_args(a)
     device = parse_device(a.device)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
+    train, val = load_samples(a.data, default_tokenizer(), a.ctx, a.val_fraction)  # bad data fails before a load
     model_path = resolve_model(a.model)
     ckpt = load_checkpoint(model_path, progress=ranks.is_main)
     cfg = ckpt.config
     quantized = bool(ckpt.quant.get("tensors"))
     dtype = parse_dtype(a.dtype) if a.dtype else weights_dtype(ckpt, device)
-    train, val = load_samples(a.data, default_tokenizer(), a.ctx, a.val_fraction)
     fingerprint = model_fingerprint(cfg, ckpt.tensors)
     tensors = dense_tensors(ckpt, device, dtype)
     net, tunable = build_tuning_net(cfg, tensors, dtype, device, a.method, a.lora_rank, a.lora_alpha, a.seed)
@@ -618,8 +615,6 @@ def run(a, ranks: Ranks = Ranks()) -> TuneResult:
 
 def quantized_val_loss(model_path, device, dtype, state0, val, micro_batch) -> float:
     """Validation loss of the tuned state on the quantized model as a deployment loads it."""
-    from .api import load
-
     m = load(model_path, device=str(device), dtype=dtype)
     return mean_loss(m.net, state0.to(m.device), val, micro_batch, Ranks(), m.device)
 
