@@ -17,7 +17,7 @@ from .progress import human_bytes
 # `edge-rwkv --help` lists them in this order, after the core commands below. A module whose subsystem is not
 # installed is left out.
 EXTRA_COMMANDS = ("edge_rwkv.quant.cli", "edge_rwkv.export.cli", "edge_rwkv.serve.cli", "edge_rwkv.plan_cli",
-                  "edge_rwkv.bench.cli")
+                  "edge_rwkv.bench.cli", "edge_rwkv.tune")
 
 
 # --------------------------------------------------------------------------- shared arguments

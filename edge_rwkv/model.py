@@ -121,20 +121,27 @@ class RWKV7:
         x = self.emb[tokens].float()
         att_x, wkv_s, ffn_x = [], [], []
         v_first = None
-        for i, layer in enumerate(self.layers):
-            h = layer_norm(x, layer.ln1)
-            dx, ax, s, v_first = self.time_mix(layer, h, state.att_x[i], state.wkv[i], v_first, i == 0)
-            x = x + dx
-            h = layer_norm(x, layer.ln2)
-            dx, fx = channel_mix(layer, h, state.ffn_x[i], self.dtype, tokens)
-            x = x + dx
+        for i in range(len(self.layers)):
+            x, ax, s, fx, v_first = self.block(i, x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first, tokens)
             att_x.append(ax), wkv_s.append(s), ffn_x.append(fx)
         if not all_logits:
             x = x[:, -1]
-        logits = self.head(layer_norm(x, self.ln_out).to(self.dtype)).float()
         new_state = State(torch.stack(att_x), torch.stack(wkv_s), torch.stack(ffn_x), state.fingerprint,
                           state.tokens + tokens.shape[1])
-        return logits, new_state
+        return self.logits(x), new_state
+
+    def block(self, i: int, x, att_x, wkv, ffn_x, v_first, tokens):
+        """Layer i on the residual stream x [B,T,C] from its state rows → (x, att_x, wkv, ffn_x, v_first).
+        A unit of its own so training can checkpoint (recompute) activations layer by layer."""
+        layer = self.layers[i]
+        dx, ax, s, v_first = self.time_mix(layer, layer_norm(x, layer.ln1), att_x, wkv, v_first, i == 0)
+        x = x + dx
+        dx, fx = channel_mix(layer, layer_norm(x, layer.ln2), ffn_x, self.dtype, tokens)
+        return x + dx, ax, s, fx, v_first
+
+    def logits(self, x) -> torch.Tensor:
+        """fp32 logits of final residual-stream rows x [..., C]."""
+        return self.head(layer_norm(x, self.ln_out).to(self.dtype)).float()
 
     def time_mix(self, L: Layer, x, prev_x, S, v_first, first_layer: bool):
         B, T, C = x.shape
