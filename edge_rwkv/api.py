@@ -12,16 +12,20 @@ from typing import Sequence
 
 import torch
 
+from .artifact import load_quantized
+from .chat import Chat
 from .checkpoint import Checkpoint, load_checkpoint, read_time_states
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
-from .model import RWKV7, build_model
+from .model import RWKV7, DenseLinear, build_model
+from .quant.linear import QuantLinear
 from .runtime.engine import BatchEngine
 from .runtime.generation import Generation
 from .runtime.runner import Runner
 from .sampling import SamplingParams
 from .state import State, is_state_file
 from .tokenizer import END_OF_TEXT, default_tokenizer
+from .wkv import wkv7_torch
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -63,8 +67,6 @@ def model_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str
 
 def pick_wkv(device: torch.device):
     """The fastest WKV implementation this device supports (kernels on CUDA, torch reference elsewhere)."""
-    from .wkv import wkv7_torch
-
     if device.type == "cuda":
         try:
             from .cuda_kernels import cuda_available, wkv7
@@ -211,9 +213,7 @@ class Model:
         text = "".join(gen)
         return (text, gen.state) if return_state else text
 
-    def chat(self, system: str | None = None, **sampling) -> "Chat":
-        from .chat import Chat
-
+    def chat(self, system: str | None = None, **sampling) -> Chat:
         return Chat(self, system=system, **sampling)
 
     # ---------------------------------------------------------------- token tables for sampling
@@ -274,10 +274,6 @@ def quantized_build_inputs(ckpt: Checkpoint, specs: dict, dtype: torch.dtype, de
     dequantized (decoding re-unpacked every int4 matrix per token: the default model ran 12 tok/s
     instead of hundreds); bigger models dequantize per call and keep the small footprint.
     """
-    from .artifact import load_quantized
-    from .model import DenseLinear
-    from .quant.linear import QuantLinear
-
     tensors = dict(ckpt.tensors)
     for name in ("emb.weight",):
         if name in specs:
