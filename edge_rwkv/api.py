@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .chat import Chat
 from .checkpoint import Checkpoint, load_checkpoint, read_time_states
 from .config import ModelConfig
 from .errors import EdgeRWKVError, InputError, StateError
@@ -23,6 +24,7 @@ from .runtime.runner import Runner
 from .sampling import SamplingParams
 from .state import State, is_state_file
 from .tokenizer import END_OF_TEXT, default_tokenizer
+from .wkv import wkv7_torch
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -64,8 +66,6 @@ def model_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str
 
 def pick_wkv(device: torch.device):
     """The fastest WKV implementation this device supports (kernels on CUDA, torch reference elsewhere)."""
-    from .wkv import wkv7_torch
-
     if device.type == "cuda":
         try:
             from .cuda_kernels import cuda_available, wkv7
@@ -212,9 +212,7 @@ class Model:
         text = "".join(gen)
         return (text, gen.state) if return_state else text
 
-    def chat(self, system: str | None = None, **sampling) -> "Chat":
-        from .chat import Chat
-
+    def chat(self, system: str | None = None, **sampling) -> Chat:
         return Chat(self, system=system, **sampling)
 
     # ---------------------------------------------------------------- token tables for sampling

@@ -30,6 +30,7 @@ from safetensors.torch import save
 from . import state_quant
 from .checkpoint import Checkpoint, derive_config, load_checkpoint
 from .errors import EdgeRWKVError
+from .quant.policy import QuantPolicy
 from .safetensors_header import LENGTH, declared_length
 from .state import State
 from .synthetic import random_checkpoint

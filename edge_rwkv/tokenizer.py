@@ -11,6 +11,8 @@ import codecs
 from functools import lru_cache
 from pathlib import Path
 
+import pyrwkv_tokenizer
+
 from .errors import InputError
 
 VOCAB_SIZE = 65536
@@ -21,8 +23,6 @@ class WorldTokenizer:
     name = "rwkv_vocab_v20230424"
 
     def __init__(self):
-        import pyrwkv_tokenizer
-
         self._enc = pyrwkv_tokenizer.RWKVTokenizer()
         self._bytes = _token_bytes(self._enc.vocab_filepath)
 

@@ -17,10 +17,13 @@ import onnx
 
 from edge_rwkv.errors import InputError
 from edge_rwkv.fileio import atomic_path
+from edge_rwkv.progress import progress_iter
+from edge_rwkv.tokenizer import VOCAB_SIZE
 
 from .manifest import MANIFEST_NAME, make_manifest, write_manifest
 from .onnx_graph import GraphSpec, build_graph
 from .source import ExportSource, read_source
+from .trt_lint import TARGETS, lint_model
 from .weights import WEIGHTS_FILE, WeightsFile
 
 MAX_CHUNK = 1024
@@ -88,8 +91,6 @@ def validate_graph(path: Path, model: onnx.ModelProto) -> None:
 
 def world_vocab_file(src: ExportSource) -> Path | None:
     """The RWKV World vocabulary file when the model uses that tokenizer (its vocabulary size), else None."""
-    from edge_rwkv.tokenizer import VOCAB_SIZE
-
     if src.config.vocab_size != VOCAB_SIZE:
         return None
     # The file beside the tokenizer package (building the tokenizer itself would cost ~0.25 GB of RAM).
@@ -103,10 +104,6 @@ def world_vocab_file(src: ExportSource) -> Path | None:
 def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions | None = None,
                 src: ExportSource | None = None, log=print) -> dict:
     """Export decode + prefill graphs, their shared weights.bin, the vocabulary and the manifest; returns the manifest."""
-    from edge_rwkv.progress import progress_iter
-
-    from .trt_lint import TARGETS, lint_model
-
     opt = (options or ExportOptions()).checked()
     out = Path(out_dir)
     src = src or read_source(model_path, progress=opt.progress)

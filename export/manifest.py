@@ -28,7 +28,9 @@ from pathlib import Path
 
 from edge_rwkv.errors import InputError
 from edge_rwkv.fileio import atomic_write_bytes, sha256_file
+from edge_rwkv.tokenizer import END_OF_TEXT, WorldTokenizer
 
+from .reference import reference_fingerprint
 from .versions import tool_versions
 
 MANIFEST_NAME = "manifest.json"
@@ -132,10 +134,8 @@ def file_table(folder: Path, names) -> dict:
 
 
 def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str | None) -> dict:
-    from edge_rwkv.tokenizer import END_OF_TEXT, WorldTokenizer
-
+    # the graph builder and the weights file need onnx (the `export` extra): reading a manifest does not
     from .onnx_graph import IR_VERSION, OPSET, WKV_DOMAIN, WKV_NAME
-    from .reference import reference_fingerprint
     from .weights import WEIGHTS_FILE
 
     graphs = {}

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edge_rwkv.artifact import load_quantized, quantized_names, quantized_parts
+from edge_rwkv.checkpoint import load_checkpoint, source_sha256
 from edge_rwkv.config import ModelConfig
+from edge_rwkv.errors import CheckpointError
+from edge_rwkv.quant.formats import dequantize_int4_torch, dequantize_int8_torch, unpack_int4_ref
 
 
 
@@ -29,14 +33,10 @@ class StoredQuant:
 
     def unpacked(self) -> np.ndarray:
         """Integer levels int8 [out, K] (int4 nibbles sign-extended)."""
-        from edge_rwkv.quant.formats import unpack_int4_ref
-
         return self.qweight if self.format == "int8" else unpack_int4_ref(self.qweight)
 
     def dequantize(self, fold_input_scale: bool = True) -> torch.Tensor:
         """Effective W [out, K] fp32 (exact products of the stored levels and fp16 scales)."""
-        from edge_rwkv.quant.formats import dequantize_int4_torch, dequantize_int8_torch
-
         ins = torch.from_numpy(self.input_scale) if fold_input_scale and self.input_scale is not None else None
         q, s = torch.from_numpy(self.qweight), torch.from_numpy(self.scale)
         if self.format == "int8":
@@ -85,10 +85,6 @@ def stored_quant(name: str, qw) -> StoredQuant:
 
 def read_source(path: str | os.PathLike, progress: bool = False) -> ExportSource:
     """Read and fully validate a model file for export (official .pth, safetensors or artifact)."""
-    from edge_rwkv.artifact import load_quantized, quantized_names, quantized_parts
-    from edge_rwkv.checkpoint import load_checkpoint, source_sha256
-    from edge_rwkv.errors import CheckpointError
-
     ckpt = load_checkpoint(path, progress=progress)
     if ckpt.config.deep_embed:
         raise CheckpointError(f"{path}: RWKV-7a (DeepEmbed) is not exported: the exported graphs cover plain "

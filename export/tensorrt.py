@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edge_rwkv.errors import EdgeRWKVError, InputError
 from edge_rwkv.extras import install_hint
+from edge_rwkv.fileio import atomic_write_bytes
 
 from .manifest import load_manifest, write_manifest
 
@@ -90,8 +91,6 @@ def build_engines(folder: str | Path, graphs=None, workspace: int = WORKSPACE_BY
         if blob is None:
             raise EdgeRWKVError(f"{onnx_path.name}: TensorRT engine build failed (see the TensorRT log above)")
         out = folder / engine_name(g)
-        from edge_rwkv.fileio import atomic_write_bytes
-
         atomic_write_bytes(out, bytes(blob))
         built[g] = out.name
     manifest.setdefault("engines", {}).update(built)

@@ -16,6 +16,7 @@ import torch
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
+from .manifest import load_manifest
 from .state_io import check_token_ids, run_sequence, state_feeds, state_from_outputs
 from .tensorrt import TensorRTUnavailable, tensorrt_available
 
@@ -83,8 +84,6 @@ class TrtModel:
     """decode + prefill engines of an export folder (like OrtModel, on TensorRT)."""
 
     def __init__(self, folder: str | Path, device: str = "cuda"):
-        from .manifest import load_manifest
-
         folder = Path(folder)
         m = load_manifest(folder)
         engines = dict(m.get("engines") or {})

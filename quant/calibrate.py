@@ -25,8 +25,8 @@ import torch
 
 from edge_rwkv.errors import CheckpointError
 
-from .formats import (SCALE_FLOOR, QuantizedWeight, QuantSpec, int4_absmax_scale_torch, pack_int4_torch,
-                      quantize_int4_torch, quantize_int8_torch, quantize_rtn)
+from .formats import (SCALE_FLOOR, QuantizedWeight, QuantSpec, dequantize_int4_torch, int4_absmax_scale_torch,
+                      pack_int4_torch, quantize_int4_torch, quantize_int8_torch, quantize_rtn)
 
 METHODS = ("rtn", "awq", "gptq")
 
@@ -75,8 +75,6 @@ def _clip_search(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid) -> tor
     for r in grid:
         clip = torch.full((out, k // g), float(r), device=w.device)
         q, s = _quantize_scaled(w, spec, clip)
-        from .formats import dequantize_int4_torch
-
         err = ((dequantize_int4_torch(q, s, g).reshape(out, k // g, g) - wg) ** 2 * xw).sum(-1)
         better = err < best
         best = torch.where(better, err, best)

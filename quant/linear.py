@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from edge_rwkv.errors import CheckpointError
 from edge_rwkv.model import DenseLinear, Linear
 
-from .formats import QuantizedWeight, QuantSpec
+from .formats import QuantizedWeight, QuantSpec, dequantize_int4_torch, dequantize_int8_torch
 
 log = logging.getLogger("edge_rwkv.quant")
 DEFAULT_SCRATCH_BYTES = 32 << 20
@@ -107,8 +107,6 @@ class QuantLinear(nn.Module):
     # --- dequantization -----------------------------------------------------------------------
     def dequantize(self, dtype=torch.float32, rows: slice | None = None) -> torch.Tensor:
         """Effective weight [out, K] (or the row slice) with input_scale folded in."""
-        from .formats import dequantize_int4_torch, dequantize_int8_torch
-
         rs = rows or slice(None)
         if self.spec.format == "int8":
             return dequantize_int8_torch(self.qweight[rs], self.scale[rs], dtype, self.input_scale)

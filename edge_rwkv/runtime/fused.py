@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import RWKV7, DenseLinear, Layer
+from ..quant.linear import QuantLinear
 from ..state import State
 
 
@@ -146,8 +147,6 @@ def _stack_quantized_rkv(L: Layer):
     """Quantized Wr, Wk, Wv of one format stacked into one weight (the three QuantLinears rebound
     to views of it), prepared for gemv_a8 with groups=3: one x-rounding launch and one GEMV instead
     of three of each. None where they differ or carry activation scales, or off CUDA."""
-    from ..quant.linear import QuantLinear
-
     lins = (L.receptance, L.key, L.value)
     if not all(isinstance(x, QuantLinear) and x.input_scale is None and x.qweight.is_cuda for x in lins):
         return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EdgeRWKVError
+from ..quant.linear import quantized_linears
 
 ACTIVATION_BYTES = 230  # per token·channel of one prefill chunk (fp16 model: the LoRA, FFN and WKV intermediates)
 DECODE_RESERVE = 64 << 20
@@ -115,8 +116,6 @@ def device_weight_bytes(net) -> int:
 
 def scratch_bytes(net) -> int:
     """The largest dequantization slab a quantized product may allocate during prefill (0 when dense)."""
-    from ..quant.linear import quantized_linears
-
     lins = quantized_linears(net)
     if not lins:
         return 0

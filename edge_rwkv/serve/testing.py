@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import torch
+
+import edge_rwkv
+from edge_rwkv.state import State
 
 
 def free_port() -> int:
@@ -112,14 +118,6 @@ def kill9_durability(model: str | os.PathLike, data_dir: str | os.PathLike, kill
     greedy decoding of a quantized model can break near-ties differently in a batch). Every listed
     session is whole (no half-written fork), none is reported broken, and no temp file survives.
     Returns the figures: kills, turns acknowledged, sessions checked and the defects found."""
-    import random
-    import threading
-
-    import torch
-
-    import edge_rwkv
-    from edge_rwkv.state import State
-
     rng = random.Random(seed)
     reference = edge_rwkv.load(model)  # its fingerprint; with compare_reference, the uninterrupted chats
     data = Path(data_dir)
