@@ -43,23 +43,34 @@ def test_graph_decode_equals_eager(model_file):
 
 
 def test_quantized_graph_decode_equals_eager(model_file, tmp_path):
-    """int4 at fp16: the captured step (LoRA on a side stream beside the r/k/v GEMV, activations rounded
-    by norm_mix / time_mix_wkv) gives the eager step's tokens and state."""
+    """int4 at fp16: the captured fused step (LoRA on a side stream beside the r/k/v GEMV, activations
+    rounded by norm_mix / time_mix_wkv) gives exactly what the same step gives eagerly."""
     from edge_rwkv.artifact import write_artifact
     from edge_rwkv.checkpoint import load_checkpoint
     from edge_rwkv.quant.policy import QuantPolicy
     from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.runtime.fused import FusedStep
+    from edge_rwkv.runtime.graph import GraphStep
 
     tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
     m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
-    graph_text, graph_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
-    assert m.describe()["decode"] == "cuda-graph, fused step"
-    m.runner.graph_error = "forced eager for the comparison"
-    m._idle_engines.clear()
-    eager_text, eager_state = m.generate("Hello there", max_tokens=24, temperature=0, return_state=True)
-    assert graph_text == eager_text
-    assert torch.equal(graph_state.wkv, eager_state.wkv)
+    B = 2
+    live = torch.ones(B, dtype=torch.int32, device="cuda")
+    tokens = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    g_state = m.new_state(B)
+    graph = GraphStep(m.net, B, m.runner.packed(), state=g_state, tokens=tokens, live=live)
+    assert graph.fused.side is not None
+    eager = FusedStep(m.net, B, m.runner.packed())
+    e_state = g_state.clone()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    with torch.inference_mode():
+        for _ in range(6):
+            tokens.copy_(torch.randint(0, 65536, (B, 1), generator=gen, device="cuda"))
+            lg = graph.step().clone()
+            le = eager(tokens, e_state, live)
+            assert torch.equal(lg, le)
+    assert torch.equal(g_state.wkv, e_state.wkv) and torch.equal(g_state.ffn_x, e_state.ffn_x)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
