@@ -20,12 +20,9 @@ from pathlib import Path
 import torch
 
 from edge_rwkv.api import load
-from edge_rwkv.artifact import write_artifact
-from edge_rwkv.bench import PRESETS, bench_weights
-from edge_rwkv.checkpoint import load_checkpoint
-from edge_rwkv.quant.policy import QuantPolicy
-from edge_rwkv.quant.transform import quantize_checkpoint
+from edge_rwkv.bench.weights import bench_weights, write_quantized
 from edge_rwkv.runtime.memory import gib
+from edge_rwkv.synthetic import PRESETS
 
 GiB = 1 << 30
 
@@ -35,11 +32,8 @@ def make_artifact(preset: str, bits: int, folder: Path) -> tuple[Path, int]:
     dev = torch.device("cuda")
     src = folder / "m.pth"
     torch.save(bench_weights(L, D, 0, dev, torch.float16), src)
-    policy = QuantPolicy(bits=bits, quantize_head=True, quantize_embedding=True)
-    tensors, meta = quantize_checkpoint(load_checkpoint(src), policy, device=dev)
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     out = folder / f"q{bits}.safetensors"
-    write_artifact(out, tensors, meta)
+    _, tensor_bytes = write_quantized(str(src), bits, dev, str(out))
     src.unlink()
     return out, tensor_bytes
 

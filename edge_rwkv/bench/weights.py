@@ -94,17 +94,23 @@ class ModelUnavailable(Exception):
         self.why = why
 
 
-def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype):
-    """(model, description): `path` quantized under bench_policy (round to nearest, on `dev`) into a
-    temporary artifact, loaded as a deployment loads it; ModelUnavailable where quantization cannot be had."""
+def write_quantized(src: str, bits: int, dev: torch.device, out: str) -> tuple[dict, int]:
+    """The model file `src` quantized under bench_policy (round to nearest, on `dev`) into the artifact `out`:
+    its metadata and the bytes of its tensors. ModelUnavailable where quantization cannot be had."""
     quantize_checkpoint, why = quantizer()
     if quantize_checkpoint is None:
         raise ModelUnavailable(QUANT_NA, why)
-    tensors, meta = quantize_checkpoint(load_checkpoint(path), bench_policy(bits), device=dev)
+    tensors, meta = quantize_checkpoint(load_checkpoint(src), bench_policy(bits), device=dev)
+    write_artifact(out, tensors, meta)
+    return meta, sum(t.numel() * t.element_size() for t in tensors.values())  # the CPU copy goes: at 7.2B gigabytes
+
+
+def quantized_model(path: str, bits: int, dev: torch.device, dtype: torch.dtype):
+    """(model, description): `path` quantized by write_quantized into a temporary artifact, loaded as a
+    deployment loads it."""
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/q{bits}.safetensors"
-        write_artifact(out, tensors, meta)
-        del tensors  # the CPU copy: at 7.2B gigabytes
+        meta, _ = write_quantized(path, bits, dev, out)
         return load(out, device=str(dev), dtype=dtype), describe_quantization(meta["quant"])
 
 
