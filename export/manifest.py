@@ -246,7 +246,8 @@ def describe(path: str | Path) -> str:
     for name, g in m["graphs"].items():
         f = folder / g["file"]
         size = f.stat().st_size if f.exists() else None
-        lines.append(f"{name:<16}{g['file']}: batch {g['batch']}, {g['tokens_per_call']} token(s)/call, {g['nodes']} nodes "
+        per_call = f"{g['tokens_per_call']} token(s)/call" + (" (takes any number)" if g.get("any_tokens") else "")
+        lines.append(f"{name:<16}{g['file']}: batch {g['batch']}, {per_call}, {g['nodes']} nodes "
                      f"({g['inlined_nodes']} inlined)"
                      + (f", {size / 1e6:.1f} MB" if size is not None else " (MISSING)"))
     p = m["precision"]
