@@ -634,7 +634,8 @@ def test_missing_model(tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [({"chunk": 1}, "--chunk"), ({"chunk": 0}, "--chunk"), ({"chunk": 5000}, "--chunk"),
-                                    ({"batch": 0}, "--batch"), ({"dtype": "int8"}, "--dtype"), ({"chunk": "8"}, "--chunk")])
+                                    ({"batch": 0}, "--batch"), ({"dtype": "int8"}, "--dtype"), ({"chunk": "8"}, "--chunk"),
+                                    ({"target": "tflite"}, "export target must be one of onnxruntime, tensorrt")])
 def test_bad_options(tmp_path, official, kw, msg):
     with pytest.raises(InputError, match=msg):
         export_onnx(official, tmp_path / "out", ExportOptions(progress=False, **kw))
