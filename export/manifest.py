@@ -185,8 +185,11 @@ def make_manifest(src, specs, models, lint: dict, folder: Path, vocab_file: str 
         "onnxruntime": dict(onnxruntime_options(src.quant), memory=(
             "weights.bin is read while a session is created, not kept mapped. On a CPU each session then holds "
             "its own compute copy: fp16 matrices cast to float32 (2x their fp16 bytes), int4 matrices packed "
-            "for MatMulNBits (about their stored bytes), int8 ones as float32 under session_config. Shared initializers (add_initializer) do not "
-            "reduce this: the copies are made by onnxruntime's own graph transforms, per session")),
+            "for MatMulNBits (about their stored bytes), int8 ones as float32 under session_config. Shared "
+            "initializers (add_initializer), disabling prepacking, a shared arena or lower optimization levels "
+            "do not remove the second copy (the copies are made by onnxruntime's own graph transforms, per "
+            "session). One copy: run the whole sequence in one session of a graph with any_tokens (see "
+            "chaining.one_session)")),
         "opset": OPSET, "ir_version": IR_VERSION,
         "external_data": WEIGHTS_FILE,
         "files": file_table(folder, files),
@@ -244,7 +247,8 @@ def describe(path: str | Path) -> str:
     for name, g in m["graphs"].items():
         f = folder / g["file"]
         size = f.stat().st_size if f.exists() else None
-        lines.append(f"{name:<16}{g['file']}: batch {g['batch']}, {g['tokens_per_call']} token(s)/call, {g['nodes']} nodes "
+        per_call = f"{g['tokens_per_call']} token(s)/call" + (" (takes any number)" if g.get("any_tokens") else "")
+        lines.append(f"{name:<16}{g['file']}: batch {g['batch']}, {per_call}, {g['nodes']} nodes "
                      f"({g['inlined_nodes']} inlined)"
                      + (f", {size / 1e6:.1f} MB" if size is not None else " (MISSING)"))
     p = m["precision"]

@@ -122,7 +122,8 @@ def wkv_function(T: int) -> onnx.FunctionProto:
         n("Identity", [s_new], ["state_out"])
     else:
         seq = [n("Transpose", [x], [f"{nm}_seq"], perm=[1, 0, 2, 3]) for nm, x in zip("rdkvab", (r, d, k, v, a, b))]
-        n("Scan", [s, *seq], ["state_out", "y_seq"], body=_scan_body(axes), num_scan_inputs=6)
+        # the step needs axes 2 and 3 only (an unused constant in the body would draw onnxruntime warnings)
+        n("Scan", [s, *seq], ["state_out", "y_seq"], body=_scan_body(axes[1:]), num_scan_inputs=6)
         n("Transpose", ["y_seq"], ["y"], perm=[1, 0, 2, 3])
     return helper.make_function(
         WKV_DOMAIN, WKV_NAME, ["r", "w", "k", "v", "a", "b", "state"], ["y", "state_out"], nodes,

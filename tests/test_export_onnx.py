@@ -522,8 +522,10 @@ def test_io_bound_loop_equals_the_state_runner(exports):
     np.testing.assert_allclose(fast.step(ids[:, :1].numpy())[0], ref[0, 0].numpy(), rtol=0, atol=1e-6)
 
 
-def test_integration_guide_example_runs(exports):
-    """The Python example of export/INTEGRATION.md, run as written on an export, agrees with our runner."""
+@pytest.mark.parametrize("key", [("int8-head", "float16", 1), ("int8-head", "float16", 1, "tensorrt")])
+def test_integration_guide_example_runs(exports, key):
+    """The Python example of export/INTEGRATION.md, run as written on an export, agrees with our runner: with one
+    session where the prefill graph takes any number of tokens (onnxruntime target), else two."""
     import re
     from pathlib import Path
 
@@ -531,9 +533,10 @@ def test_integration_guide_example_runs(exports):
 
     guide = (Path(export_pkg.__file__).parent / "INTEGRATION.md").read_text()
     code = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
-    model, out = exports(("int8-head", "float16", 1))
+    model, out = exports(key)
     ns = {"FOLDER": str(out), "PROMPT_IDS": [3, 1, 4, 1, 5, 9, 2], "MAX_NEW": 5}
     exec(compile(code, "INTEGRATION.md", "exec"), ns)
+    assert ns["ONE_SESSION"] == (len(key) == 3) and (ns["sessions"]["decode"] is ns["sessions"]["prefill"]) == ns["ONE_SESSION"]
     ref_logits, st = OrtModel(out).forward(torch.tensor([ns["PROMPT_IDS"]]), edge_rwkv.load(model).new_state())
     assert ns["generated"][0] == int(ref_logits[0].argmax())
     assert len(ns["generated"]) == 5
@@ -631,7 +634,8 @@ def test_missing_model(tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [({"chunk": 1}, "--chunk"), ({"chunk": 0}, "--chunk"), ({"chunk": 5000}, "--chunk"),
-                                    ({"batch": 0}, "--batch"), ({"dtype": "int8"}, "--dtype"), ({"chunk": "8"}, "--chunk")])
+                                    ({"batch": 0}, "--batch"), ({"dtype": "int8"}, "--dtype"), ({"chunk": "8"}, "--chunk"),
+                                    ({"target": "tflite"}, "export target must be one of onnxruntime, tensorrt")])
 def test_bad_options(tmp_path, official, kw, msg):
     with pytest.raises(InputError, match=msg):
         export_onnx(official, tmp_path / "out", ExportOptions(progress=False, **kw))
