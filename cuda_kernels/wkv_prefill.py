@@ -238,7 +238,9 @@ def causal_inverse_kernel(L: int, acc):
     Zeroes what the causal structure excludes (A_ak strictly lower; A_rb, A_rk lower with the
     diagonal) and overwrites the A_ab block with X = (I - tril(A_ab, -1))⁻¹, unit lower-triangular,
     by forward substitution: X[i, j] = Σ_{j≤s<i} A_ab[i, s] X[s, j]. Thread j owns column j of X, so
-    the substitution needs no barrier; A_ab rows are read from shared memory without bank conflicts.
+    the substitution needs no barrier. One L×L shared tile holds both: A_ab in its strict lower
+    triangle, Xᵀ in its strict upper one (X[s, j] at [j, s], s > j); a warp's reads of either are
+    free of bank conflicts.
     """
     _bind()
     npacc = _np(acc)
@@ -248,10 +250,10 @@ def causal_inverse_kernel(L: int, acc):
     def kern(A):
         g = cuda.blockIdx.x
         j = cuda.threadIdx.x
-        Ash = cuda.shared.array((L, L), acc)
-        Xsh = cuda.shared.array((L, L), acc)
+        Tsh = cuda.shared.array((L, L), acc)
         for i in range(L):
-            Ash[i, j] = A[g, i, j]
+            if j < i:
+                Tsh[i, j] = A[g, i, j]
         cuda.syncthreads()
         for i in range(L):
             if i < j:
@@ -259,10 +261,10 @@ def causal_inverse_kernel(L: int, acc):
             elif i == j:
                 x = ONE
             else:
-                x = ZERO
-                for s in range(j, i):
-                    x += Ash[i, s] * Xsh[s, j]
-            Xsh[i, j] = x
+                x = Tsh[i, j]  # s = j: X[j, j] = 1
+                for s in range(j + 1, i):
+                    x += Tsh[i, s] * Tsh[j, s]
+                Tsh[j, i] = x
             A[g, i, j] = x
             if j >= i:
                 A[g, i, L + j] = ZERO
