@@ -426,7 +426,7 @@ class _Prep(torch.autograd.Function):
         acc_t = dP.dtype
         dP = dP.contiguous()
         dE = dE.contiguous()
-        grads = [torch.zeros(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]
+        grads = [torch.empty(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]  # every step written
         xs = (r, w, k, a, b)
         _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs),
                 dP, dE, *grads)
@@ -506,11 +506,12 @@ def chunk_algebra(P: torch.Tensor):
     BK = Pv[:, 2:4].reshape(G, 2 * L, N)
     Ah, Rh, Bh, Kh, V = Pv.unbind(1)
     A = _CausalInverse.apply(torch.bmm(AR, BK.transpose(1, 2)), L)
-    X, Aak, Arb, Ark = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
+    X, Arb = A[:, :L, :L], A[:, L:, :L]
+    AkV = torch.bmm(A[:, :, L:], V)  # [A_ak V; A_rk V]
     W = torch.bmm(X, Ah)
-    U = torch.bmm(X, torch.bmm(Aak, V))
+    U = torch.bmm(X, AkV[:, :L])
     Q = torch.baddbmm(Rh, Arb, W)
-    Y0 = torch.baddbmm(torch.bmm(Ark, V), Arb, U)  # A_rb U + A_rk V
+    Y0 = torch.baddbmm(AkV[:, L:], Arb, U)  # A_rb U + A_rk V
     M = torch.bmm(W.transpose(1, 2), Bh)
     C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)  # Uᵀ B̂ + Vᵀ K̂
     return Q, Y0, M, C
@@ -591,9 +592,12 @@ def _prefill_backward(saved, states, L, dy, dlast):
         Mt = (Mp + torch.eye(N, device=r.device, dtype=acc_t)) * De
         C = Cp * De
     Dm = E[:, :, :, 0].detach().reshape(G, 1, N)
-    dY = torch.zeros(B, H, nc * L, N, device=r.device, dtype=acc_t)
-    if dy is not None:
-        dY[:, :, :T] = dy.to(acc_t).transpose(1, 2)
+    dY = torch.empty(B, H, nc * L, N, device=r.device, dtype=acc_t)
+    dY[:, :, T:] = 0
+    if dy is None:
+        dY[:, :, :T] = 0
+    else:
+        dY[:, :, :T] = dy.transpose(1, 2)
     dY = dY.view(G, L, N)
     St = states.view(G, N, N)  # S̃_c = S_c D_m
     dQ = torch.bmm(dY, St)
