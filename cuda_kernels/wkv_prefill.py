@@ -59,7 +59,7 @@ from ._runtime import (
 
 cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
 SUPPORTED_N = (4, 8, 16, 32, 64)
-DEFAULT_CHUNK = 64  # fastest of 16/32/64 on an H200 for T ≥ 1024 except T=1024,H=12 (benchmarks/NOTES.md)
+DEFAULT_CHUNK = 64  # the first version's fastest of 16/32/64 on an H200 for T ≥ 1024; `bench_wkv.py --chunk` sweeps it
 # prep output slots [B, H, nc, NSLOT, L, N]; the pairs that feed one product stay adjacent: [Â;R̂]·[B̂;K̂]ᵀ
 _SLOTS = ("A", "R", "B", "K", "V")
 NSLOT = len(_SLOTS)
