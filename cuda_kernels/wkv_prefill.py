@@ -289,11 +289,11 @@ def _scan_layout(N: int):
 def scan_kernel(N: int, acc, reverse: bool):
     """Sequential pass over chunks, rows of the state split over blocks (R rows per block).
 
-    The chunk maps are formed on load: M_c = D_m (M'_c + I) D_e and, forward, C_c = C'_c D_e.
-    forward : out[c] = S_c D_m(c) (the state entering chunk c, scaled for the output product);
-              S_{c+1} = S_c M_c + C_c;  last = S_nc
-    reverse : g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
-              (the adjoint: C holds dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
+    The chunk maps are formed on load: M_c = D_m (M'_c + I) D_e, and C_c from the given C'_c.
+    forward : C_c = C'_c D_e; out[c] = S_c D_m(c) (the state entering chunk c, scaled for the output
+              product); S_{c+1} = S_c M_c + C_c;  last = S_nc
+    reverse : C_c = C'_c D_m; g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
+              (the adjoint: C'_c D_m = dYᵀ Q' D_m is dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
     Each thread owns a TI×TJ register tile of the block's R×N rows (columns tx + q·TX, so a warp's
     shared-memory reads are one broadcast and one contiguous row), which halves the shared-memory
     traffic per multiply-add against one output a thread. M_c is staged in shared memory (padded);
@@ -306,6 +306,7 @@ def scan_kernel(N: int, acc, reverse: bool):
     MPT = N * N // NT  # M elements each thread loads per chunk
     NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
     ONE, ZERO = _np(acc)(1.0), _np(acc)(0.0)
+    CSCALE = 0 if reverse else 1  # C's columns are scaled by D_m (reverse) or D_e (forward)
 
     @cuda.jit(fastmath=False)
     def kern(Mp, C, E, first, out, last):
@@ -334,7 +335,7 @@ def scan_kernel(N: int, acc, reverse: bool):
         for p in range(TI):
             for q in range(TJ):
                 cv = acc(C[bi, h, c0, g * R + ty * TI + p, tx + q * TX])
-                cn_[p, q] = cv if reverse else cv * E[bi, h, c0, 1, tx + q * TX]
+                cn_[p, q] = cv * E[bi, h, c0, CSCALE, tx + q * TX]
         for step in range(nc):
             c = nc - 1 - step if reverse else step
             cuda.syncthreads()  # previous compute done with Msh and Ssh
@@ -364,7 +365,7 @@ def scan_kernel(N: int, acc, reverse: bool):
                 for p in range(TI):
                     for q in range(TJ):
                         cv = acc(C[bi, h, cn, g * R + ty * TI + p, tx + q * TX])
-                        cn_[p, q] = cv if reverse else cv * E[bi, h, cn, 1, tx + q * TX]
+                        cn_[p, q] = cv * E[bi, h, cn, CSCALE, tx + q * TX]
             cuda.syncthreads()
             for kk in range(N):
                 for p in range(TI):
@@ -593,7 +594,6 @@ def _prefill_backward(saved, states, L, dy, dlast):
         # M = D_m M̃ with M̃ = (M' + I) D_e; D_m (the anchor's) is held constant
         Mt = (Mp + torch.eye(N, device=r.device, dtype=acc_t)) * De
         C = Cp * De
-    Dm = E[:, :, :, 0].detach().reshape(G, 1, N)
     dY = torch.empty(B, H, nc * L, N, device=r.device, dtype=acc_t)
     dY[:, :, T:] = 0
     if dy is None:
@@ -603,7 +603,7 @@ def _prefill_backward(saved, states, L, dy, dlast):
     dY = dY.view(G, L, N)
     St = states.view(G, N, N)  # S̃_c = S_c D_m
     dQ = torch.bmm(dY, St)
-    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach()) * Dm  # dL/dS_c through y = dYᵀ Q' D_m
+    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach())  # dL/dS_c through y = dYᵀ Q' D_m (D_m: in the scan)
     if dlast is None:
         dlast = torch.zeros(B, H, N, N, device=r.device, dtype=acc_t)
     dC, dfirst = scan(Mp.detach().view(B, H, nc, N, N), dS_direct.view(B, H, nc, N, N), E.detach(),
