@@ -36,8 +36,9 @@ products run on tensor cores in TF32 (fp32 range, so the anchored factors fit, 1
 accumulate) when the inputs are fp16/bf16: with TF32 rounding emulated, y and the state are ~4e-4 from
 the fp64 recurrence (T=2100, H=4, chunks 16–64), the gradients ≤1.3e-3, the decay logit's up to 2.9e-3
 at strong decays (a sum of cancelling terms; 3e-4 with IEEE backward products), inside the tests' 2e-3
-(forward) / 5e-3 (gradients). fp32 inputs keep IEEE fp32 products (~4e-7). bf16 products were
-measured at 3e-3 on the forward alone and are not used.
+(forward) / 5e-3 (gradients). fp32 inputs run at the caller's float32 matmul precision: IEEE by
+default (~4e-7), TF32 where the caller allows it (training does). bf16 products were measured at
+3e-3 on the forward alone and are not used.
 """
 from __future__ import annotations
 
@@ -479,18 +480,19 @@ class _CausalInverse(torch.autograd.Function):
 
 @contextlib.contextmanager
 def product_precision(x: torch.Tensor):
-    """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs, IEEE fp32 otherwise.
+    """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs; else the caller's setting.
 
-    Set through torch's float32 matmul precision ("high" / "highest"), which keeps its legacy and
-    new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and cuBLAS
-    calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
+    fp32 inputs run at torch's float32 matmul precision as the caller left it ("highest", IEEE, by
+    default; training allows TF32). Switched through torch's float32 matmul precision, which keeps its
+    legacy and new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and
+    cuBLAS calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
     module docstring for the measured error.
     """
-    if x.device.type != "cuda":
+    previous = torch.get_float32_matmul_precision() if x.device.type == "cuda" else None
+    if previous != "highest" or x.dtype not in (torch.float16, torch.bfloat16):
         yield
         return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if x.dtype in (torch.float16, torch.bfloat16) else "highest")
+    torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:

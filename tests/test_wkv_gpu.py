@@ -22,6 +22,15 @@ def _ready():
 
 
 skip = pytest.mark.skipif(not _ready(), reason="needs CUDA and numba-cuda")
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32_products():
+    """fp32 inputs run at the caller's matmul precision: hold it at the default (IEEE) whatever ran before."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
 
