@@ -60,6 +60,7 @@ from ._runtime import (
 
 cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
 SUPPORTED_N = (4, 8, 16, 32, 64)
+MAX_CHUNK = 64
 DEFAULT_CHUNK = 64  # the first version's fastest of 16/32/64 on an H200 for T ≥ 1024; `bench_wkv.py --chunk` sweeps it
 # prep output slots [B, H, nc, NSLOT, L, N]; the pairs that feed one product stay adjacent: [Â;R̂]·[B̂;K̂]ᵀ
 _SLOTS = ("A", "R", "B", "K", "V")
@@ -543,9 +544,13 @@ def outputs(Q, Y0, states, B, H, T):
 
 
 def chunk_len_for(T: int, requested: int | None) -> int:
-    if requested is not None:
-        return int(requested)
-    return DEFAULT_CHUNK
+    if requested is None:
+        return DEFAULT_CHUNK
+    L = int(requested)
+    if not 1 <= L <= MAX_CHUNK:
+        raise ValueError(f"WKV chunk length {requested} outside 1..{MAX_CHUNK} (the causal inverse holds an L×L "
+                         "tile in shared memory, one thread a column)")
+    return L
 
 
 @torch.no_grad()

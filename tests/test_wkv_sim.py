@@ -158,6 +158,13 @@ def _checks():
     except Exception as exc:  # noqa: BLE001
         res["gradcheck_f64"] = [False, repr(exc)[:400]]
 
+    # a chunk length the kernels cannot hold is refused with a clear error before any launch
+    try:
+        wkv7_prefill(*make_inputs(1, 3, 1, 4, torch.float64, seed=1), chunk_len=128)
+        res["chunk_len_refused"] = [False, "no error"]
+    except ValueError as exc:
+        res["chunk_len_refused"] = ["chunk length 128" in str(exc), str(exc)[:200]]
+
     # the public op takes the kernel path on simulator tensors
     xs = make_inputs(1, 6, 1, 4, torch.float64, seed=4)
     yr, sr = ref64(*xs)
@@ -179,7 +186,7 @@ NAMES = (
     + [f"prefill_N16_T{T}_L{L}" for T, L in ((37, 8), (37, 16), (19, 32))] + ["prefill_N64_T70_L64"]
     + ["causal_inverse_L4", "causal_inverse_L8", "causal_inverse_gradcheck"]
     + [f"backward_T{T}_L{L}" for T, L in ((5, 4), (17, 4), (37, 16), (19, 8))]
-    + ["inference_then_backward", "gradcheck_f64", "wkv7_public"]
+    + ["inference_then_backward", "gradcheck_f64", "chunk_len_refused", "wkv7_public"]
 )
 
 
