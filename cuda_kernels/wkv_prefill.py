@@ -505,6 +505,12 @@ def chunk_algebra(P: torch.Tensor):
 
     Differentiable by torch autograd (used again, recomputed, in the backward).
     """
+    parts = _chunk_inverse_products(P)
+    return (*_output_maps(*parts), *_state_maps(*parts))
+
+
+def _chunk_inverse_products(P: torch.Tensor):
+    """A (masked, X over A_ab), W' = X Â, U = X A_ak V, A_rk V and the operand views the maps need."""
     B, H, nc, _, L, N = P.shape
     G = B * H * nc
     Pv = P.reshape(G, NSLOT, L, N)
@@ -516,11 +522,32 @@ def chunk_algebra(P: torch.Tensor):
     AkV = torch.bmm(A[:, :, L:], V)  # [A_ak V; A_rk V]
     W = torch.bmm(X, Ah)
     U = torch.bmm(X, AkV[:, :L])
-    Q = torch.baddbmm(Rh, Arb, W)
-    Y0 = torch.baddbmm(AkV[:, L:], Arb, U)  # A_rb U + A_rk V
+    return Arb, AkV[:, L:], W, U, Rh, Bh, Kh, V
+
+
+def _state_maps(Arb, ArkV, W, U, Rh, Bh, Kh, V):
+    """M' = W'ᵀ B̂ and C' = Uᵀ B̂ + Vᵀ K̂ [G,N,N] (what the scan needs)."""
     M = torch.bmm(W.transpose(1, 2), Bh)
-    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)  # Uᵀ B̂ + Vᵀ K̂
-    return Q, Y0, M, C
+    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)
+    return M, C
+
+
+def _output_maps(Arb, ArkV, W, U, Rh, Bh, Kh, V):
+    """Q' = R̂ + A_rb W' and Y0 = A_rb U + A_rk V [G,L,N] (what the outputs need besides the states)."""
+    return torch.baddbmm(Rh, Arb, W), torch.baddbmm(ArkV, Arb, U)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """A second CUDA stream for `device` (the scan runs on it beside the output products); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
 
 
 def scan(Mp: torch.Tensor, C: torch.Tensor, E: torch.Tensor, first: torch.Tensor, reverse: bool = False):
@@ -561,9 +588,23 @@ def prefill_forward(r, w, k, v, a, b, state, chunk_len: int | None = None):
     acc_t = state.dtype
     with product_precision(r):
         P, E = prep(r, w, k, v, a, b, L, acc_t)
-        Q, Y0, M, C = chunk_algebra(P)
         nc = P.shape[2]
-        states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, state.to(acc_t))
+        parts = _chunk_inverse_products(P)
+        M, C = _state_maps(*parts)
+        first = state.to(acc_t)
+        side = _side_stream(r.device)
+        if side is None:
+            states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, first)
+            Q, Y0 = _output_maps(*parts)
+        else:
+            # the sequential scan (few blocks, latency-bound) runs beside the output products
+            # (memory-bound); every tensor it touches stays referenced here until the join
+            main = torch.cuda.current_stream(r.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, first)
+            Q, Y0 = _output_maps(*parts)
+            main.wait_stream(side)
         y = outputs(Q, Y0, states, B, H, T)
     return y, last, states
 
