@@ -33,9 +33,12 @@ products through torch autograd (the inverse's adjoint is Xᵀ G Xᵀ), the prep
 
 Precision: the prep, the inverse and the scan accumulate in fp32 (fp64 for fp64 state). The chunk
 products run on tensor cores in TF32 (fp32 range, so the anchored factors fit, 10-bit mantissa, fp32
-accumulate) when the inputs are fp16/bf16: emulated TF32 rounding puts y and the state ~4e-4 from the
-fp64 recurrence (T=2100, H=4, chunks 16–64) and the gradients ≤1.1e-3, inside the tests' 2e-3 / 3e-3.
-fp32 inputs keep IEEE fp32 products (~4e-7). bf16 products were measured at 3e-3 and are not used.
+accumulate) when the inputs are fp16/bf16: with TF32 rounding emulated, y and the state are ~4e-4 from
+the fp64 recurrence (T=2100, H=4, chunks 16–64), the gradients ≤1.3e-3, the decay logit's up to 2.9e-3
+at strong decays (a sum of cancelling terms; 3e-4 with IEEE backward products), inside the tests' 2e-3
+(forward) / 5e-3 (gradients). fp32 inputs run at the caller's float32 matmul precision: IEEE by
+default (~4e-7), TF32 where the caller allows it (training does). bf16 products were measured at
+3e-3 on the forward alone and are not used.
 """
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ from ._runtime import (
 
 cuda = None  # numba.cuda, bound on first kernel build (a module global so the simulator can swap it)
 SUPPORTED_N = (4, 8, 16, 32, 64)
-DEFAULT_CHUNK = 64  # fastest of 16/32/64 on an H200 for T ≥ 1024 except T=1024,H=12 (benchmarks/NOTES.md)
+MAX_CHUNK = 64
+DEFAULT_CHUNK = 64  # the first version's fastest of 16/32/64 on an H200 for T ≥ 1024; `bench_wkv.py --chunk` sweeps it
 # prep output slots [B, H, nc, NSLOT, L, N]; the pairs that feed one product stay adjacent: [Â;R̂]·[B̂;K̂]ᵀ
 _SLOTS = ("A", "R", "B", "K", "V")
 NSLOT = len(_SLOTS)
@@ -238,7 +242,9 @@ def causal_inverse_kernel(L: int, acc):
     Zeroes what the causal structure excludes (A_ak strictly lower; A_rb, A_rk lower with the
     diagonal) and overwrites the A_ab block with X = (I - tril(A_ab, -1))⁻¹, unit lower-triangular,
     by forward substitution: X[i, j] = Σ_{j≤s<i} A_ab[i, s] X[s, j]. Thread j owns column j of X, so
-    the substitution needs no barrier; A_ab rows are read from shared memory without bank conflicts.
+    the substitution needs no barrier. One L×L shared tile holds both: A_ab in its strict lower
+    triangle, Xᵀ in its strict upper one (X[s, j] at [j, s], s > j); a warp's reads of either are
+    free of bank conflicts.
     """
     _bind()
     npacc = _np(acc)
@@ -248,10 +254,10 @@ def causal_inverse_kernel(L: int, acc):
     def kern(A):
         g = cuda.blockIdx.x
         j = cuda.threadIdx.x
-        Ash = cuda.shared.array((L, L), acc)
-        Xsh = cuda.shared.array((L, L), acc)
+        Tsh = cuda.shared.array((L, L), acc)
         for i in range(L):
-            Ash[i, j] = A[g, i, j]
+            if j < i:
+                Tsh[i, j] = A[g, i, j]
         cuda.syncthreads()
         for i in range(L):
             if i < j:
@@ -259,10 +265,10 @@ def causal_inverse_kernel(L: int, acc):
             elif i == j:
                 x = ONE
             else:
-                x = ZERO
-                for s in range(j, i):
-                    x += Ash[i, s] * Xsh[s, j]
-            Xsh[i, j] = x
+                x = Tsh[i, j]  # s = j: X[j, j] = 1
+                for s in range(j + 1, i):
+                    x += Tsh[i, s] * Tsh[j, s]
+                Tsh[j, i] = x
             A[g, i, j] = x
             if j >= i:
                 A[g, i, L + j] = ZERO
@@ -285,11 +291,11 @@ def _scan_layout(N: int):
 def scan_kernel(N: int, acc, reverse: bool):
     """Sequential pass over chunks, rows of the state split over blocks (R rows per block).
 
-    The chunk maps are formed on load: M_c = D_m (M'_c + I) D_e and, forward, C_c = C'_c D_e.
-    forward : out[c] = S_c D_m(c) (the state entering chunk c, scaled for the output product);
-              S_{c+1} = S_c M_c + C_c;  last = S_nc
-    reverse : g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
-              (the adjoint: C holds dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
+    The chunk maps are formed on load: M_c = D_m (M'_c + I) D_e, and C_c from the given C'_c.
+    forward : C_c = C'_c D_e; out[c] = S_c D_m(c) (the state entering chunk c, scaled for the output
+              product); S_{c+1} = S_c M_c + C_c;  last = S_nc
+    reverse : C_c = C'_c D_m; g = last_in; for c = nc-1..0: out[c] = g; g = g M_cᵀ + C_c;  last = g
+              (the adjoint: C'_c D_m = dYᵀ Q' D_m is dL/dS_c from the outputs, out[c] = dL/dS_{c+1} = dL/dC_c)
     Each thread owns a TI×TJ register tile of the block's R×N rows (columns tx + q·TX, so a warp's
     shared-memory reads are one broadcast and one contiguous row), which halves the shared-memory
     traffic per multiply-add against one output a thread. M_c is staged in shared memory (padded);
@@ -302,6 +308,7 @@ def scan_kernel(N: int, acc, reverse: bool):
     MPT = N * N // NT  # M elements each thread loads per chunk
     NP1 = N + 1  # padded row of the staged M (shared shapes must be compile-time constants)
     ONE, ZERO = _np(acc)(1.0), _np(acc)(0.0)
+    CSCALE = 0 if reverse else 1  # C's columns are scaled by D_m (reverse) or D_e (forward)
 
     @cuda.jit(fastmath=False)
     def kern(Mp, C, E, first, out, last):
@@ -330,7 +337,7 @@ def scan_kernel(N: int, acc, reverse: bool):
         for p in range(TI):
             for q in range(TJ):
                 cv = acc(C[bi, h, c0, g * R + ty * TI + p, tx + q * TX])
-                cn_[p, q] = cv if reverse else cv * E[bi, h, c0, 1, tx + q * TX]
+                cn_[p, q] = cv * E[bi, h, c0, CSCALE, tx + q * TX]
         for step in range(nc):
             c = nc - 1 - step if reverse else step
             cuda.syncthreads()  # previous compute done with Msh and Ssh
@@ -360,7 +367,7 @@ def scan_kernel(N: int, acc, reverse: bool):
                 for p in range(TI):
                     for q in range(TJ):
                         cv = acc(C[bi, h, cn, g * R + ty * TI + p, tx + q * TX])
-                        cn_[p, q] = cv if reverse else cv * E[bi, h, cn, 1, tx + q * TX]
+                        cn_[p, q] = cv * E[bi, h, cn, CSCALE, tx + q * TX]
             cuda.syncthreads()
             for kk in range(N):
                 for p in range(TI):
@@ -424,7 +431,7 @@ class _Prep(torch.autograd.Function):
         acc_t = dP.dtype
         dP = dP.contiguous()
         dE = dE.contiguous()
-        grads = [torch.zeros(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]
+        grads = [torch.empty(B, T, H, N, device=r.device, dtype=acc_t) for _ in range(5)]  # every step written
         xs = (r, w, k, a, b)
         _launch(prep_bwd_kernel(N, L, acc_dtype(acc_t), _bf16_flags(*xs)), (nc, H, B), N, *map(_operand, xs),
                 dP, dE, *grads)
@@ -474,18 +481,19 @@ class _CausalInverse(torch.autograd.Function):
 
 @contextlib.contextmanager
 def product_precision(x: torch.Tensor):
-    """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs, IEEE fp32 otherwise.
+    """cuBLAS fp32 products in TF32 (tensor cores) for half-precision inputs; else the caller's setting.
 
-    Set through torch's float32 matmul precision ("high" / "highest"), which keeps its legacy and
-    new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and cuBLAS
-    calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
+    fp32 inputs run at torch's float32 matmul precision as the caller left it ("highest", IEEE, by
+    default; training allows TF32). Switched through torch's float32 matmul precision, which keeps its
+    legacy and new TF32 flags consistent (setting only `matmul.fp32_precision` leaves them mixed, and
+    cuBLAS calls then raise), and restored on exit. CPU tensors (the simulator) are left alone. See the
     module docstring for the measured error.
     """
-    if x.device.type != "cuda":
+    previous = torch.get_float32_matmul_precision() if x.device.type == "cuda" else None
+    if previous != "highest" or x.dtype not in (torch.float16, torch.bfloat16):
         yield
         return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if x.dtype in (torch.float16, torch.bfloat16) else "highest")
+    torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
@@ -497,6 +505,12 @@ def chunk_algebra(P: torch.Tensor):
 
     Differentiable by torch autograd (used again, recomputed, in the backward).
     """
+    parts = _chunk_inverse_products(P)
+    return (*_output_maps(*parts), *_state_maps(*parts))
+
+
+def _chunk_inverse_products(P: torch.Tensor):
+    """A (masked, X over A_ab), W' = X Â, U = X A_ak V, A_rk V and the operand views the maps need."""
     B, H, nc, _, L, N = P.shape
     G = B * H * nc
     Pv = P.reshape(G, NSLOT, L, N)
@@ -504,14 +518,36 @@ def chunk_algebra(P: torch.Tensor):
     BK = Pv[:, 2:4].reshape(G, 2 * L, N)
     Ah, Rh, Bh, Kh, V = Pv.unbind(1)
     A = _CausalInverse.apply(torch.bmm(AR, BK.transpose(1, 2)), L)
-    X, Aak, Arb, Ark = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
+    X, Arb = A[:, :L, :L], A[:, L:, :L]
+    AkV = torch.bmm(A[:, :, L:], V)  # [A_ak V; A_rk V]
     W = torch.bmm(X, Ah)
-    U = torch.bmm(X, torch.bmm(Aak, V))
-    Q = torch.baddbmm(Rh, Arb, W)
-    Y0 = torch.baddbmm(torch.bmm(Ark, V), Arb, U)  # A_rb U + A_rk V
+    U = torch.bmm(X, AkV[:, :L])
+    return Arb, AkV[:, L:], W, U, Rh, Bh, Kh, V
+
+
+def _state_maps(Arb, ArkV, W, U, Rh, Bh, Kh, V):
+    """M' = W'ᵀ B̂ and C' = Uᵀ B̂ + Vᵀ K̂ [G,N,N] (what the scan needs)."""
     M = torch.bmm(W.transpose(1, 2), Bh)
-    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)  # Uᵀ B̂ + Vᵀ K̂
-    return Q, Y0, M, C
+    C = torch.baddbmm(torch.bmm(V.transpose(1, 2), Kh), U.transpose(1, 2), Bh)
+    return M, C
+
+
+def _output_maps(Arb, ArkV, W, U, Rh, Bh, Kh, V):
+    """Q' = R̂ + A_rb W' and Y0 = A_rb U + A_rk V [G,L,N] (what the outputs need besides the states)."""
+    return torch.baddbmm(Rh, Arb, W), torch.baddbmm(ArkV, Arb, U)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """A second CUDA stream for `device` (the scan runs on it beside the output products); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
 
 
 def scan(Mp: torch.Tensor, C: torch.Tensor, E: torch.Tensor, first: torch.Tensor, reverse: bool = False):
@@ -535,9 +571,13 @@ def outputs(Q, Y0, states, B, H, T):
 
 
 def chunk_len_for(T: int, requested: int | None) -> int:
-    if requested is not None:
-        return int(requested)
-    return DEFAULT_CHUNK
+    if requested is None:
+        return DEFAULT_CHUNK
+    L = int(requested)
+    if not 1 <= L <= MAX_CHUNK:
+        raise ValueError(f"WKV chunk length {requested} outside 1..{MAX_CHUNK} (the causal inverse holds an L×L "
+                         "tile in shared memory, one thread a column)")
+    return L
 
 
 @torch.no_grad()
@@ -548,9 +588,23 @@ def prefill_forward(r, w, k, v, a, b, state, chunk_len: int | None = None):
     acc_t = state.dtype
     with product_precision(r):
         P, E = prep(r, w, k, v, a, b, L, acc_t)
-        Q, Y0, M, C = chunk_algebra(P)
         nc = P.shape[2]
-        states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, state.to(acc_t))
+        parts = _chunk_inverse_products(P)
+        M, C = _state_maps(*parts)
+        first = state.to(acc_t)
+        side = _side_stream(r.device)
+        if side is None:
+            states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, first)
+            Q, Y0 = _output_maps(*parts)
+        else:
+            # the sequential scan (few blocks, latency-bound) runs beside the output products
+            # (memory-bound); every tensor it touches stays referenced here until the join
+            main = torch.cuda.current_stream(r.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                states, last = scan(M.view(B, H, nc, N, N), C.view(B, H, nc, N, N), E, first)
+            Q, Y0 = _output_maps(*parts)
+            main.wait_stream(side)
         y = outputs(Q, Y0, states, B, H, T)
     return y, last, states
 
@@ -588,14 +642,16 @@ def _prefill_backward(saved, states, L, dy, dlast):
         # M = D_m M̃ with M̃ = (M' + I) D_e; D_m (the anchor's) is held constant
         Mt = (Mp + torch.eye(N, device=r.device, dtype=acc_t)) * De
         C = Cp * De
-    Dm = E[:, :, :, 0].detach().reshape(G, 1, N)
-    dY = torch.zeros(B, H, nc * L, N, device=r.device, dtype=acc_t)
-    if dy is not None:
-        dY[:, :, :T] = dy.to(acc_t).transpose(1, 2)
+    dY = torch.empty(B, H, nc * L, N, device=r.device, dtype=acc_t)
+    dY[:, :, T:] = 0
+    if dy is None:
+        dY[:, :, :T] = 0
+    else:
+        dY[:, :, :T] = dy.transpose(1, 2)
     dY = dY.view(G, L, N)
     St = states.view(G, N, N)  # S̃_c = S_c D_m
     dQ = torch.bmm(dY, St)
-    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach()) * Dm  # dL/dS_c through y = dYᵀ Q' D_m
+    dS_direct = torch.bmm(dY.transpose(1, 2), Q.detach())  # dL/dS_c through y = dYᵀ Q' D_m (D_m: in the scan)
     if dlast is None:
         dlast = torch.zeros(B, H, N, N, device=r.device, dtype=acc_t)
     dC, dfirst = scan(Mp.detach().view(B, H, nc, N, N), dS_direct.view(B, H, nc, N, N), E.detach(),

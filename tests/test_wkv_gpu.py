@@ -22,6 +22,15 @@ def _ready():
 
 
 skip = pytest.mark.skipif(not _ready(), reason="needs CUDA and numba-cuda")
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32_products():
+    """fp32 inputs run at the caller's matmul precision: hold it at the default (IEEE) whatever ran before."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
 
@@ -80,9 +89,11 @@ def test_prefill_chunk_lengths(T, L, dtype):
     assert rel_err(s, sr) <= TOL[dtype], rel_err(s, sr)
 
 
-# half-precision inputs run the chunk products in TF32: emulated TF32 gradients differ from the fp64
-# recurrence's by up to 1.1e-3 (the decay logit w); fp32 inputs keep IEEE products (~1e-5)
-GRAD_TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-3}
+# half-precision inputs run the chunk products in TF32: with TF32 rounding emulated in the simulator,
+# the gradients differ from the fp64 recurrence's by ≤ 1.3e-3 (r, k, v, a, b, S) and up to 2.2e-3 (fp16)
+# / 2.9e-3 (bf16) for the decay logit w at strong decays (its gradient is a sum of cancelling terms);
+# fp32 inputs keep IEEE products (~1e-5)
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 
 
 @skip

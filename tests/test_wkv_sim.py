@@ -101,6 +101,12 @@ def _checks():
         y, s = wkv7_prefill(*xs, chunk_len=L)
         record(f"prefill_N16_T{T}_L{L}", max(rel_err(y, yr), rel_err(s, sr)), 1e-12)
 
+    # the model's head size: the scan's two-column register tiles (N=64) and a 64-step chunk
+    xs = make_inputs(1, 70, 1, 64, torch.float32, seed=64)
+    yr, sr = ref64(*xs)
+    y, s = wkv7_prefill(*xs, chunk_len=64)
+    record("prefill_N64_T70_L64", max(rel_err(y, yr), rel_err(s, sr)), 1e-5)
+
     # the in-kernel causal inverse against a dense inverse, and its adjoint by gradcheck
     from edge_rwkv.cuda_kernels.wkv_prefill import _CausalInverse
 
@@ -152,6 +158,13 @@ def _checks():
     except Exception as exc:  # noqa: BLE001
         res["gradcheck_f64"] = [False, repr(exc)[:400]]
 
+    # a chunk length the kernels cannot hold is refused with a clear error before any launch
+    try:
+        wkv7_prefill(*make_inputs(1, 3, 1, 4, torch.float64, seed=1), chunk_len=128)
+        res["chunk_len_refused"] = [False, "no error"]
+    except ValueError as exc:
+        res["chunk_len_refused"] = ["chunk length 128" in str(exc), str(exc)[:200]]
+
     # the public op takes the kernel path on simulator tensors
     xs = make_inputs(1, 6, 1, 4, torch.float64, seed=4)
     yr, sr = ref64(*xs)
@@ -170,10 +183,10 @@ NAMES = (
     + [f"prefill_f64_T{T}_B{B}_L{L}" for T in (1, 5, 17) for B in (1, 2) for L in (4, 16)]
     + ["prefill_f32_N4", "bf16_decode", "prefill_bf16", "backward_bf16", "prefill_strong_decay",
        "prefill_equals_decode"]
-    + [f"prefill_N16_T{T}_L{L}" for T, L in ((37, 8), (37, 16), (19, 32))]
+    + [f"prefill_N16_T{T}_L{L}" for T, L in ((37, 8), (37, 16), (19, 32))] + ["prefill_N64_T70_L64"]
     + ["causal_inverse_L4", "causal_inverse_L8", "causal_inverse_gradcheck"]
     + [f"backward_T{T}_L{L}" for T, L in ((5, 4), (17, 4), (37, 16), (19, 8))]
-    + ["inference_then_backward", "gradcheck_f64", "wkv7_public"]
+    + ["inference_then_backward", "gradcheck_f64", "chunk_len_refused", "wkv7_public"]
 )
 
 
