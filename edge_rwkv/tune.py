@@ -488,7 +488,7 @@ def _clock(start: float, step: int, opts: TuneOptions, ranks: Ranks, device) -> 
         frac = (time.time() - start) / (opts.minutes * 60)
         if opts.steps is not None:
             frac = max(frac, step / opts.steps)
-        t[0], t[1] = min(frac, 1.0), float(frac >= 1.0)
+        t[0], t[1] = min(frac, 1.0), float(frac >= 1.0 and step > 0)  # at least one step
     ranks.all_reduce(t, "the step clock")
     return float(t[0]), bool(t[1])
 
