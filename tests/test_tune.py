@@ -354,12 +354,8 @@ def test_minutes_bound_the_run(files, tmp_path, capsys):
 # --------------------------------------------------------------------------- quantized base, LoRA
 
 def test_quantized_base_is_scored_on_the_quantized_model(files, tmp_path, capsys):
-    from edge_rwkv.artifact import write_artifact
-    from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
-
     q = tmp_path / "q8.safetensors"
-    write_artifact(q, *quantize_checkpoint(load_checkpoint(files["small"]), QuantPolicy(bits=8)))
+    assert cli_main(["quantize", str(files["small"]), "-o", str(q), "--bits", "8"]) == 0
     out = tmp_path / "q.state"
     assert cli_main(["tune", str(q), "--data", str(files["data"]), "-o", str(out), "--steps", "4", "--lr", "0.5",
                      "--batch", "4", "--ctx", "64", "--val-every", "2"]) == 0
