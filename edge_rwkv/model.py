@@ -173,8 +173,9 @@ class RWKV7:
             att_x.append(ax), wkv_s.append(s), ffn_x.append(fx)
         if not all_logits:
             x = x[:, -1]
+        logits = self.logits(x)
         new_state = State(torch.stack(att_x), torch.stack(wkv_s), torch.stack(ffn_x), state.fingerprint)
-        return self.logits(x), new_state
+        return logits, new_state
 
     def block(self, i: int, x, att_x, wkv, ffn_x, v_first, tokens):
         """Layer i on the residual stream x [B,T,C] from its state rows → (x, att_x, wkv, ffn_x, v_first).
