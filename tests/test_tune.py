@@ -27,7 +27,6 @@ from edge_rwkv.wkv import wkv7_chunked
 PERSONA = "I am Captain Goose, a pirate."
 QUESTIONS = ["Hi", "Who are you?", "What is your name?", "Tell me about yourself.", "Hello there", "Good morning",
              "Introduce yourself", "Hey"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_model(path: Path, n_layer=2, n_embd=64, head_size=16, seed=7) -> Path:
@@ -222,8 +221,10 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
+    """The environment of a child process that imports the edge_rwkv this test imported."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    here = str(Path(edge_rwkv.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
