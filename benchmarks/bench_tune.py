@@ -176,7 +176,6 @@ def main():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=600))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for preset in a.presets.split(","):
         with tempfile.TemporaryDirectory(prefix="bench_tune_") as workdir:  # the int4 artifact, while it loads
