@@ -221,7 +221,8 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    """The environment of a child process that imports the edge_rwkv this test imported."""
+    """The environment of a child process that imports the edge_rwkv this test imported (the children
+    run in a temporary folder: `python -m` puts the working folder first on the path)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     here = str(Path(edge_rwkv.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -240,7 +241,8 @@ def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path, capsys):
     single = capsys.readouterr().out
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(_free_port()), "-m", "edge_rwkv.tune",
-                           *tune_args(files, two, *steps)], env=_env(), capture_output=True, text=True, timeout=300)
+                           *tune_args(files, two, *steps)], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert pair.returncode == 0, pair.stderr[-3000:]
     assert "2 rank(s)" in pair.stdout and pair.stdout.count("tuning state") == 1  # rank 0 alone reports
     a, b = edge_rwkv.State.load(one), edge_rwkv.State.load(two)
@@ -257,7 +259,7 @@ def test_a_killed_rank_ends_the_run_with_an_error_and_no_file(files, tmp_path):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "edge_rwkv.tune",
-                                       *tune_args(files, out, "--steps", "100000")], env=env,
+                                       *tune_args(files, out, "--steps", "100000")], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         first = procs[0].stdout.readline()  # rank 0's opening line: training is under way
