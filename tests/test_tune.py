@@ -47,6 +47,16 @@ def write_persona(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one thread does them fastest, and on a busy shared CPU torch's worker
+    threads waiting on each other made the persona run 3-4× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
