@@ -1,6 +1,6 @@
 """State-tuning throughput and memory: tokens/s per process and peak GPU memory against the weights.
 
-Random weights in the official shapes (edge_rwkv.bench.bench_weights): 0.1b and 1.5b with fp16
+Random weights in the official shapes (the bench's bench_weights): 0.1b and 1.5b with fp16
 frozen weights, 7.2b from an int4 artifact (tuned, as `edge-rwkv tune` does, on its dequantized bf16
 copy). Each step is what `edge-rwkv tune` runs: --micro-batch sequences of --ctx tokens per rank,
 every token a target, forward + backward to the initial state with layer-by-layer recomputation,
@@ -16,35 +16,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
-from edge_rwkv.bench import PRESETS, bench_policy, bench_weights
-from edge_rwkv.checkpoint import Checkpoint, derive_config
+from edge_rwkv.checkpoint import Checkpoint, derive_config, load_checkpoint
+from edge_rwkv.cli import main as cli_main
+from edge_rwkv.devices import preset_config
 from edge_rwkv.tune import Ranks, Sample, TuneOptions, build_tuning_net, dense_tensors, train_step
 
-INT4_BASE = ("7.2b",)  # presets tuned from an int4 artifact (a dequantized bf16 copy), the rest from fp16
+try:  # the bench package's random weights (drawn on the GPU: seconds for any size) …
+    from edge_rwkv.bench.weights import bench_weights
+except ImportError:  # … where edge_rwkv.bench is still one module
+    from edge_rwkv.bench import bench_weights
+
 TARGET = {"1.5b": (20_000, 1.30)}  # tok/s per GPU at least, peak / weights at most (H200, ctx 1024)
 
 
-def base_checkpoint(preset: str, device: torch.device) -> tuple[Checkpoint, str]:
-    L, D = PRESETS[preset]
-    sd = bench_weights(L, D, seed=0, device=device, dtype=torch.float16)
-    cfg = derive_config(sd)
-    if preset not in INT4_BASE:
-        return Checkpoint(f"<random {preset}>", sd, cfg, {"dtype": "float16"}), "fp16"
-    from edge_rwkv.quantize import quantize_checkpoint
+def base_checkpoint(preset: str, device: torch.device, int4: bool, workdir: Path) -> tuple[Checkpoint, str]:
+    """Random weights of the preset's shape: fp16 in memory, or (int4) written and quantized by
+    `edge-rwkv quantize --bits 4` (layers and head int4 g128, embedding int8, round to nearest) and read
+    back as `edge-rwkv tune` reads an artifact."""
+    cfg = preset_config(preset)
+    sd = bench_weights(cfg.n_layer, cfg.n_embd, seed=0, device=device, dtype=torch.float16)
+    if not int4:
+        return Checkpoint(f"<random {preset}>", sd, derive_config(sd), {"dtype": "float16"}), "fp16"
+    src, dst = workdir / f"{preset}.safetensors", workdir / f"{preset}-int4.safetensors"
+    save_file(sd, str(src))
+    del sd
+    if cli_main(["quantize", str(src), "-o", str(dst), "--bits", "4", "--quantize-head", "--quantize-embedding",
+                 "--device", str(device)]) != 0:
+        raise SystemExit(f"{preset}: edge-rwkv quantize failed")
+    src.unlink()
+    return load_checkpoint(dst), "int4 → bf16 copy"
 
-    tensors, meta = quantize_checkpoint(Checkpoint(f"<random {preset}>", sd, cfg, {}), bench_policy(4), device=device)
-    return Checkpoint(f"<random {preset} int4>", tensors, cfg, meta), "int4 → bf16 copy"
 
-
-def tuning_net(preset: str, device: torch.device):
+def tuning_net(preset: str, device: torch.device, int4: bool, workdir: Path):
     """(net, tunable, base description, weights dtype, bytes the frozen weights occupy)."""
-    ckpt, base = base_checkpoint(preset, device)
+    ckpt, base = base_checkpoint(preset, device, int4, workdir)
     dtype = torch.float32 if device.type == "cpu" else torch.float16 if base == "fp16" else torch.bfloat16
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -144,6 +158,7 @@ def table(rows: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="0.1b,1.5b,7.2b")
+    ap.add_argument("--int4", default="7.2b", help="presets tuned from an int4 artifact (default 7.2b); the rest fp16")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--micro-batch", default="1", help="sequences per rank per step; a list (1,2,4) gives a row each")
     ap.add_argument("--steps", type=int, default=5)
@@ -161,10 +176,10 @@ def main():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=600))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for preset in a.presets.split(","):
-        built = tuning_net(preset, device)
+        with tempfile.TemporaryDirectory(prefix="bench_tune_") as workdir:  # the int4 artifact, while it loads
+            built = tuning_net(preset, device, preset in a.int4.split(","), Path(workdir))
         for mb in (int(x) for x in a.micro_batch.split(",")):
             try:
                 rows.append(measure(preset, built, mb, a, ranks, device))

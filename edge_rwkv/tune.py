@@ -488,7 +488,7 @@ def _clock(start: float, step: int, opts: TuneOptions, ranks: Ranks, device) -> 
         frac = (time.time() - start) / (opts.minutes * 60)
         if opts.steps is not None:
             frac = max(frac, step / opts.steps)
-        t[0], t[1] = min(frac, 1.0), float(frac >= 1.0)
+        t[0], t[1] = min(frac, 1.0), float(frac >= 1.0 and step > 0)  # at least one step
     ranks.all_reduce(t, "the step clock")
     return float(t[0]), bool(t[1])
 
@@ -530,8 +530,10 @@ def merged_artifact(ckpt_tensors: dict[str, torch.Tensor], cfg, tunable: Tunable
 # =========================================================================== command line
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model: official .pth, safetensors, an edge-rwkv artifact (quantized ones are tuned "
-                                 "on a dequantized copy and scored on the quantized model) or a Hugging Face folder")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model: official .pth, safetensors, an edge-rwkv artifact (quantized ones are tuned on a "
+                        "dequantized copy and scored on the quantized model) or a Hugging Face folder (default: "
+                        "the embedded default model)")
     p.add_argument("--data", required=True, help=".txt (documents separated by blank lines) or .jsonl "
                                                  "({\"messages\": [{\"role\", \"content\"}, …]} or {\"text\": …} a line)")
     p.add_argument("-o", "--output", required=True,
@@ -563,7 +565,7 @@ def check_args(a) -> None:
             raise TuneError(f"{flag} must be positive, got {value}")
     if not 0 < a.val_fraction < 1:
         raise TuneError(f"--val-fraction must be between 0 and 1, got {a.val_fraction}")
-    if Path(a.output).resolve() in (Path(a.model).resolve(), Path(a.data).resolve()):
+    if Path(a.output).resolve() in (Path(resolve_model(a.model)).resolve(), Path(a.data).resolve()):
         raise TuneError("--output must name a new file, not the model or the data")
 
 

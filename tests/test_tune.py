@@ -27,7 +27,6 @@ from edge_rwkv.wkv import wkv7_chunked
 PERSONA = "I am Captain Goose, a pirate."
 QUESTIONS = ["Hi", "Who are you?", "What is your name?", "Tell me about yourself.", "Hello there", "Good morning",
              "Introduce yourself", "Hey"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_model(path: Path, n_layer=2, n_embd=64, head_size=16, seed=7) -> Path:
@@ -46,6 +45,16 @@ def write_persona(path: Path) -> Path:
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": PERSONA}]}) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one thread does them fastest, and on a busy shared CPU torch's worker
+    threads waiting on each other made the persona run 3-4× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +231,11 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
+    """The environment of a child process that imports the edge_rwkv this test imported (the children
+    run in a temporary folder: `python -m` puts the working folder first on the path)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    here = str(Path(edge_rwkv.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
@@ -239,7 +251,8 @@ def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path, capsys):
     single = capsys.readouterr().out
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(_free_port()), "-m", "edge_rwkv.tune",
-                           *tune_args(files, two, *steps)], env=_env(), capture_output=True, text=True, timeout=300)
+                           *tune_args(files, two, *steps)], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert pair.returncode == 0, pair.stderr[-3000:]
     assert "2 rank(s)" in pair.stdout and pair.stdout.count("tuning state") == 1  # rank 0 alone reports
     a, b = edge_rwkv.State.load(one), edge_rwkv.State.load(two)
@@ -256,7 +269,7 @@ def test_a_killed_rank_ends_the_run_with_an_error_and_no_file(files, tmp_path):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "edge_rwkv.tune",
-                                       *tune_args(files, out, "--steps", "100000")], env=env,
+                                       *tune_args(files, out, "--steps", "100000")], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         first = procs[0].stdout.readline()  # rank 0's opening line: training is under way
@@ -354,12 +367,8 @@ def test_minutes_bound_the_run(files, tmp_path, capsys):
 # --------------------------------------------------------------------------- quantized base, LoRA
 
 def test_quantized_base_is_scored_on_the_quantized_model(files, tmp_path, capsys):
-    from edge_rwkv.artifact import write_artifact
-    from edge_rwkv.quant.policy import QuantPolicy
-    from edge_rwkv.quantize import quantize_checkpoint
-
     q = tmp_path / "q8.safetensors"
-    write_artifact(q, *quantize_checkpoint(load_checkpoint(files["small"]), QuantPolicy(bits=8)))
+    assert cli_main(["quantize", str(files["small"]), "-o", str(q), "--bits", "8"]) == 0
     out = tmp_path / "q.state"
     assert cli_main(["tune", str(q), "--data", str(files["data"]), "-o", str(out), "--steps", "4", "--lr", "0.5",
                      "--batch", "4", "--ctx", "64", "--val-every", "2"]) == 0
