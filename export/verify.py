@@ -43,7 +43,7 @@ def verify_export(model_path, folder, tokens: int = 40, seed: int = 0, src=None)
     src = src or read_source(model_path, progress=False)
     dtype = m["precision"]["matmul"]
     net, fingerprint = reference_model(src, dtype)
-    ort = OrtModel(Path(folder))
+    ort = OrtModel(Path(folder), one_copy=False)  # decode.onnx itself, step by step
     B, V, c = ort.decode.batch, src.config.vocab_size, src.config
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, tokens), generator=g)
