@@ -28,27 +28,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# name -> (graphs, shared initializers, extra session config entries, optimization level, env allocators)
+@dataclass(frozen=True)
+class SessionSetup:
+    """How a configuration opens its sessions."""
+
+    graphs: tuple[str, ...] = ("decode", "prefill")
+    shared_initializers: bool = False  # every external initializer added to each session as one shared OrtValue
+    entries: tuple[tuple[str, str], ...] = ()  # session config entries on top of the manifest's
+    optimization: str | None = None  # "disable" | "basic" | "extended"; None: onnxruntime's default (all)
+    env_arena: bool = False  # one arena registered with the environment, used by every session
+
+
+PREPACK_OFF = (("session.disable_prepacking", "1"),)
 CONFIGS = {
-    "one session (decode only)": (("decode",), False, {}, None, False),
-    "one session of prefill.onnx (any T: OrtModel one_copy)": (("prefill",), False, {}, None, False),
-    "two sessions": (("decode", "prefill"), False, {}, None, False),
-    "two + shared initializers": (("decode", "prefill"), True, {}, None, False),
-    "two + disable_prepacking": (("decode", "prefill"), False, {"session.disable_prepacking": "1"}, None, False),
-    "two + shared + disable_prepacking": (("decode", "prefill"), True, {"session.disable_prepacking": "1"}, None, False),
-    "two + env allocators (shared arena)": (("decode", "prefill"), False, {"session.use_env_allocators": "1"}, None, True),
-    "two + optimization disabled": (("decode", "prefill"), False, {}, "disable", False),
-    "two + shared + optimization disabled": (("decode", "prefill"), True, {}, "disable", False),
-    "two + optimization basic": (("decode", "prefill"), False, {}, "basic", False),
-    "two + shared + optimization basic": (("decode", "prefill"), True, {}, "basic", False),
-    "two + optimization extended": (("decode", "prefill"), False, {}, "extended", False),
+    "one session (decode only)": SessionSetup(graphs=("decode",)),
+    "one session of prefill.onnx (any T: OrtModel one_copy)": SessionSetup(graphs=("prefill",)),
+    "two sessions": SessionSetup(),
+    "two + shared initializers": SessionSetup(shared_initializers=True),
+    "two + disable_prepacking": SessionSetup(entries=PREPACK_OFF),
+    "two + shared + disable_prepacking": SessionSetup(shared_initializers=True, entries=PREPACK_OFF),
+    "two + env allocators (shared arena)": SessionSetup(entries=(("session.use_env_allocators", "1"),), env_arena=True),
+    "two + optimization disabled": SessionSetup(optimization="disable"),
+    "two + shared + optimization disabled": SessionSetup(shared_initializers=True, optimization="disable"),
+    "two + optimization basic": SessionSetup(optimization="basic"),
+    "two + shared + optimization basic": SessionSetup(shared_initializers=True, optimization="basic"),
+    "two + optimization extended": SessionSetup(optimization="extended"),
 }
 
 
@@ -102,23 +113,23 @@ def child(folder: str, config: str, threads: int, logits_path: str) -> None:
     base = _status_bytes("VmRSS")["VmRSS"]
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    graphs, shared, extra, level, env_alloc = CONFIGS[config]
+    setup = CONFIGS[config]
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
-    if env_alloc:
+    if setup.env_arena:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-    files = [manifest["graphs"][g]["file"] for g in graphs]
-    keep = shared_initializers(folder, files) if shared else None
+    files = [manifest["graphs"][g]["file"] for g in setup.graphs]
+    keep = shared_initializers(folder, files) if setup.shared_initializers else None
     sessions, t0 = {}, time.perf_counter()
-    for g, f in zip(graphs, files):
+    for g, f in zip(setup.graphs, files):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        for k, v in {**manifest["onnxruntime"]["session_config"], **extra}.items():
+        for k, v in {**manifest["onnxruntime"]["session_config"], **dict(setup.entries)}.items():
             opts.add_session_config_entry(k, str(v))
-        if level:
-            opts.graph_optimization_level = levels[level]
+        if setup.optimization:
+            opts.graph_optimization_level = levels[setup.optimization]
         if keep:
             for name, value in zip(keep[0], keep[1]):
                 opts.add_initializer(name, value)

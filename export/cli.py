@@ -51,8 +51,9 @@ def cmd_export(a) -> int:
 
         rep = verify_export(a.model, a.output, tokens=a.verify)
         print(f"verify          onnxruntime vs torch runtime over {rep['tokens']} tokens: "
-              f"max |Δlogits| / std = {rep['max_rel']:.2e} (decode steps), {rep['max_rel_chunked']:.2e} (chunked); "
-              f"argmax {rep['argmax_agree']}/{rep['argmax_total']} ({rep['argmax_near_ties']} near-ties)")
+              f"max |Δlogits| / std = {rep['max_rel']:.2e} (decode steps), {rep['max_rel_chunked']:.2e} (chunked)"
+              + ("" if rep["max_rel_one_session"] is None else f", {rep['max_rel_one_session']:.2e} (one session)")
+              + f"; argmax {rep['argmax_agree']}/{rep['argmax_total']} ({rep['argmax_near_ties']} near-ties)")
     if a.format == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_engines, trtexec_commands
 

@@ -86,14 +86,17 @@ class OrtModel:
 
     one_copy=True runs everything through one session of the prefill graph (it must take any number of
     tokens: the onnxruntime target's does), so the process holds one compute copy of the weights instead
-    of two; a single token then goes through the prefill graph's Scan (see export/INTEGRATION.md, Memory,
-    for what that costs)."""
+    of two; a single token then goes through the prefill graph's Scan, measured as fast as decode.onnx
+    (export/INTEGRATION.md, Memory). one_copy=None (the default) does so wherever the export allows it;
+    False opens both graphs (verify does, to check decode.onnx itself)."""
 
-    def __init__(self, folder: str | Path, one_copy: bool = False, **kw):
+    def __init__(self, folder: str | Path, one_copy: bool | None = None, **kw):
         folder = Path(folder)
         manifest = load_manifest(folder)
         kw.setdefault("session_config", manifest["onnxruntime"]["session_config"])
         graphs = manifest["graphs"]
+        if one_copy is None:
+            one_copy = bool(graphs.get("prefill", {}).get("any_tokens"))
         if one_copy:
             if not graphs.get("prefill", {}).get("any_tokens"):
                 raise InputError(f"{folder}: one_copy needs a prefill graph that takes any number of tokens "

@@ -317,6 +317,7 @@ def test_onnxruntime_matches_torch_reference(exports, key, tol):
     rep = verify_export(model, out, tokens=2 * CHUNK + 3, seed=4)
     assert rep["batch"] == key[2]
     assert rep["max_rel"] <= tol and rep["max_rel_chunked"] <= tol, rep
+    assert rep["max_rel_one_session"] <= tol, rep  # the onnxruntime target: one session of the any-T prefill graph
     assert rep["state_max_abs"] <= (1e-4 if tol == TOL_FP32 else 5e-2), rep
     assert rep["argmax_agree"] == rep["argmax_total"] == (2 * CHUNK + 3) * key[2], rep
 
@@ -381,8 +382,11 @@ def test_one_session_runs_a_whole_sequence(exports):
     model, out = exports(("int4", "float16", 1))
     m = edge_rwkv.load(model, dtype="float32")
     ids = torch.randint(0, VOCAB, (1, 2 * CHUNK + 3), generator=torch.Generator().manual_seed(8))
-    two, one = OrtModel(out), OrtModel(out, one_copy=True)
+    two, one = OrtModel(out, one_copy=False), OrtModel(out, one_copy=True)
     assert one.decode.session is one.prefill.session and one.decode.tokens == 1 and one.prefill.tokens == CHUNK
+    assert two.decode.session is not two.prefill.session
+    auto = OrtModel(out)  # the default: one session wherever the export allows it
+    assert auto.decode.session is auto.prefill.session
     ref, ref_state = two.forward(ids, m.new_state())
     got, state = one.forward(ids, m.new_state())
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
@@ -398,6 +402,8 @@ def test_one_session_runs_a_whole_sequence(exports):
     _, trt_out = exports(("int4", "float16", 1, "tensorrt"))
     with pytest.raises(InputError, match="one_copy needs a prefill graph that takes any number of tokens"):
         OrtModel(trt_out, one_copy=True)
+    fixed = OrtModel(trt_out)  # fixed shapes: two sessions
+    assert fixed.decode.session is not fixed.prefill.session
 
 
 def test_one_weights_file_shared_by_both_graphs(exports):
