@@ -306,12 +306,13 @@ def sweep_seg(log) -> tuple[float, list[dict]]:
     ranks, C = (96, 128, 128, 480), 4096
     rows = []
     stages = {"downs": [(r, C) for r in ranks], "ups": [(C, r) for r in ranks],
-              "1.5b ffn key": [(8192, 2048)], "1.5b ffn value": [(2048, 8192)]}
+              "1.5b ffn key": [(8192, 2048)], "1.5b ffn value": [(2048, 8192)],
+              "0.1b head": [(65536, 768)], "1.5b head": [(65536, 2048)], "0.1b ffn key": [(3072, 768)]}
     for stage, shapes in stages.items():
         nbytes = sum(n * k for n, k in shapes) * 2
         copies = max(2, min(64, -(-L2_DEFEAT_BYTES // nbytes)))
         bufs, tabs = [], []
-        x = torch.randn(sum(k for _, k in shapes) if stage == "ups" else C, device="cuda").half()
+        x = torch.randn(sum(k for _, k in shapes) if stage == "ups" else max(k for _, k in shapes), device="cuda").half()
         for _ in range(copies):
             buf = (torch.randn(nbytes // 2, device="cuda") * 0.02).half()
             segs, off, xo, oo = [], 0, 0, 0

@@ -95,17 +95,39 @@ def _block_sum_fn(NT: int, ZERO):
     return block_sum
 
 
-def _norm_mix_source(NT: int, EPT: int, M: int, EPB: int) -> str:
+def _round_lines(val: str, row: str, col: str, C: str, pairs: bool, ind: str) -> list[str]:
+    """Round `val` (one value a lane; the warp holds 32 consecutive columns, col % 32 == lane) into the
+    int8 activation layout of cuda_kernels/gemv_a8.py (xq / xs / xz of row `row`), as its quantize_x
+    does, so the GEMV that reads it needs no rounding launch of its own. Every lane of the warp must
+    reach these lines."""
+    pos = "qk - (qk & 7) + (qk & 1) * 4 + ((qk & 7) >> 1)" if pairs else "qk"
+    return [f"{ind}qv = float32({val})",
+            f"{ind}amax = warp_max(abs(qv), qblk, t)",
+            f"{ind}qinv = float32(127.0) / amax if amax > 0 else float32(0.0)",
+            f"{ind}qi = int32(math.floor(qv * qinv + float32(0.5)))",
+            f"{ind}qi = max(-127, min(127, qi))",
+            f"{ind}qk = {col}",
+            f"{ind}xq[{row} * {C} + {pos}] = qi",
+            f"{ind}qs = warp_sum_i(qi, qblk, t)",
+            f"{ind}if (t & 31) == 0:",
+            f"{ind}    xs[({row} * {C} + qk) >> 5] = amax / float32(127.0)",
+            f"{ind}    xz[({row} * {C} + qk) >> 5] = -8 * qs"]
+
+
+def _norm_mix_source(NT: int, EPT: int, M: int, EPB: int, QM: int = 0, pairs: bool = False) -> str:
     """The norm_mix kernel, generated so that every global load is issued before any is used: each
     thread's elements are named scalars (not a local array, whose stores the compiler must order
     before later loads), and loads are unconditional at clamped indices (a load inside an `if` whose
-    body also uses it costs one round trip per element: ~0.45 µs each on an H200)."""
-    L = ["def norm_mix_kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out):",
+    body also uses it costs one round trip per element: ~0.45 µs each on an H200).
+    QM > 0: the first QM mixes are also rounded to int8 for the GEMVs that read them (xq/xs/xz rows
+    m·B + b, see _round_lines; C a multiple of 32 so a warp's columns are one rounding block)."""
+    L = ["def norm_mix_kern(x, xout, dx, add, lnw, lnb, prev, live, mix, out, xq, xs, xz):",
          # x [B,C] acc, read; xout [B,C] = x + dx (dx added when add != 0); prev [B,C] in/out (rows with
          # live[b] == 0 keep theirs); mix [M,C]; out [M,B,C]. Block (b, sl) writes elements
          # e = sl·EPB + j (j < EPB) of each thread: column t + e·NT.
          "    b = cuda.blockIdx.x",
          "    sl = cuda.blockIdx.y",
+         "    qblk = b * cuda.gridDim.y + sl",
          "    keep = live[b] == 0",
          "    t = cuda.threadIdx.x",
          "    C = x.shape[1]",
@@ -140,23 +162,38 @@ def _norm_mix_source(NT: int, EPT: int, M: int, EPB: int) -> str:
               f"        xx = p{j} - h",
               "        if not keep:",
               f"            prev[b, c{j}] = h"]
-        L += [f"        out[{m}, b, c{j}] = h + xx * m{j}_{m}" for m in range(M)]
+        L += [f"        out[{m}, b, c{j}] = h + xx * m{j}_{m}" for m in range(QM, M)]
+        for m in range(QM):
+            L += [f"        y = h + xx * m{j}_{m}", f"        out[{m}, b, c{j}] = y"]
+            L += _round_lines("y", f"({m} * out.shape[1] + b)", f"c{j}", "C", pairs, " " * 8)
     return "\n".join(L) + "\n"
 
 
+def _round_helpers() -> dict:
+    """warp_max / warp_sum_i (shuffles on a GPU, a per-warp barrier under the simulator) and the types."""
+    from numba import int32
+
+    from ._gemv_util import helpers
+
+    h = helpers()
+    return dict(warp_max=h["warp_max"], warp_sum_i=h["warp_sum_i"], int32=int32)
+
+
 @functools.lru_cache(maxsize=None)
-def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int, EPB: int):
+def norm_mix_kernel(acc_name: str, NT: int, EPT: int, M: int, EPB: int, QM: int = 0, pairs: bool = False):
     """Kernel for NT threads per row, each holding EPT elements of x (C ≤ NT·EPT) in registers, and M mixes;
-    a block writes EPB of each thread's elements (ceil(EPT / EPB) blocks a row)."""
+    a block writes EPB of each thread's elements (ceil(EPT / EPB) blocks a row); the first QM mixes
+    are also rounded to int8 (int4 pairs order when `pairs`)."""
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
 
     acc = float64 if acc_name == "float64" else float32
     npacc = np.float64 if acc_name == "float64" else np.float32
-    ns = dict(cuda=cuda, math=math, acc=acc, ZERO=npacc(0.0), EPS=npacc(LN_EPS),
-              block_sum=_block_sum_fn(NT, npacc(0.0)))
-    exec(compile(_norm_mix_source(NT, EPT, M, EPB), f"<norm_mix {NT} {EPT} {M} {EPB}>", "exec"), ns)
+    ns = dict(cuda=cuda, math=math, acc=acc, float32=float32, ZERO=npacc(0.0), EPS=npacc(LN_EPS),
+              block_sum=_block_sum_fn(NT, npacc(0.0)), **_round_helpers())
+    src = _norm_mix_source(NT, EPT, M, EPB, QM, pairs)
+    exec(compile(src, f"<norm_mix {NT} {EPT} {M} {EPB} {QM} {pairs}>", "exec"), ns)
     return cuda.jit(fastmath=False)(ns["norm_mix_kern"])
 
 
@@ -223,16 +260,21 @@ _TIME_MIX_OUTPUT = """
     var = block_sum(buf, dev * dev, t) / N
     if t < N:
         o = (y - mean) / math.sqrt(var + GEPS) * lnwj + lnbj + bonus * sv[t]
-        out[bi, c] = o * gj
+        o = o * gj
+        out[bi, c] = o
 """
 
 
-def _time_mix_source(N: int, TPR: int) -> str:
+def _time_mix_source(N: int, TPR: int, rounded: bool = False, pairs: bool = False) -> str:
     """time_mix_wkv with the thread's share of its state row in named scalars (CPT = N / TPR of them):
     loaded first so their latency overlaps the vector work, and — unlike a local array, whose stores
-    the compiler must order before later global loads — all in flight at once."""
+    the compiler must order before later global loads — all in flight at once.
+    rounded: the output is also rounded to int8 for the output GEMV (N a multiple of 32: the threads
+    t < N are whole warps, each holding one rounding block of a head)."""
     Q = range(N // TPR)
-    L = ["def time_mix_kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out):",
+    L = ["def time_mix_kern(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first, v_first, state, live, out,"
+         " xq, xs, xz):",
+         "    qblk = cuda.blockIdx.x",
          # r,k,v,g [B,C]; lora [3,B,C] = (v, w, a) LoRA outputs; v_first [B,C] acc (written when first);
          # state [B,H,N,N] acc in place for rows with live[b] != 0; out [B,C] = (GroupNorm(y) + bonus)·g
          "    H = state.shape[1]",
@@ -258,11 +300,13 @@ def _time_mix_source(N: int, TPR: int) -> str:
     L.append("    if not keep:")
     L += [f"        state[bi, h, i, p + {q * TPR}] = n{q}" for q in Q]
     L += _TIME_MIX_OUTPUT.strip("\n").split("\n")
+    if rounded:
+        L += _round_lines("o", "bi", "c", "(H * N)", pairs, " " * 8)
     return "\n".join(L) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
-def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int):
+def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int, rounded: bool = False, pairs: bool = False):
     global cuda
     cuda = numba_cuda()
     from numba import float32, float64
@@ -271,10 +315,11 @@ def time_mix_wkv_kernel(N: int, acc_name: str, TPR: int):
     npacc = np.float64 if acc_name == "float64" else np.float32
     NT = N * TPR
     ZERO = npacc(0.0)
-    ns = dict(cuda=cuda, math=math, acc=acc, N=N, TPR=TPR, NT=NT, ZERO=ZERO, ONE=npacc(1.0),
+    ns = dict(cuda=cuda, math=math, acc=acc, float32=float32, N=N, TPR=TPR, NT=NT, ZERO=ZERO, ONE=npacc(1.0),
               DS=npacc(DECAY_SCALE), GEPS=npacc(GROUP_NORM_EPS), KEPS=npacc(KK_EPS),
-              block_sum=_block_sum_fn(NT, ZERO))  # threads at or above N contribute zeros
-    exec(compile(_time_mix_source(N, TPR), f"<time_mix_wkv {N} {TPR}>", "exec"), ns)
+              block_sum=_block_sum_fn(NT, ZERO), **_round_helpers())  # threads at or above N contribute zeros
+    src = _time_mix_source(N, TPR, rounded, pairs)
+    exec(compile(src, f"<time_mix_wkv {N} {TPR} {rounded} {pairs}>", "exec"), ns)
     return cuda.jit(fastmath=False)(ns["time_mix_kern"]), NT
 
 
@@ -292,26 +337,59 @@ def norm_mix_split(B: int, EPT: int) -> int:
     return -(-EPT // per_row)
 
 
-def norm_mix(x, xout, dx, lnw, lnb, prev, live, mix, out, add: bool) -> None:
+def _rounded_arrays(rx, rows: int, C: int) -> tuple[list, bool]:
+    """The kernel arrays of a gemv_a8.RoundedX that takes `rows` rows of C values (placeholders when rx is
+    None: the kernel variant without rounding never touches them)."""
+    if rx is None:
+        return [_placeholder(torch.int8), _placeholder(torch.float32), _placeholder(torch.int32)], False
+    if rx.rows != rows or rx.K != C or C % 32:
+        raise ValueError(f"rounded x buffers hold [{rx.rows}, {rx.K}], the kernel writes [{rows}, {C}] "
+                         "(C a multiple of 32)")
+    return [kernel_array(t) for t in (rx.xq, rx.xs, rx.xz)], rx.pairs
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(dtype: torch.dtype):
+    """A one-element array on the kernels' device for unused arguments (cached: no allocation while
+    a CUDA graph is being captured after the first use)."""
+    dev = "cpu" if simulator() else "cuda"
+    key = (dtype, dev, None if dev == "cpu" else torch.cuda.current_device())
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=dev)
+    return kernel_array(_PLACEHOLDERS[key])
+
+
+def norm_mix(x, xout, dx, lnw, lnb, prev, live, mix, out, add: bool, rounded=None, rounded_mixes: int = 0) -> None:
     """xout = x + dx (x when not add); h = LN(xout); out[m] = h + (prev − h)·mix[m]; prev = h where
-    live[b]. xout must not be x (blocks of one row read all of x while others write their slices)."""
+    live[b]. xout must not be x (blocks of one row read all of x while others write their slices).
+    rounded: a gemv_a8.RoundedX of rounded_mixes·B rows that also receives out[:rounded_mixes] rounded
+    to int8 (rows m·B + b), for the GEMVs that read those mixes."""
     B, C = x.shape
     nt = _norm_threads(C)
     ept = -(-C // nt)
     epb = norm_mix_split(B, ept)
-    kern = norm_mix_kernel(_acc_name(x), nt, ept, mix.shape[0], epb)
+    qm = rounded_mixes if rounded is not None else 0
+    rarrays, pairs = _rounded_arrays(rounded, qm * B, C)
+    kern = norm_mix_kernel(_acc_name(x), nt, ept, mix.shape[0], epb, qm, pairs)
     arrays = [kernel_array(t) for t in (x, xout, dx)] + [np.int32(1 if add else 0)] + \
-             [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)]
+             [kernel_array(t) for t in (lnw, lnb, prev, live, mix, out)] + rarrays
     kern[(B, -(-ept // epb)), nt, current_stream()](*arrays)
 
 
 def time_mix_wkv(r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, first: bool, v_first, state, live,
-                 out, threads_per_row: int | None = None) -> None:
+                 out, threads_per_row: int | None = None, rounded=None) -> None:
     """In place: state advanced one token where live[b], out = the gated, normalised WKV output.
-    `threads_per_row` overrides time_mix_threads_per_row (tests compare both layouts)."""
+    `threads_per_row` overrides time_mix_threads_per_row (tests compare both layouts).
+    rounded: a gemv_a8.RoundedX of B rows that also receives out rounded to int8 (head size a
+    multiple of 32)."""
     B, H, N = state.shape[0], state.shape[1], state.shape[-1]
     tpr = threads_per_row or time_mix_threads_per_row(N)
-    kern, nthreads = time_mix_wkv_kernel(N, _acc_name(state), tpr)
+    if rounded is not None and N % 32:
+        raise ValueError(f"time_mix_wkv rounds its output for head sizes that are multiples of 32, not {N}")
+    rarrays, pairs = _rounded_arrays(rounded, B, H * N)
+    kern, nthreads = time_mix_wkv_kernel(N, _acc_name(state), tpr, rounded is not None, pairs)
     arrays = [kernel_array(t) for t in (r, k, v, lora, g, w0, a0, v0, k_k, k_a, r_k, lnw, lnb)] + \
-             [np.int32(1 if first else 0)] + [kernel_array(t) for t in (v_first, state, live, out)]
+             [np.int32(1 if first else 0)] + [kernel_array(t) for t in (v_first, state, live, out)] + rarrays
     kern[B * H, nthreads, current_stream()](*arrays)

@@ -307,9 +307,75 @@ def check_shapes(K: int, group: int | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------- torch API
 
+@dataclass(frozen=True)
+class RoundedX:
+    """x rounded to int8 in blocks of 32 (the layouts above): ``rows`` rows of ``K`` values, in the
+    int4 pairs order when ``pairs``. Filled by ``round_x`` or, in the fused decode step, by the kernel
+    that produces x (norm_mix, time_mix_wkv), which saves a launch per product."""
+    xq: object  # int8 [rows·K]
+    xs: object  # fp32 [rows·K/32]
+    xz: object  # int32 [rows·K/32]
+    rows: int
+    K: int
+    pairs: bool
+
+    @classmethod
+    def empty(cls, rows: int, K: int, pairs: bool, device) -> "RoundedX":
+        import torch
+
+        check_shapes(K)
+        nb = rows * K // BLOCK
+        return cls(torch.empty(rows * K, device=device, dtype=torch.int8),
+                   torch.empty(nb, device=device, dtype=torch.float32),
+                   torch.empty(nb, device=device, dtype=torch.int32), rows, K, pairs)
+
+
+def pairs_for(prep) -> bool:
+    """Whether a prepared weight reads x in the int4 pairs order."""
+    return hasattr(prep, "group")
+
+
+def round_x(x, rx: RoundedX) -> RoundedX:
+    """One launch: x [rows, K] (fp16 or fp32, contiguous) rounded into ``rx``."""
+    if tuple(x.shape) != (rx.rows, rx.K):
+        raise ValueError(f"round_x: x is {tuple(x.shape)}, buffers hold [{rx.rows}, {rx.K}]")
+    stream = U.numba_stream_for_torch()
+    launch_quantize_x(U.as_numba(x.view(-1)), U.as_numba(rx.xq), U.as_numba(rx.xs), U.as_numba(rx.xz),
+                      rx.rows, rx.K, rx.pairs, stream)
+    return rx
+
+
+def gemv_a8_rounded(rx: RoundedX, prep, out, groups: int = 1, act: str = "none", tiling: Tiling | None = None):
+    """out [groups, rows/groups, N/groups] (or [rows, N]) = rounded x @ Wᵀ, one launch (see ``gemv_a8``)."""
+    Mx, K = rx.rows, rx.K
+    M = Mx // groups
+    int4 = pairs_for(prep)
+    tiling = tiling or tiling_for("int4" if int4 else "int8", K)
+    if K != prep.K:
+        raise ValueError(f"gemv_a8: x has K={K}, weight K={prep.K}")
+    if rx.pairs != int4:
+        raise ValueError("gemv_a8: x was rounded in the other weight format's order")
+    if Mx % groups or prep.N % groups or (groups > 1 and (prep.N // groups) % tiling.rows):
+        raise ValueError(f"gemv_a8: {groups} groups must split x rows ({Mx}) and weight rows ({prep.N}) "
+                         f"into whole blocks of {tiling.rows}")
+    check_shapes(K, prep.group if int4 else None)
+    if not out.is_contiguous() or out.numel() != M * prep.N:
+        raise ValueError("gemv_a8: out must be contiguous with M·N elements")
+    import torch
+
+    stream = U.numba_stream_for_torch()
+    xq32, xs, out1 = U.as_numba(rx.xq.view(torch.int32)), U.as_numba(rx.xs), U.as_numba(out.view(-1))
+    if int4:
+        launch_int4_a8(prep.wq, prep.sc, xq32, xs, U.as_numba(rx.xz), out1, M, prep.N, K, prep.group,
+                       groups, stream, act, tiling)
+    else:
+        launch_int8_a8(prep.wq, prep.sc, xq32, xs, out1, M, prep.N, K, groups, stream, act, tiling)
+    return out
+
+
 def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none", tiling: Tiling | None = None):
     """x [M, K] CUDA (M <= MAX_ROWS; fp32 or fp16) -> out [M, N] (fp16 for fp16 x, else fp32);
-    act="relu2" stores relu(y)² instead of y.
+    act="relu2" stores relu(y)² instead of y. Two launches: ``round_x`` then ``gemv_a8_rounded``.
 
     prep: a PreparedInt4 / PreparedInt8 of gemv_int4 / gemv_int8 (the same weight views).
     groups > 1: the weight is `groups` matrices stacked along N, each with its own M/groups rows of x
@@ -318,33 +384,13 @@ def gemv_a8(x, prep, out=None, groups: int = 1, act: str = "none", tiling: Tilin
 
     Mx, K = x.shape
     M = Mx // groups
-    int4 = hasattr(prep, "group")
-    tiling = tiling or tiling_for("int4" if int4 else "int8", K)
-    if K != prep.K:
-        raise ValueError(f"gemv_a8: x has K={K}, weight K={prep.K}")
-    if Mx % groups or prep.N % groups or (groups > 1 and (prep.N // groups) % tiling.rows):
-        raise ValueError(f"gemv_a8: {groups} groups must split x rows ({Mx}) and weight rows ({prep.N}) "
-                         f"into whole blocks of {tiling.rows}")
-    check_shapes(K, prep.group if int4 else None)
     if x.dtype not in (torch.float16, torch.float32) or not x.is_contiguous():
         x = x.float().contiguous()
-    xq = torch.empty(Mx * K, device=x.device, dtype=torch.int8)
-    xs = torch.empty(Mx * K // BLOCK, device=x.device, dtype=torch.float32)
-    xz = torch.empty(Mx * K // BLOCK, device=x.device, dtype=torch.int32)
     if out is None:
         shape = (M, prep.N) if groups == 1 else (groups, M, prep.N // groups)
         out = torch.empty(shape, device=x.device, dtype=torch.float16 if x.dtype == torch.float16 else torch.float32)
-    if not out.is_contiguous() or out.numel() != M * prep.N:
-        raise ValueError("gemv_a8: out must be contiguous with M·N elements")
-    stream = U.numba_stream_for_torch()
-    launch_quantize_x(U.as_numba(x.view(-1)), U.as_numba(xq), U.as_numba(xs), U.as_numba(xz), Mx, K, int4, stream)
-    xq32, out1 = U.as_numba(xq.view(torch.int32)), U.as_numba(out.view(-1))
-    if int4:
-        launch_int4_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), U.as_numba(xz), out1, M, prep.N, K, prep.group,
-                       groups, stream, act, tiling)
-    else:
-        launch_int8_a8(prep.wq, prep.sc, xq32, U.as_numba(xs), out1, M, prep.N, K, groups, stream, act, tiling)
-    return out
+    rx = round_x(x, RoundedX.empty(Mx, K, pairs_for(prep), x.device))
+    return gemv_a8_rounded(rx, prep, out, groups, act, tiling)
 
 
 def quantize_x_reference(x, pairs: bool):

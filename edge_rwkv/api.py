@@ -18,6 +18,7 @@ from .errors import EdgeRWKVError, InputError, StateError
 from .model import RWKV7, build_model
 from .runtime.engine import BatchEngine
 from .runtime.generation import Generation
+from .runtime.memory import MemoryBudgetError, device_weight_bytes, parse_size, plan_memory, scratch_bytes
 from .runtime.runner import Runner
 from .sampling import SamplingParams
 from .state import State, is_state_file
@@ -240,7 +241,8 @@ class Model:
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device), "wkv": self.wkv_backend,
                 "decode": self.runner.decode_how(), "prefill": self.runner.prefill_how(), "fingerprint": self.fingerprint,
-                "state_bytes": c.state_bytes()}
+                "state_bytes": c.state_bytes(),
+                "memory": self.runner.memory_plan.describe() if self.runner.memory_plan else "no budget"}
 
 
 @lru_cache(maxsize=4)
@@ -304,10 +306,17 @@ def keeps_int8_embedding(specs: dict, device: torch.device) -> bool:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         progress: bool = False) -> Model:
+         progress: bool = False, max_memory: int | str | None = None, slots: int = 1) -> Model:
     """Load an official .pth, a safetensors checkpoint, an edge-rwkv artifact (quantized or not) or a
-    Hugging Face / fla folder (config.json + model.safetensors or shards)."""
+    Hugging Face / fla folder (config.json + model.safetensors or shards).
+
+    max_memory (CUDA; bytes or a size such as "4.5G"): the prefill chunk is chosen so that the weights
+    (measured once loaded), `slots` decode states and a chunk's activations stay inside it
+    (runtime/memory.py); MemoryBudgetError when they cannot."""
+    budget = parse_size(max_memory) if max_memory is not None else None
     dev = parse_device(device)
+    if budget is not None and dev.type != "cuda":
+        raise MemoryBudgetError("a memory budget applies to a CUDA device (use it with --device cuda)")
     ckpt = load_checkpoint(path, progress=progress, device=read_device(dev))
     if dtype is None:
         dtype = ckpt.metadata.get("dtype") if dev.type == "cuda" else "float32"
@@ -326,7 +335,11 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
                           int8_embedding=keeps_int8_embedding(specs, dev), release_source=not specs)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the load's transients go back to the system (the same DRAM on a Jetson)
-    return Model(net, ckpt, fingerprint, backend)
+    model = Model(net, ckpt, fingerprint, backend)
+    if budget is not None:
+        model.runner.fit(plan_memory(budget, device_weight_bytes(net), net.cfg.n_embd, ckpt.config.state_bytes(),
+                                     model.runner.chunk, slots, scratch_bytes(net)))
+    return model
 
 
 __all__ = ["Model", "load", "EdgeRWKVError"]

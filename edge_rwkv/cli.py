@@ -32,6 +32,9 @@ def add_model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on cpu, the artifact's on cuda)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="device-memory budget on cuda, e.g. 4.5G: picks the prefill chunk to stay inside it, or "
+                        "refuses with the figures (weights are measured once loaded)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens=200, temperature=1.0, top_p=0.85) -> None:
@@ -57,7 +60,7 @@ def load_model(a):
     from .api import load
     from .default_model import resolve_model
 
-    return load(resolve_model(a.model), device=a.device, dtype=a.dtype, progress=True)
+    return load(resolve_model(a.model), device=a.device, dtype=a.dtype, progress=True, max_memory=a.max_memory)
 
 
 # --------------------------------------------------------------------------- info

@@ -42,6 +42,37 @@ def test_graph_decode_equals_eager(model_file):
     assert graph_state.tokens == eager_state.tokens
 
 
+def test_quantized_graph_decode_equals_eager(model_file, tmp_path):
+    """int4 at fp16: the captured fused step (LoRA on a side stream beside the r/k/v GEMV, activations
+    rounded by norm_mix / time_mix_wkv) gives exactly what the same step gives eagerly."""
+    from edge_rwkv.artifact import write_artifact
+    from edge_rwkv.checkpoint import load_checkpoint
+    from edge_rwkv.quant.policy import QuantPolicy
+    from edge_rwkv.quantize import quantize_checkpoint
+    from edge_rwkv.runtime.fused import FusedStep
+    from edge_rwkv.runtime.graph import GraphStep
+
+    tensors, meta = quantize_checkpoint(load_checkpoint(model_file), QuantPolicy(bits=4, group=64))
+    write_artifact(tmp_path / "q.safetensors", tensors, meta)
+    m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
+    B = 2
+    live = torch.ones(B, dtype=torch.int32, device="cuda")
+    tokens = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    g_state = m.new_state(B)
+    graph = GraphStep(m.net, B, m.runner.packed(), state=g_state, tokens=tokens, live=live)
+    assert graph.fused.side is not None
+    eager = FusedStep(m.net, B, m.runner.packed())
+    e_state = g_state.clone()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    with torch.inference_mode():
+        for _ in range(6):
+            tokens.copy_(torch.randint(0, 65536, (B, 1), generator=gen, device="cuda"))
+            lg = graph.step().clone()
+            le = eager(tokens, e_state, live)
+            assert torch.equal(lg, le)
+    assert torch.equal(g_state.wkv, e_state.wkv) and torch.equal(g_state.ffn_x, e_state.ffn_x)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
 def test_fused_step_equals_forward(model_file, dtype, tol):
     """The fused decode step (Numba kernels around the matmuls) against the model's own forward."""
@@ -108,17 +139,24 @@ def test_fused_step_quantized_fp16(model_file, tmp_path):
     write_artifact(tmp_path / "q.safetensors", tensors, meta)
     m = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
     ref = edge_rwkv.load(tmp_path / "q.safetensors", device="cuda", dtype="float16")
-    from edge_rwkv.quant.linear import quantized_linears
+    from edge_rwkv.quant.linear import QuantLinear, quantized_linears
 
     B = 3
-    step = FusedStep(m.net, B, m.runner.packed())
-    assert step.tables is not None and not m.runner.packed()[1].seg.rkv
     live = torch.ones(B, dtype=torch.int32, device="cuda")
     # fp32 activations: the fused step and the forward differ only by fp16 roundings; int8
-    # activations: rounding x to int8 also follows those small differences (random weights amplify)
+    # activations: rounding x to int8 also follows those small differences (random weights amplify).
+    # A step fixes its paths when it is built (as a captured graph does): one step per setting.
     for int8_x, tol in ((False, 2e-2), (True, 6e-2)):
         for lin in quantized_linears(m.net) + quantized_linears(ref.net):
             lin.int8_activations = int8_x
+        step = FusedStep(m.net, B, m.runner.packed())
+        assert step.tables is not None and not m.runner.packed()[1].seg.rkv
+        # int8 activations: rounded by the kernels that produce them, for every quantized product (layer 0's
+        # output stays fp16 under the default policy)
+        for L, plan in zip(m.net.layers, step.a8):
+            assert (plan.rkv is not None) == int8_x
+            assert (plan.output is not None) == (int8_x and isinstance(L.output, QuantLinear))
+            assert (plan.ffn_key is not None) == int8_x
         st = m.new_state(B)
         st_ref = st.clone()
         g = torch.Generator(device="cuda").manual_seed(1)

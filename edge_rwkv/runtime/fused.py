@@ -165,6 +165,16 @@ def _stack_quantized_rkv(L: Layer):
 
 
 @dataclass
+class A8Plan:
+    """Which of a layer's quantized products take int8 activations rounded by the kernel that produces
+    them (norm_mix for r/k/v and the FFN key, time_mix_wkv for the output): the rounding buffers they
+    read, or None where the product runs otherwise. Saves a rounding launch per product."""
+    rkv: object = None  # gemv_a8.RoundedX of 3B rows (mixes r, k, v)
+    output: object = None  # RoundedX of B rows (the attention output)
+    ffn_key: object = None  # RoundedX of B rows (the FFN mix)
+
+
+@dataclass
 class SegTables:
     """One layer's segment tables for a batch of B rows (inputs are [slot, B, C] buffers)."""
     stage1: object  # gemv_seg.SegTable
@@ -271,12 +281,44 @@ class FusedStep:
         self.dx = torch.zeros(B, C, dtype=torch.float16, device=dev)
         self.h = torch.zeros(B, net.layers[0].ffn_key.out_features, dtype=torch.float16, device=dev)
         self.tables = [seg_tables(L, p.seg, B) for L, p in zip(net.layers, self.packed)]
+        self.a8 = self._a8_plans(B, C, dev)
+        # quantized r/k/v: their GEMV and the LoRA launches read the same norm_mix output and nothing of
+        # each other, so the LoRA runs on a second stream beside the GEMV (a CUDA graph keeps the fork)
+        self.side = torch.cuda.Stream(dev) if dev.type == "cuda" and any(a.rkv is not None for a in self.a8) else None
         head = net.head
         self.head_table = None
         if _is_dense(head) and head.weight.dtype == torch.float16 and head.weight.shape[0] % ROWS_PER_BLOCK == 0:
             head.weight = head.weight.contiguous()
             self.head_table = build_table(head.weight, [Segment(head.weight, 0, C, 0)])
             self.logits = torch.zeros(B, head.weight.shape[0], dtype=torch.float32, device=dev)
+
+    def _a8_plans(self, B: int, C: int, dev) -> list[A8Plan]:
+        """Per layer, the rounded-activation buffers of its int8-activation products (shared by all layers:
+        each is written and read within one layer)."""
+        from ..cuda_kernels.gemv_a8 import BLOCK, RoundedX, pairs_for
+
+        if C % BLOCK:
+            return [A8Plan() for _ in self.packed]
+        bufs = {}
+
+        def rounded(name: str, rows: int, prep):
+            if prep is None:
+                return None
+            if name not in bufs:
+                bufs[name] = RoundedX.empty(rows, C, False, dev)
+            b = bufs[name]
+            return RoundedX(b.xq, b.xs, b.xz, rows, C, pairs_for(prep))
+
+        plans = []
+        for L, p, t in zip(self.net.layers, self.packed, self.tables):
+            rkv = p.seg.rkv_prep if not p.seg.rkv and p.seg.rkv_prep is not None and all(
+                x.int8_activations for x in (L.receptance, L.key, L.value)) else None
+            out = _a8_views(L.output, B) if t.output is None and L.output.in_features == C else None
+            key = _a8_views(L.ffn_key, B) if t.ffn_key is None else None
+            if self.net.cfg.head_size % BLOCK:
+                out = None  # time_mix_wkv rounds a head's output by whole warps
+            plans.append(A8Plan(rounded("rkv", 3 * B, rkv), rounded("att", B, out), rounded("ffn", B, key)))
+        return plans
 
     def __call__(self, tokens: torch.Tensor, state: State, live: torch.Tensor) -> torch.Tensor:
         net, k, P = self.net, self.k, self.packed
@@ -285,7 +327,9 @@ class FusedStep:
         self.res[0].copy_(net.emb[tokens.view(B)])
         dx = self.res[0]
         for i, (L, p) in enumerate(zip(net.layers, P)):
-            self._norm_mix(dx, L.ln1, state.att_x[i], live, p.mix, self.xin, add=i > 0)
+            rkv_rounded = self.a8[i].rkv if self.tables is not None else None
+            self._norm_mix(dx, L.ln1, state.att_x[i], live, p.mix, self.xin, add=i > 0, rounded=rkv_rounded,
+                           rounded_mixes=3)
             if self.tables is not None:
                 dx = self._layer_seg(i, L, p, state, live)
                 continue
@@ -306,38 +350,63 @@ class FusedStep:
 
     def _layer_seg(self, i: int, L: Layer, p: PackedLayer, state: State, live: torch.Tensor) -> torch.Tensor:
         """One layer through the segmented GEMV (after its first norm_mix); returns the FFN output."""
-        from ..cuda_kernels.gemv_seg import seg_gemv
+        from ..cuda_kernels.gemv_a8 import gemv_a8_rounded
 
-        k, t, C, B = self.k, self.tables[i], L.mix.shape[1], self.batch
-        seg_gemv(p.seg.buf1, t.stage1, self.xin, self.out1, B)
-        seg_gemv(p.seg.buf2, t.stage2, self.out1, self.out2, B)
-        if p.seg.rkv:
-            r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
-        elif p.seg.rkv_prep is not None and all(x.int8_activations for x in (L.receptance, L.key, L.value)):
-            from ..cuda_kernels.gemv_a8 import gemv_a8
-
-            r, kk, v = gemv_a8(self.xin[0:3].view(3 * B, C), p.seg.rkv_prep, self.rkv_out, groups=3)
+        k, t, a8, C, B = self.k, self.tables[i], self.a8[i], L.mix.shape[1], self.batch
+        if a8.rkv is not None:
+            r, kk, v = self._rkv_beside_lora(p, t, a8)
         else:
-            r, kk, v = L.receptance(self.xin[0]), L.key(self.xin[1]), L.value(self.xin[2])
+            self._lora(p, t)
+            if p.seg.rkv:
+                r, kk, v = (self.out1[j * B * C:(j + 1) * B * C].view(B, C) for j in range(3))
+            else:
+                r, kk, v = L.receptance(self.xin[0]), L.key(self.xin[1]), L.value(self.xin[2])
         k.time_mix_wkv(r, kk, v, self.out2[:3], self.out2[3], L.w0, L.a0, p.v0, L.k_k, L.k_a, L.r_k,
-                       L.ln_x[0], L.ln_x[1], i == 0, self.v_first, state.wkv[i], live, self.att)
-        dx = self._product(L.output, t.output, self.att, self.dx)
-        self._norm_mix(dx, L.ln2, state.ffn_x[i], live, p.ffn_mix, self.xk, add=True)
+                       L.ln_x[0], L.ln_x[1], i == 0, self.v_first, state.wkv[i], live, self.att, rounded=a8.output)
+        if a8.output is not None:
+            dx = gemv_a8_rounded(a8.output, _a8_views(L.output, B), self.dx)
+        else:
+            dx = self._product(L.output, t.output, self.att, self.dx)
+        self._norm_mix(dx, L.ln2, state.ffn_x[i], live, p.ffn_mix, self.xk, add=True, rounded=a8.ffn_key,
+                       rounded_mixes=1)
         if t.ffn_key is not None:
             h = self._product(L.ffn_key, t.ffn_key, self.xk, self.h)
-        elif (prep := _a8_views(L.ffn_key, B)) is not None:  # quantized: relu² at the GEMV's store
-            from ..cuda_kernels.gemv_a8 import gemv_a8
-
-            h = gemv_a8(self.xk[0], prep, out=self.h, act="relu2")
+        elif a8.ffn_key is not None:  # quantized: x rounded by the norm_mix above, relu² at the GEMV's store
+            h = gemv_a8_rounded(a8.ffn_key, _a8_views(L.ffn_key, B), self.h, act="relu2")
         else:
             h = torch.relu(L.ffn_key(self.xk[0]))
             h = h * h
         return self._product(L.ffn_value, t.ffn_value, h, self.dx)
 
-    def _norm_mix(self, dx, ln, prev, live, mix, out, add: bool) -> None:
-        """The residual add, LayerNorm and token-shift mixes; flips the residual buffer."""
+    def _rkv_beside_lora(self, p: PackedLayer, t: SegTables, a8: A8Plan):
+        """Quantized r, k, v in one int8-activation GEMV (x rounded by the norm_mix before it), with the
+        LoRA launches on the side stream meanwhile where there is one."""
+        from ..cuda_kernels.gemv_a8 import gemv_a8_rounded
+
+        if self.side is None:
+            self._lora(p, t)
+            return gemv_a8_rounded(a8.rkv, p.seg.rkv_prep, self.rkv_out, groups=3)
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            self._lora(p, t)
+        rkv = gemv_a8_rounded(a8.rkv, p.seg.rkv_prep, self.rkv_out, groups=3)
+        main.wait_stream(self.side)
+        return rkv
+
+    def _lora(self, p: PackedLayer, t: SegTables) -> None:
+        """Stage 1 (r/k/v when dense, the LoRA downs) and stage 2 (the LoRA ups) of the segmented GEMV."""
+        from ..cuda_kernels.gemv_seg import seg_gemv
+
+        seg_gemv(p.seg.buf1, t.stage1, self.xin, self.out1, self.batch)
+        seg_gemv(p.seg.buf2, t.stage2, self.out1, self.out2, self.batch)
+
+    def _norm_mix(self, dx, ln, prev, live, mix, out, add: bool, rounded=None, rounded_mixes: int = 0) -> None:
+        """The residual add, LayerNorm and token-shift mixes (the first `rounded_mixes` also rounded to
+        int8 into `rounded`); flips the residual buffer."""
         src, dst = self.res[self._cur], self.res[1 - self._cur]
-        self.k.norm_mix(src, dst, dx, ln[0], ln[1], prev, live, mix, out, add=add)
+        self.k.norm_mix(src, dst, dx, ln[0], ln[1], prev, live, mix, out, add=add, rounded=rounded,
+                        rounded_mixes=rounded_mixes)
         self._cur = 1 - self._cur
 
     def _product(self, lin, table, x, out):

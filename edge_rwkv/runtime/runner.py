@@ -56,6 +56,12 @@ class Runner:
         self._prefill_graphs: dict[int, PrefillGraph | None] = {}
         self._prefill_errors: dict[int, str] = {}
         self._lock = threading.Lock()
+        self.memory_plan = None  # a MemoryPlan when loaded under a budget
+
+    def fit(self, plan) -> None:
+        """Hold to a memory plan (runtime/memory.py): its prefill chunk; describe() reports it."""
+        self.chunk = plan.chunk
+        self.memory_plan = plan
 
     # ------------------------------------------------------------------ decode
     def packed(self):

@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="extra Host-header name accepted while bound to loopback (repeatable)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     s.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    s.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="device-memory budget on cuda, e.g. 4.5G: the weights, --max-slots states and a prefill "
+                        "chunk must fit (the chunk is picked to); otherwise the daemon refuses to start")
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt (new tokens per request)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -101,7 +104,8 @@ def cmd_serve(a) -> int:
     try:
         data_dir = a.data_dir or default_data_dir()
         lock = lock_data_dir(data_dir)  # held until the process ends (kill -9 included)
-        model = load(resolve_model(a.model), device=a.device, dtype=a.dtype)
+        model = load(resolve_model(a.model), device=a.device, dtype=a.dtype, max_memory=a.max_memory,
+                     slots=a.max_slots)
         cfg = ServeConfig(data_dir=data_dir, host=a.host, port=a.port, api_key=key,
                           max_slots=a.max_slots, queue=a.queue, cors_origins=a.cors_origin or [],
                           max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens,
