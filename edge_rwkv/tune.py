@@ -314,14 +314,16 @@ def loss_sum(net: RWKV7, state0: torch.Tensor, inputs, targets, mask, recompute:
     for i in range(len(net.layers)):
         s = state0[i].expand(b, *state0.shape[1:]).contiguous()
         if keep:
-            x, v_first = checkpoint(_block, net, i, x, s, v_first, inputs, use_reentrant=False)
+            x, v_first = checkpoint(_block, net, i, x, s, v_first, inputs, use_reentrant=False,
+                                    preserve_rng_state=False)  # the model draws no random numbers
         else:
             x, v_first = _block(net, i, x, s, v_first, inputs)
     rows, tg = x[mask], targets[mask]
     total = x.new_zeros(())
     for c in range(0, rows.shape[0], HEAD_CHUNK_TOKENS):
         args = (net, rows[c:c + HEAD_CHUNK_TOKENS], tg[c:c + HEAD_CHUNK_TOKENS])
-        total = total + (checkpoint(_head_loss, *args, use_reentrant=False) if keep else _head_loss(*args))
+        total = total + (checkpoint(_head_loss, *args, use_reentrant=False, preserve_rng_state=False) if keep
+                         else _head_loss(*args))
     return total
 
 

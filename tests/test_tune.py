@@ -244,9 +244,14 @@ def tune_args(files, out, *extra) -> list[str]:
             "--lr", "0.1", *extra]
 
 
-def test_two_gloo_ranks_give_the_state_of_one(files, tmp_path, capsys):
+TWO_GPUS = pytest.mark.skipif(not (_cuda_kernels_ready() and torch.cuda.device_count() >= 2), reason="needs 2 GPUs")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+def test_two_ranks_give_the_state_of_one(files, tmp_path, capsys, device):
+    """2 ranks (gloo on CPU, NCCL on 2 GPUs) make the update 1 rank makes over the same global batch."""
     one, two = tmp_path / "one.state", tmp_path / "two.state"
-    steps = ["--steps", "3", "--val-every", "3"]
+    steps = ["--steps", "3", "--val-every", "3", "--device", device, "--dtype", "float32"]
     assert cli_main(["tune", *tune_args(files, one, *steps)]) == 0
     single = capsys.readouterr().out
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
