@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from .config import ModelConfig
 from .errors import InputError
 from .quant.policy import QuantPolicy
+from .runtime.sizes import MIN_CHUNK, chunk_cost, gpu_prefill_chunk
 from .synthetic import HEAD_SIZE, VOCAB, lora_ranks
 from .synthetic import PRESETS as RANDOM_PRESETS
 
@@ -175,24 +176,43 @@ def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def memory_rows(cfg: ModelConfig, precision: str, slots: int, hot_sessions: int, quantize_head: bool) -> dict:
-    """The memory model of the module docstring for one precision, in bytes."""
+def memory_rows(cfg: ModelConfig, precision: str, slots: int, hot_sessions: int, quantize_head: bool,
+                chunk: int | None = None) -> dict:
+    """The memory model of the module docstring for one precision, in bytes; `chunk`: the prefill chunk
+    (default: the one the runtime picks for this model)."""
     sizes = tensor_bytes(cfg, precision, quantize_head)
     weights = sum(sizes.values())
     state = cfg.state_bytes(1)
     states = (2 * slots + hot_sessions) * state
-    # logits fp32 + sampling buffers (probabilities, sorted copy, indices) per slot; a prefill chunk of
-    # 32 tokens through the widest layer (the FFN, fp32) for one sequence
-    activations = 4 * slots * cfg.vocab_size * 4 + 32 * cfg.dim_ffn * 4 * 4
+    # logits fp32 + sampling buffers (probabilities, sorted copy, indices) per slot; the prefill chunk the
+    # runtime picks for this model (runtime/sizes.py: what a captured chunk holds, measured on an H200)
+    chunk = chunk or default_chunk(cfg, precision)
+    activations = 4 * slots * cfg.vocab_size * 4 + chunk_cost(chunk, cfg.n_embd)
     slack = (sum(_round_up(b, 2 * MiB if b >= ALLOCATOR_LARGE else 512) - b
                  for name, shape in _shapes(cfg).items() for b in _allocations(shape, sizes[name]))
              + int(ALLOCATOR_SLACK * (slots * 2 * state + activations)))
     runtime = CUDA_CONTEXT + PROCESS_BASE
     steady = weights + slack + runtime + states + activations
     load_peak = weights + sizes["emb.weight"] + LOAD_TRANSIENT + runtime
-    return {"weights_bytes": weights, "state_bytes": state, "states_bytes": states,
+    return {"weights_bytes": weights, "state_bytes": state, "states_bytes": states, "prefill_chunk": chunk,
             "activation_bytes": activations, "slack_bytes": slack, "runtime_bytes": runtime,
             "steady_bytes": steady, "load_peak_bytes": load_peak, "total_bytes": max(steady, load_peak)}
+
+
+def default_chunk(cfg: ModelConfig, precision: str) -> int:
+    return gpu_prefill_chunk(cfg.n_embd, quantized=precision != "fp16")
+
+
+def fitting_memory_rows(cfg: ModelConfig, precision: str, slots: int, hot_sessions: int, quantize_head: bool,
+                        budget: int) -> dict:
+    """memory_rows with the runtime's prefill chunk, or — where that does not fit — the largest smaller one
+    that does (what `--max-memory` makes the runtime pick), down to MIN_CHUNK."""
+    chunk = default_chunk(cfg, precision)
+    mem = memory_rows(cfg, precision, slots, hot_sessions, quantize_head, chunk)
+    while mem["total_bytes"] > budget and chunk > MIN_CHUNK:
+        chunk //= 2
+        mem = memory_rows(cfg, precision, slots, hot_sessions, quantize_head, chunk)
+    return mem
 
 
 def plan(cfg: ModelConfig, device: str | DeviceProfile, slots: int = SERVE_SLOTS,
@@ -211,11 +231,15 @@ def plan(cfg: ModelConfig, device: str | DeviceProfile, slots: int = SERVE_SLOTS
     rows = []
     for p in PRECISIONS:
         _, streamed = weight_bytes(cfg, p, quantize_head)
-        mem = memory_rows(cfg, p, slots, hot_sessions, quantize_head)
+        mem = fitting_memory_rows(cfg, p, slots, hot_sessions, quantize_head, budget)
         per_token = streamed + 2 * state
         bound = dev.bandwidth / per_token
         rows.append({
             "precision": p, **mem, "fits": mem["total_bytes"] <= budget,
+            "needs_max_memory": mem["prefill_chunk"] < default_chunk(cfg, p),
+            # what torch may allocate on the device (the runtime's --max-memory): the budget less the process,
+            # the allocator's slack and the hot sessions' states (held by the daemon, outside the engine)
+            "max_memory_bytes": budget - mem["runtime_bytes"] - mem["slack_bytes"] - hot_sessions * state,
             "headroom_bytes": budget - mem["total_bytes"], "bytes_per_token": per_token,
             "tok_s_bound": bound, "tok_s_expected": [bound * e for e in EFFICIENCY],
             "tok_s_bound_batch": slots * dev.bandwidth / (streamed + 2 * slots * state),
@@ -291,7 +315,9 @@ def format_plan(r: dict) -> str:
             f"{row['precision']:9s} {_h(row['weights_bytes']):>10s} {_h(row['states_bytes']):>10s} "
             f"{_h(row['runtime_bytes'] + row['activation_bytes']):>10s} {_h(row['slack_bytes']):>10s} "
             f"{_h(row['steady_bytes']):>10s} {_h(row['load_peak_bytes']):>10s} {'yes' if row['fits'] else 'NO':>5s} "
-            f"{row['tok_s_bound']:>11.1f} {exp[0]:>6.1f}–{exp[1]:<6.1f}")
+            f"{row['tok_s_bound']:>11.1f} {exp[0]:>6.1f}–{exp[1]:<6.1f}"
+            + (f"  (with --max-memory {row['max_memory_bytes'] / GiB:.2f}G: prefill chunk {row['prefill_chunk']})"
+               if row["fits"] and row["needs_max_memory"] else ""))
     rec = r["recommended"]
     lines += [
         "",
@@ -299,7 +325,8 @@ def format_plan(r: dict) -> str:
         "recommended: none — the model does not fit this device at any precision (try fewer --hot-sessions "
         "or --slots, or a smaller model)",
         f"states = (2 per slot + 1 per hot session) × state; runtime = CUDA context ≈{_h(CUDA_CONTEXT)} "
-        f"(estimate) + interpreter, torch and tokenizer {_h(PROCESS_BASE)} + step activations;",
+        f"(estimate) + interpreter, torch and tokenizer {_h(PROCESS_BASE)} + step activations (logits, "
+        "sampling, one prefill chunk: the runtime's, or the smaller one a --max-memory budget picks);",
         "load peak = weights + the stored embedding + chunk transients + runtime (tensors go to the GPU one at "
         "a time); fits = max(steady, load peak) ≤ budget",
         f"tok/s bound = bandwidth / (weight bytes read per token + 2 × state), one sequence; expected = bound × "

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from edge_rwkv.runtime.memory import (DECODE_RESERVE, MIN_CHUNK, MemoryBudgetError, chunk_cost, parse_size,
-                                      plan_memory)
+from edge_rwkv.runtime.memory import DECODE_RESERVE, MemoryBudgetError, parse_size, plan_memory
+from edge_rwkv.runtime.sizes import MIN_CHUNK, chunk_cost
 
 GiB = 1 << 30
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from edge_rwkv.cli import main as cli_main
-from edge_rwkv.devices import (CUDA_CONTEXT, DEVICES, EFFICIENCY, GiB, PRESETS, PROCESS_BASE, get_device, plan,
-                               plan_model, preset_config, weight_bytes)
+from edge_rwkv.devices import (CUDA_CONTEXT, DEVICES, EFFICIENCY, GiB, PRESETS, PROCESS_BASE, format_plan, get_device,
+                               plan, plan_model, preset_config, weight_bytes)
 from edge_rwkv.errors import InputError
 from edge_rwkv.state import State
 
@@ -82,6 +82,13 @@ def test_small_modules_are_not_overcommitted():
     r = plan(PRESETS["rwkv7-2.9b"], "orin-nano-8gb")
     assert {x["precision"]: x["fits"] for x in r["rows"]} == {"fp16": False, "int8": True, "int4": True}
     assert r["recommended"] == "int8"
+    # int8 fits only with a smaller prefill chunk than the runtime's own (256 tokens × 2560 wide: ~0.3 GB):
+    # the plan says so and names the --max-memory budget that makes the runtime pick it
+    int8 = r["rows"][1]
+    assert int8["needs_max_memory"] and int8["prefill_chunk"] < 256
+    assert 0 < int8["max_memory_bytes"] < r["budget_bytes"]
+    assert not r["rows"][2]["needs_max_memory"] and r["rows"][2]["prefill_chunk"] == 256
+    assert "--max-memory" in format_plan(r)
     assert plan(PRESETS["rwkv7-7.2b"], "orin-nano-8gb")["recommended"] is None
     assert plan(PRESETS["rwkv7-1.5b"], "orin-nano-4gb")["recommended"] is None
     assert plan(PRESETS["rwkv7-0.4b"], "orin-nano-4gb")["recommended"] == "int4"

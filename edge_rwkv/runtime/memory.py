@@ -6,8 +6,7 @@ it — `edge-rwkv plan` adds those for a Jetson):
 
 * the weights as loaded, **measured** (bytes allocated on the device once the model is built);
 * per decode slot: its recurrent state, twice (the engine's rows and a snapshot or prompt copy);
-* a prefill chunk of T tokens: its activations, ~ACTIVATION_BYTES per token and channel, twice (a captured
-  chunk keeps its intermediates in the graph's pool, the eager tail piece in the ordinary one);
+* a prefill chunk of T tokens: its activations (sizes.chunk_cost);
 * the dequantization scratch of a quantized model's many-row products (quant/linear.py: one slab);
 * DECODE_RESERVE for the decode step's buffers and graphs.
 
@@ -23,10 +22,9 @@ import torch
 
 from ..errors import EdgeRWKVError
 from ..quant.linear import quantized_linears
+from .sizes import MIN_CHUNK, chunk_cost
 
-ACTIVATION_BYTES = 230  # per token·channel of one prefill chunk (fp16 model: the LoRA, FFN and WKV intermediates)
 DECODE_RESERVE = 64 << 20
-MIN_CHUNK = 16
 
 
 class MemoryBudgetError(EdgeRWKVError):
@@ -77,10 +75,6 @@ def parse_size(text: str | int) -> int:
     if n <= 0:
         raise MemoryBudgetError(f"memory budget must be positive, got {text!r}")
     return int(n)
-
-
-def chunk_cost(chunk: int, width: int) -> int:
-    return 2 * chunk * width * ACTIVATION_BYTES
 
 
 def plan_memory(budget: int, weights: int, width: int, state_per_slot: int, default_chunk: int,

@@ -16,28 +16,18 @@ from ..quant.linear import quantized_linears
 from ..state import State
 from .fused import fused_step_supported, pack_layers
 from .graph import GraphStep, PrefillGraph
+from .sizes import CPU_CHUNK, gpu_prefill_chunk
 
 log = logging.getLogger("edge_rwkv.runtime")
 
-PREFILL_CHUNK = 256  # tokens per forward while reading a prompt on the CPU: bounds activation memory
-GPU_CHUNK_ELEMENTS = 1 << 22  # on a GPU, tokens × width per forward (16 MB per fp32 activation)
-GPU_CHUNK_MAX = 4096
+PREFILL_CHUNK = CPU_CHUNK
 
 
 def prefill_chunk_for(net) -> int:
-    """Tokens per prefill forward: on a GPU as many as keep one activation ≤ 16 MB (a power of two,
-    ≤ 4096: 4096 at width 768, 1024 at 4096), so per-launch costs are paid per thousands of tokens
-    while memory stays O(chunk); PREFILL_CHUNK elsewhere.
-
-    A quantized network was chosen to fit a small device: a quarter of that (256 tokens at width
-    4096), since a chunk's activations (~230 B per token·channel) would otherwise weigh ~25 % of an
-    int4 7.2B model's weights."""
+    """Tokens per prefill forward: sizes.gpu_prefill_chunk on a GPU, CPU_CHUNK elsewhere."""
     if net.device.type != "cuda":
-        return PREFILL_CHUNK
-    n = GPU_CHUNK_ELEMENTS // net.cfg.n_embd
-    if _is_quantized(net):
-        n //= 4
-    return max(PREFILL_CHUNK, min(GPU_CHUNK_MAX, 1 << (n.bit_length() - 1)))
+        return CPU_CHUNK
+    return gpu_prefill_chunk(net.cfg.n_embd, _is_quantized(net))
 
 
 def _is_quantized(net) -> bool:
