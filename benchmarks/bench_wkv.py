@@ -1,12 +1,12 @@
-"""WKV-7 chunked prefill (forward, forward+backward) vs its first version and the peers on one GPU; one table.
+"""WKV-7 chunked prefill (forward, forward+backward) of ours vs the peers on one GPU; one table.
 
-    python3 benchmarks/bench_wkv.py [--variant new|old|both] [--chunk 16,32,64] [--dtype fp16,bf16]
+    python3 benchmarks/bench_wkv.py [--chunk 16,32,64] [--dtype fp16,bf16]
                                     [--T 1024,4096,8192] [--H 32,64] [--cases fwd,fwdbwd[,decode]]
                                     [--skip-peers] [--json PATH] [--plot PATH]
     python3 benchmarks/bench_wkv.py --profile --T 8192 --H 64 --chunk 64 --dtype fp16   (GPU time per kernel)
 
-Implementations on the same inputs (B=1, N=64): ours "new" (edge_rwkv.cuda_kernels, the runtime path),
-ours "old" (benchmarks/wkv_prefill_v1.py, the first version, kept for this comparison only), fla 0.6.0's
+Implementations on the same inputs (B=1, N=64): ours "new" (edge_rwkv.cuda_kernels, the runtime path; the
+first version it replaced was timed beside it in benchmarks/NOTES.md "Prefill rewrite"), fla 0.6.0's
 Triton `chunk_rwkv7` when importable (forward and forward+backward), the `rwkv` package's sequential CUDA
 op when buildable (forward). Decay conventions: ours takes the logit w (d = exp(-e^-0.5·sigmoid(w)));
 rwkv's op takes w' = log(sigmoid(w)) - 0.5 (it computes exp(-exp(w'))); fla takes the log-decay
@@ -95,25 +95,16 @@ def load_peers(skip: bool) -> dict:
     return peers
 
 
-def our_variants(which: str) -> dict:
-    """{name: (forward(r,w,k,v,a,b,s0,L) -> y, autograd Function)} for the requested variants."""
-    out = {}
-    if which in ("new", "both"):
-        from edge_rwkv.cuda_kernels import WKV7Function
-        from edge_rwkv.cuda_kernels.wkv_prefill import prefill_forward
+def our_variants() -> dict:
+    """{name: (forward(r,w,k,v,a,b,s0,L) -> y, autograd Function)}: the runtime's one path."""
+    from edge_rwkv.cuda_kernels import WKV7Function
+    from edge_rwkv.cuda_kernels.wkv_prefill import prefill_forward
 
-        out["new"] = (prefill_forward, WKV7Function)
-    if which in ("old", "both"):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import wkv_prefill_v1
-
-        out["old"] = (wkv_prefill_v1.prefill_forward, wkv_prefill_v1.WKV7FunctionV1)
-    return out
+    return {"new": (prefill_forward, WKV7Function)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", default="both", choices=["new", "old", "both"])
     ap.add_argument("--chunk", default="16,32,64", help="chunk lengths of ours to time (comma list)")
     ap.add_argument("--dtype", default="fp16,bf16", help="input dtypes (comma list of fp16, bf16, fp32)")
     ap.add_argument("--T", default="1024,4096,8192")
@@ -141,7 +132,7 @@ def main():
     bw = copy_bandwidth(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s  torch {torch.__version__}", flush=True)
     peers = load_peers(args.skip_peers)
-    ours = our_variants(args.variant)
+    ours = our_variants()
     rows = []
 
     def attempt(case, T, H, dname, impl, chunk, fn):
