@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 
