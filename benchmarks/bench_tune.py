@@ -30,10 +30,7 @@ from edge_rwkv.cli import main as cli_main
 from edge_rwkv.devices import preset_config
 from edge_rwkv.tune import Ranks, Sample, TuneOptions, build_tuning_net, dense_tensors, train_step
 
-try:  # the bench package's random weights (drawn on the GPU: seconds for any size) …
-    from edge_rwkv.bench.weights import bench_weights
-except ImportError:  # … where edge_rwkv.bench is still one module
-    from edge_rwkv.bench import bench_weights
+from edge_rwkv.bench.weights import bench_weights  # drawn on the GPU: seconds for any size
 
 TARGET = {"1.5b": (20_000, 1.30)}  # tok/s per GPU at least, peak / weights at most (H200, ctx 1024)
 
