@@ -1,5 +1,6 @@
-"""A device-memory budget (`load(..., max_memory=...)`, `--max-memory`): the prefill chunk and the number of
-decode slots are chosen so that what the runtime holds stays inside it, or loading fails with the figures.
+"""A device-memory budget (`load(..., max_memory=...)`, `--max-memory`): the prefill chunk is chosen so that
+what the runtime holds with the given number of decode slots stays inside it, or loading fails with the
+figures (and how many slots would fit).
 
 What is counted (torch's allocator on the model's device; a CUDA context and the interpreter are outside
 it — `edge-rwkv plan` adds those for a Jetson):
